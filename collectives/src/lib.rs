@@ -1,0 +1,2 @@
+//! devccl (in progress).
+#![forbid(unsafe_code)]

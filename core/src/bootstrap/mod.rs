@@ -1,0 +1,1 @@
+//! Rendezvous (placeholder module; see DESIGN §3).

@@ -1,0 +1,361 @@
+//! The one place that reads `DEVCCL_*` variables and the launchers' conventions.
+//!
+//! Every variable is listed in [`VARIABLES`] (name, default, meaning); docs/configuration.md
+//! is that table, and a test keeps the two in step. Values are parsed once, in
+//! [`Config::from_env`] / [`LaunchEnv::from_env`]; an unparsable value is an
+//! [`Error::InvalidUsage`] naming the variable, never a silent default.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::transport::TransportKind;
+
+/// One documented variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    /// Name.
+    pub name: &'static str,
+    /// Default, as shown to users.
+    pub default: &'static str,
+    /// Meaning.
+    pub doc: &'static str,
+}
+
+/// Every environment variable devccl reads.
+pub const VARIABLES: &[Variable] = &[
+    Variable { name: "DEVCCL_DEBUG", default: "warn", doc: "Log level: off, error, warn, info (choices made: transport per peer and why, algorithm, channels), debug, trace. Also accepts a tracing filter such as `devccl=debug`." },
+    Variable { name: "DEVCCL_RENDEZVOUS", default: "MASTER_ADDR:MASTER_PORT", doc: "host:port of the gRPC rendezvous. Rank 0 hosts it there unless DEVCCL_RENDEZVOUS_EXTERNAL=1." },
+    Variable { name: "DEVCCL_RENDEZVOUS_EXTERNAL", default: "0", doc: "1: the rendezvous is a standalone `devccl rendezvous` server; rank 0 does not host one." },
+    Variable { name: "DEVCCL_SECRET", default: "(none)", doc: "Shared secret. When set, joining the rendezvous and every data connection must prove knowledge of it (HMAC-SHA256 over fresh nonces); it never travels." },
+    Variable { name: "DEVCCL_INIT_TIMEOUT", default: "120", doc: "Seconds init may take (rendezvous + connections) before every rank gets a timeout error." },
+    Variable { name: "DEVCCL_TIMEOUT", default: "600", doc: "Seconds a collective may wait without any progress before it fails naming the peer it waits for (and the communicator is poisoned)." },
+    Variable { name: "DEVCCL_SOCKET_IFNAME", default: "(route to rendezvous)", doc: "Interface for data sockets. NCCL syntax: comma list of prefixes, `^` to exclude, `=` for exact names. Default: the interface of the route to the rendezvous host." },
+    Variable { name: "DEVCCL_SOCKET_FAMILY", default: "(any)", doc: "Force `ipv4` or `ipv6` for data sockets." },
+    Variable { name: "DEVCCL_NSOCKS", default: "2", doc: "TCP sockets (lanes) per peer connection, 1..=16. Messages go round-robin over lanes." },
+    Variable { name: "DEVCCL_TRANSPORTS", default: "devmem,shm,tcp", doc: "Transports allowed, in order of preference. A transport that cannot serve a peer declines with a reason (logged at info, shown by `devccl doctor`)." },
+    Variable { name: "DEVCCL_ALGO", default: "(tuned)", doc: "Force an algorithm: ring, recursive_doubling (rd), halving_doubling (rabenseifner), tree (double binary tree), direct. Per collective: `allreduce:ring,broadcast:tree`." },
+    Variable { name: "DEVCCL_NCHANNELS", default: "(tuned)", doc: "Force the number of channels (parallel rings / lanes in use)." },
+    Variable { name: "DEVCCL_CHUNK", default: "(tuned)", doc: "Force the pipeline chunk size in bytes (K/M suffixes allowed)." },
+    Variable { name: "DEVCCL_SPIN_US", default: "(auto)", doc: "Microseconds to busy-poll sockets before sleeping in poll(2). Auto: 50 when the host has a core per local rank, else 0." },
+    Variable { name: "DEVCCL_REDUCE_THREADS", default: "(auto)", doc: "Reduce large buffers on this many threads (rayon). Auto: only when the host has cores to spare beyond one per local rank." },
+    Variable { name: "MASTER_ADDR", default: "127.0.0.1", doc: "torchrun convention: rendezvous host." },
+    Variable { name: "MASTER_PORT", default: "29500", doc: "torchrun convention: rendezvous port." },
+    Variable { name: "RANK", default: "-", doc: "torchrun convention: global rank. Also read: SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK." },
+    Variable { name: "WORLD_SIZE", default: "-", doc: "torchrun convention: number of ranks. Also read: SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE." },
+    Variable { name: "LOCAL_RANK", default: "0", doc: "torchrun convention: rank on this host. Also read: SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK." },
+    Variable { name: "LOCAL_WORLD_SIZE", default: "(ranks on this host)", doc: "torchrun convention: ranks on this host. Also read: SLURM_NTASKS_PER_NODE, OMPI_COMM_WORLD_LOCAL_SIZE." },
+];
+
+/// Source of variables: the process environment or a map (tests, spawned ranks).
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    map: Option<HashMap<String, String>>,
+}
+
+impl Env {
+    /// The process environment.
+    pub fn process() -> Env {
+        Env { map: None }
+    }
+
+    /// A fixed map (for tests and embedded use).
+    pub fn from_map(map: HashMap<String, String>) -> Env {
+        Env { map: Some(map) }
+    }
+
+    /// Look a variable up; empty values count as unset.
+    pub fn get(&self, name: &str) -> Option<String> {
+        let v = match &self.map {
+            Some(m) => m.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        };
+        v.filter(|s| !s.trim().is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<T>()
+                .map(Some)
+                .map_err(|_| Error::usage(format!("{name}={v:?} is not {what}"))),
+        }
+    }
+
+    fn seconds(&self, name: &str, default: f64) -> Result<Duration> {
+        let s: f64 = self.parse(name, "a number of seconds")?.unwrap_or(default);
+        if !(s > 0.0 && s.is_finite()) {
+            return Err(Error::usage(format!("{name} must be a positive number of seconds")));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+}
+
+/// Parse sizes like `512K`, `4M`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mul)
+}
+
+/// Communicator configuration from `DEVCCL_*`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Log filter.
+    pub debug: String,
+    /// Shared secret.
+    pub secret: Option<String>,
+    /// Init deadline.
+    pub init_timeout: Duration,
+    /// No-progress deadline for collectives.
+    pub timeout: Duration,
+    /// Interface filter for data sockets.
+    pub socket_ifname: Option<String>,
+    /// Forced address family: Some(4) or Some(6).
+    pub socket_family: Option<u8>,
+    /// Sockets per peer.
+    pub nsocks: usize,
+    /// Allowed transports in preference order.
+    pub transports: Vec<TransportKind>,
+    /// Forced algorithm spec (raw; parsed by the selector).
+    pub algo: Option<String>,
+    /// Forced channel count.
+    pub nchannels: Option<usize>,
+    /// Forced chunk size in bytes.
+    pub chunk: Option<usize>,
+    /// Busy-poll budget; None = auto.
+    pub spin: Option<Duration>,
+    /// Reduction threads; None = auto.
+    pub reduce_threads: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            debug: "warn".into(),
+            secret: None,
+            init_timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(600),
+            socket_ifname: None,
+            socket_family: None,
+            nsocks: 2,
+            transports: vec![TransportKind::Devmem, TransportKind::Shm, TransportKind::Tcp],
+            algo: None,
+            nchannels: None,
+            chunk: None,
+            spin: None,
+            reduce_threads: None,
+        }
+    }
+}
+
+impl Config {
+    /// Read the process environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from(&Env::process())
+    }
+
+    /// Read from an [`Env`].
+    pub fn from(env: &Env) -> Result<Config> {
+        let d = Config::default();
+        let nsocks: usize = env.parse("DEVCCL_NSOCKS", "an integer")?.unwrap_or(d.nsocks);
+        if !(1..=16).contains(&nsocks) {
+            return Err(Error::usage(format!("DEVCCL_NSOCKS={nsocks} is out of range 1..=16")));
+        }
+        let socket_family = match env.get("DEVCCL_SOCKET_FAMILY").map(|s| s.to_ascii_lowercase()) {
+            None => None,
+            Some(s) if s == "ipv4" || s == "af_inet" || s == "4" => Some(4),
+            Some(s) if s == "ipv6" || s == "af_inet6" || s == "6" => Some(6),
+            Some(s) => return Err(Error::usage(format!("DEVCCL_SOCKET_FAMILY={s:?}: expected ipv4 or ipv6"))),
+        };
+        let transports = match env.get("DEVCCL_TRANSPORTS") {
+            None => d.transports,
+            Some(list) => {
+                let mut v = Vec::new();
+                for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let k = TransportKind::from_name(&name.to_ascii_lowercase()).ok_or_else(|| {
+                        Error::usage(format!("DEVCCL_TRANSPORTS: unknown transport '{name}' (devmem, shm, tcp)"))
+                    })?;
+                    if !v.contains(&k) {
+                        v.push(k);
+                    }
+                }
+                if v.is_empty() {
+                    return Err(Error::usage("DEVCCL_TRANSPORTS is empty"));
+                }
+                v
+            }
+        };
+        let chunk = match env.get("DEVCCL_CHUNK") {
+            None => None,
+            Some(s) => {
+                let c = parse_size(&s).ok_or_else(|| Error::usage(format!("DEVCCL_CHUNK={s:?} is not a size")))?;
+                if c < 64 || c > (1 << 30) {
+                    return Err(Error::usage(format!("DEVCCL_CHUNK={s} must be between 64 bytes and 1 GiB")));
+                }
+                Some(c as usize)
+            }
+        };
+        let nchannels: Option<usize> = env.parse("DEVCCL_NCHANNELS", "an integer")?;
+        if let Some(n) = nchannels {
+            if !(1..=16).contains(&n) {
+                return Err(Error::usage(format!("DEVCCL_NCHANNELS={n} is out of range 1..=16")));
+            }
+        }
+        let spin = env.parse::<u64>("DEVCCL_SPIN_US", "a number of microseconds")?.map(Duration::from_micros);
+        Ok(Config {
+            debug: env.get("DEVCCL_DEBUG").unwrap_or(d.debug),
+            secret: env.get("DEVCCL_SECRET"),
+            init_timeout: env.seconds("DEVCCL_INIT_TIMEOUT", 120.0)?,
+            timeout: env.seconds("DEVCCL_TIMEOUT", 600.0)?,
+            socket_ifname: env.get("DEVCCL_SOCKET_IFNAME"),
+            socket_family,
+            nsocks,
+            transports,
+            algo: env.get("DEVCCL_ALGO"),
+            nchannels,
+            chunk,
+            spin,
+            reduce_threads: env.parse("DEVCCL_REDUCE_THREADS", "an integer")?,
+        })
+    }
+}
+
+/// Which launcher convention the rank/world came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// torchrun / `devccl launch` (RANK, WORLD_SIZE, ...).
+    Torchrun,
+    /// Slurm srun (SLURM_PROCID, ...).
+    Slurm,
+    /// Open MPI mpirun (OMPI_COMM_WORLD_*).
+    OpenMpi,
+    /// MPICH / Hydra (PMI_RANK, PMI_SIZE).
+    Pmi,
+}
+
+/// Where this process sits in the job, from the launcher's variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchEnv {
+    /// Launcher detected.
+    pub launcher: Launcher,
+    /// Global rank.
+    pub rank: usize,
+    /// World size.
+    pub world: usize,
+    /// Rank on this host.
+    pub local_rank: usize,
+    /// Ranks on this host, where the launcher says.
+    pub local_world: Option<usize>,
+    /// Rendezvous host:port.
+    pub rendezvous: String,
+    /// True when a standalone rendezvous server is used (rank 0 must not host one).
+    pub external_rendezvous: bool,
+}
+
+impl LaunchEnv {
+    /// Read the process environment. `Ok(None)` when no launcher variables are present.
+    pub fn from_env() -> Result<Option<LaunchEnv>> {
+        LaunchEnv::from(&Env::process())
+    }
+
+    /// Read from an [`Env`].
+    pub fn from(env: &Env) -> Result<Option<LaunchEnv>> {
+        let candidates: [(Launcher, &str, &str, &str, &str); 4] = [
+            (Launcher::Torchrun, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+            (Launcher::Slurm, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+            (Launcher::OpenMpi, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+            (Launcher::Pmi, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        ];
+        let Some((launcher, rk, wk, lk, lwk)) = candidates.into_iter().find(|c| env.get(c.1).is_some()) else {
+            return Ok(None);
+        };
+        let rank: usize = env.parse(rk, "a rank")?.expect("checked above");
+        let world: usize = env
+            .parse(wk, "a world size")?
+            .ok_or_else(|| Error::usage(format!("{rk} is set but {wk} is not")))?;
+        if world == 0 || rank >= world {
+            return Err(Error::usage(format!("{rk}={rank} is not below {wk}={world}")));
+        }
+        let local_rank: usize = env.parse(lk, "a local rank")?.unwrap_or(0);
+        // Slurm's SLURM_NTASKS_PER_NODE may be like "2(x3)"; take the leading number.
+        let local_world = env
+            .get(lwk)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()));
+        let rendezvous = match env.get("DEVCCL_RENDEZVOUS") {
+            Some(r) => r,
+            None => {
+                let host = env.get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+                let port: u16 = env.parse("MASTER_PORT", "a port")?.unwrap_or(29500);
+                join_host_port(&host, port)
+            }
+        };
+        let external_rendezvous = matches!(env.get("DEVCCL_RENDEZVOUS_EXTERNAL").as_deref(), Some("1" | "true" | "yes"));
+        Ok(Some(LaunchEnv { launcher, rank, world, local_rank, local_world, rendezvous, external_rendezvous }))
+    }
+}
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_map(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from(&env(&[])).unwrap();
+        assert_eq!(c.nsocks, 2);
+        assert_eq!(c.timeout, Duration::from_secs(600));
+        let c = Config::from(&env(&[("DEVCCL_NSOCKS", "4"), ("DEVCCL_CHUNK", "512K"), ("DEVCCL_TIMEOUT", "2.5"), ("DEVCCL_TRANSPORTS", "tcp")])).unwrap();
+        assert_eq!((c.nsocks, c.chunk, c.timeout), (4, Some(512 << 10), Duration::from_millis(2500)));
+        assert_eq!(c.transports, vec![TransportKind::Tcp]);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [("DEVCCL_NSOCKS", "many"), ("DEVCCL_NSOCKS", "0"), ("DEVCCL_TIMEOUT", "-1"), ("DEVCCL_TRANSPORTS", "rdma"), ("DEVCCL_CHUNK", "12X"), ("DEVCCL_SOCKET_FAMILY", "ipx")] {
+            let e = Config::from(&env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn launchers() {
+        assert_eq!(LaunchEnv::from(&env(&[])).unwrap(), None);
+        let l = LaunchEnv::from(&env(&[("RANK", "1"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "::1"), ("MASTER_PORT", "1234")])).unwrap().unwrap();
+        assert_eq!((l.launcher, l.rank, l.world, l.rendezvous.as_str()), (Launcher::Torchrun, 1, 4, "[::1]:1234"));
+        let s = LaunchEnv::from(&env(&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "8"), ("SLURM_NTASKS_PER_NODE", "4(x2)"), ("DEVCCL_RENDEZVOUS", "h:9")])).unwrap().unwrap();
+        assert_eq!((s.launcher, s.local_world, s.rendezvous.as_str()), (Launcher::Slurm, Some(4), "h:9"));
+        assert!(LaunchEnv::from(&env(&[("RANK", "4"), ("WORLD_SIZE", "4")])).is_err());
+        assert!(LaunchEnv::from(&env(&[("OMPI_COMM_WORLD_RANK", "0")])).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4M"), Some(4 << 20));
+        assert_eq!(parse_size("17"), Some(17));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn docs_table_lists_every_variable() {
+        let doc = include_str!("../../docs/configuration.md");
+        for v in VARIABLES {
+            assert!(doc.contains(&format!("`{}`", v.name)), "docs/configuration.md lacks {}", v.name);
+        }
+    }
+}

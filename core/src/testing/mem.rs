@@ -1,0 +1,257 @@
+//! In-memory transport: ranks are threads of one process, messages are copied through
+//! per-direction queues, wake-ups go through an eventfd per queue so the executor waits on
+//! it with the same `poll(2)` path as for sockets. No sockets, no timing dependence.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::error::{Error, Result};
+use crate::memory::RegionSlice;
+use crate::transport::{
+    CommContext, Completion, Connection, Endpoint, Interest, LinkProperties, RecvLayout, RecvRequest, ReqId,
+    SendRequest, Transport, TransportKind,
+};
+use crate::types::{Rank, Seq};
+use crate::wire::{FrameHeader, FrameType};
+
+/// Receives a connection posts before answering "not now" (small, so the executor's retry
+/// path is exercised by every mesh test).
+const MAX_POSTED_RECVS: usize = 8;
+
+struct Frame {
+    header: FrameHeader,
+    payload: Vec<u8>,
+}
+
+struct Queue {
+    frames: Mutex<VecDeque<Frame>>,
+    bell: EventFd,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn new() -> Arc<Queue> {
+        Arc::new(Queue {
+            frames: Mutex::new(VecDeque::new()),
+            bell: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .expect("eventfd"),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn push(&self, f: Frame) {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).push_back(f);
+        let _ = self.bell.write(1);
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.bell.write(1);
+    }
+}
+
+#[derive(Default)]
+struct Hub {
+    /// Links made by `connect(from → to)` waiting for `to` to accept: (tx of from, rx of from).
+    links: Mutex<HashMap<(u32, u32), (Arc<Queue>, Arc<Queue>)>>,
+    cv: Condvar,
+}
+
+/// One rank's in-memory transport.
+pub struct MemTransport {
+    hub: Arc<Hub>,
+    rank: Rank,
+    ctx: OnceLock<CommContext>,
+}
+
+impl std::fmt::Debug for MemTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemTransport(rank {})", self.rank)
+    }
+}
+
+/// Transports for an `n`-rank mesh in this process.
+pub fn mesh(n: usize) -> Vec<MemTransport> {
+    let hub = Arc::new(Hub::default());
+    (0..n).map(|r| MemTransport { hub: hub.clone(), rank: Rank::from(r), ctx: OnceLock::new() }).collect()
+}
+
+impl Transport for MemTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Mem
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint { kind: TransportKind::Mem, address: format!("mem:{}", self.rank), caps: vec![] }
+    }
+
+    fn properties(&self) -> LinkProperties {
+        LinkProperties {
+            name: "in-memory".into(),
+            speed_mbps: 100_000,
+            latency_us: 1.0,
+            max_inflight: MAX_POSTED_RECVS,
+            lanes: 1,
+            scattered_rx: false,
+            device_memory: false,
+        }
+    }
+
+    fn activate(&self, ctx: CommContext) -> Result<()> {
+        self.ctx.set(ctx).map_err(|_| Error::Internal("transport activated twice".into()))
+    }
+
+    fn connect(&self, peer: Rank, _remote: &Endpoint, _deadline: Instant) -> Result<Box<dyn Connection>> {
+        let (tx, rx) = (Queue::new(), Queue::new());
+        let mut links = self.hub.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.insert((self.rank.0, peer.0), (tx.clone(), rx.clone()));
+        self.hub.cv.notify_all();
+        Ok(Box::new(MemConn::new(self.rank, peer, tx, rx)))
+    }
+
+    fn accept(&self, peer: Rank, deadline: Instant) -> Result<Box<dyn Connection>> {
+        let mut links = self.hub.links.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((their_tx, their_rx)) = links.remove(&(peer.0, self.rank.0)) {
+                return Ok(Box::new(MemConn::new(self.rank, peer, their_rx, their_tx)));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("rank {} waiting for rank {peer} to connect (in-memory)", self.rank),
+                    after: std::time::Duration::ZERO,
+                });
+            }
+            links = self.hub.cv.wait_timeout(links, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+struct MemConn {
+    me: Rank,
+    peer: Rank,
+    tx: Arc<Queue>,
+    rx: Arc<Queue>,
+    next: u64,
+    recvs: VecDeque<(ReqId, RecvRequest)>,
+    done: HashMap<ReqId, Completion>,
+}
+
+impl std::fmt::Debug for MemConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemConn({} -> {})", self.me, self.peer)
+    }
+}
+
+impl MemConn {
+    fn new(me: Rank, peer: Rank, tx: Arc<Queue>, rx: Arc<Queue>) -> MemConn {
+        MemConn { me, peer, tx, rx, next: 0, recvs: VecDeque::new(), done: HashMap::new() }
+    }
+
+    fn id(&mut self) -> ReqId {
+        self.next += 1;
+        ReqId(self.next)
+    }
+
+    fn progress_recvs(&mut self) -> Result<()> {
+        let _ = self.rx.bell.read();
+        while let Some((id, req)) = self.recvs.front() {
+            let Some(frame) = self.rx.frames.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+                if self.rx.closed.load(Ordering::SeqCst) {
+                    return Err(Error::remote(
+                        self.peer,
+                        format!("rank {} closed its connection to rank {} (process exited or failed)", self.peer, self.me),
+                    ));
+                }
+                return Ok(());
+            };
+            if frame.header.frame == FrameType::Abort {
+                return Err(Error::remote(
+                    self.peer,
+                    format!("rank {} aborted: {}", self.peer, String::from_utf8_lossy(&frame.payload)),
+                ));
+            }
+            req.expect.check(&frame.header, self.me, self.peer)?;
+            req.dst.with_bytes_mut(|d| d.copy_from_slice(&frame.payload))?;
+            let (id, _) = (*id, ());
+            self.recvs.pop_front();
+            self.done.insert(id, Completion::Received { bytes: frame.payload.len(), layout: RecvLayout::InPlace });
+        }
+        Ok(())
+    }
+}
+
+fn check_len(what: &str, hdr: &FrameHeader, slice: &RegionSlice) -> Result<()> {
+    if hdr.len as usize != slice.len() {
+        return Err(Error::Internal(format!("{what}: header len {} != buffer {}", hdr.len, slice.len())));
+    }
+    Ok(())
+}
+
+impl Connection for MemConn {
+    fn peer(&self) -> Rank {
+        self.peer
+    }
+
+    fn kind(&self) -> TransportKind {
+        TransportKind::Mem
+    }
+
+    fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>> {
+        check_len("isend", &req.header, &req.src)?;
+        if self.tx.closed.load(Ordering::SeqCst) {
+            return Err(Error::remote(self.peer, format!("connection to rank {} is closed", self.peer)));
+        }
+        let payload = req.src.to_vec()?;
+        let bytes = payload.len();
+        self.tx.push(Frame { header: req.header, payload });
+        let id = self.id();
+        self.done.insert(id, Completion::Sent { bytes });
+        Ok(Some(id))
+    }
+
+    fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>> {
+        check_len("irecv", &req.expect, &req.dst)?;
+        if self.recvs.len() >= MAX_POSTED_RECVS {
+            return Ok(None);
+        }
+        let id = self.id();
+        self.recvs.push_back((id, req));
+        Ok(Some(id))
+    }
+
+    fn test(&mut self, req: ReqId) -> Result<Option<Completion>> {
+        if let Some(c) = self.done.remove(&req) {
+            return Ok(Some(c));
+        }
+        self.progress_recvs()?;
+        Ok(self.done.remove(&req))
+    }
+
+    fn wait_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
+        if !self.recvs.is_empty() {
+            out.push((self.rx.bell.as_fd(), Interest::Read));
+        }
+    }
+
+    fn send_abort(&mut self, seq: Seq, reason: &str) {
+        let payload = reason.as_bytes()[..reason.len().min(crate::wire::MAX_ABORT_REASON)].to_vec();
+        self.tx.push(Frame { header: FrameHeader::abort(seq, payload.len()), payload });
+    }
+
+    fn cancel(&mut self) {
+        self.recvs.clear();
+        self.done.clear();
+    }
+}
+
+impl Drop for MemConn {
+    fn drop(&mut self) {
+        self.tx.close();
+    }
+}

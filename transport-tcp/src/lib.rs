@@ -1,0 +1,2 @@
+//! TCP transport (in progress).
+#![forbid(unsafe_code)]
