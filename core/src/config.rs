@@ -40,7 +40,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "DEVCCL_SPIN_US", default: "(auto)", doc: "Microseconds to busy-poll sockets before sleeping in poll(2). Auto: 50 when the host has a core per local rank, else 0." },
     Variable { name: "DEVCCL_REDUCE_THREADS", default: "(auto)", doc: "Reduce large buffers on this many threads (rayon). Auto: only when the host has cores to spare beyond one per local rank." },
     Variable { name: "MASTER_ADDR", default: "127.0.0.1", doc: "torchrun convention: rendezvous host." },
-    Variable { name: "MASTER_PORT", default: "29500", doc: "torchrun convention: rendezvous port." },
+    Variable { name: "MASTER_PORT", default: "29500", doc: "torchrun convention: rendezvous port. Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) torchrun's own store holds it, so devccl uses MASTER_PORT+1." },
     Variable { name: "RANK", default: "-", doc: "torchrun convention: global rank. Also read: SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK." },
     Variable { name: "WORLD_SIZE", default: "-", doc: "torchrun convention: number of ranks. Also read: SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE." },
     Variable { name: "LOCAL_RANK", default: "0", doc: "torchrun convention: rank on this host. Also read: SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK." },
@@ -294,6 +294,10 @@ impl LaunchEnv {
             None => {
                 let host = env.get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
                 let port: u16 = env.parse("MASTER_PORT", "a port")?.unwrap_or(29500);
+                // Under torchrun the agent's TCPStore already listens on MASTER_PORT; use the
+                // next port for ours (documented; DEVCCL_RENDEZVOUS overrides).
+                let agent_store = matches!(env.get("TORCHELASTIC_USE_AGENT_STORE").as_deref(), Some("True" | "true" | "1"));
+                let port = if agent_store { port.checked_add(1).ok_or_else(|| Error::usage("MASTER_PORT=65535 leaves no port for the devccl rendezvous under torchrun"))? } else { port };
                 join_host_port(&host, port)
             }
         };

@@ -225,6 +225,10 @@ pub trait Transport: Send + Sync + fmt::Debug {
     }
     /// Stop accepting connections and release listeners.
     fn close(&self) {}
+    /// Named counters for diagnostics (e.g. `rejected_handshakes`).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// A bidirectional, per-direction FIFO connection to one peer.

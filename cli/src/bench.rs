@@ -1,0 +1,352 @@
+//! `devccl bench <collective>`: the nccl-tests table (size, count, type, redop, root,
+//! out-of-place and in-place time / algbw / busbw / #wrong), plus optional per-iteration
+//! latency statistics and JSON.
+//!
+//! Without launcher variables it spawns `-n` local ranks of itself with an embedded
+//! rendezvous (rank 0 hosts it); under torchrun, srun or mpirun it runs as one rank.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use devccl::{Communicator, DType, ReduceOp};
+use devccl_core::config::{parse_size, LaunchEnv};
+use serde::Serialize;
+
+use crate::launch::{launch, LaunchSpec};
+
+/// Arguments of `devccl bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Collective: all_reduce.
+    pub collective: String,
+    /// Ranks to start locally (ignored when launched by torchrun/srun/mpirun).
+    #[arg(short = 'n', long = "nranks", default_value_t = 2)]
+    pub nranks: usize,
+    /// Smallest size in bytes (K/M/G suffixes).
+    #[arg(short = 'b', long = "minbytes", default_value = "32M", value_parser = parse_bytes)]
+    pub minbytes: u64,
+    /// Largest size in bytes.
+    #[arg(short = 'e', long = "maxbytes", default_value = "32M", value_parser = parse_bytes)]
+    pub maxbytes: u64,
+    /// Multiply the size by this between rows.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
+    pub stepfactor: u64,
+    /// Warm-up iterations per size.
+    #[arg(short = 'w', long = "warmup", default_value_t = 5)]
+    pub warmup: usize,
+    /// Timed iterations per size.
+    #[arg(short = 'i', long = "iters", default_value_t = 20)]
+    pub iters: usize,
+    /// Correctness checks per size (0 disables #wrong).
+    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    pub check: usize,
+    /// Data type (float, double, half, bfloat16, int8, uint8, int32, int64 or f32, ...).
+    #[arg(short = 'd', long = "datatype", default_value = "float")]
+    pub datatype: String,
+    /// Reduction op (sum, prod, min, max, avg).
+    #[arg(short = 'o', long = "op", default_value = "sum")]
+    pub op: String,
+    /// Also time every iteration separately (barrier before each; max over ranks) and print
+    /// median and minimum latency, like the peers' scripts do.
+    #[arg(short = 'I', long = "per-iter")]
+    pub per_iter: bool,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Rendezvous port for local runs (default: a free one).
+    #[arg(long)]
+    pub master_port: Option<u16>,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("'{s}' is not a size (e.g. 8, 64K, 256M)"))
+}
+
+/// Entry point.
+pub fn run(args: BenchArgs) -> Result<i32> {
+    if args.stepfactor < 2 && args.minbytes != args.maxbytes {
+        bail!("-f must be at least 2");
+    }
+    if args.minbytes > args.maxbytes {
+        bail!("-b {} is larger than -e {}", args.minbytes, args.maxbytes);
+    }
+    if args.iters == 0 {
+        bail!("-i must be at least 1");
+    }
+    match LaunchEnv::from_env()? {
+        Some(_) => run_rank(&args),
+        None => {
+            let me = std::env::current_exe().context("locating the devccl binary")?;
+            let mut cmd = vec![me.into_os_string()];
+            cmd.extend(std::env::args_os().skip(1));
+            launch(&LaunchSpec {
+                nranks: args.nranks,
+                cmd,
+                master_addr: "127.0.0.1".into(),
+                master_port: args.master_port.unwrap_or(0),
+                prefix_rank0_stdout: false,
+                env: vec![],
+            })
+        }
+    }
+}
+
+/// One timing result.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct Timing {
+    time_us: f64,
+    algbw: f64,
+    busbw: f64,
+    wrong: u64,
+}
+
+/// Per-iteration statistics.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct PerIter {
+    median_us: f64,
+    min_us: f64,
+    p90_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    size: u64,
+    count: usize,
+    oop: Timing,
+    ip: Timing,
+    per_iter: Option<PerIter>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    collective: String,
+    nranks: usize,
+    datatype: String,
+    op: String,
+    warmup: usize,
+    iters: usize,
+    rows: Vec<Row>,
+    avg_busbw: f64,
+    wrong_total: u64,
+}
+
+/// A benchmarkable collective.
+trait Coll {
+    /// busbw / algbw.
+    fn bus_factor(&self, n: usize) -> f64;
+    /// Elements per rank buffer for a row of `size` bytes.
+    fn count(&self, size: u64, esize: usize, n: usize) -> usize;
+    fn op_name(&self, op: ReduceOp) -> String;
+    /// Run once out of place.
+    fn run(&self, c: &Communicator, send: &[u8], recv: &mut [u8]) -> devccl::Result<()>;
+    /// Run once in place.
+    fn run_in_place(&self, c: &Communicator, buf: &mut [u8]) -> devccl::Result<()>;
+    /// Input of rank `r`.
+    fn input(&self, r: usize, count: usize) -> Vec<u8>;
+    /// Expected output on rank `r`.
+    fn expected(&self, r: usize, n: usize, count: usize) -> devccl::Result<Vec<u8>>;
+}
+
+struct AllReduce {
+    dtype: DType,
+    op: ReduceOp,
+}
+
+impl Coll for AllReduce {
+    fn bus_factor(&self, n: usize) -> f64 {
+        2.0 * (n as f64 - 1.0) / n as f64
+    }
+    fn count(&self, size: u64, esize: usize, _n: usize) -> usize {
+        size as usize / esize
+    }
+    fn op_name(&self, op: ReduceOp) -> String {
+        op.name().into()
+    }
+    fn run(&self, c: &Communicator, send: &[u8], recv: &mut [u8]) -> devccl::Result<()> {
+        use devccl_core::memory::Region;
+        Region::scoped_ref(send, |s| Region::scoped(recv, |d| c.all_reduce_regions(s.full(), d.full(), self.dtype, self.op)))
+    }
+    fn run_in_place(&self, c: &Communicator, buf: &mut [u8]) -> devccl::Result<()> {
+        use devccl_core::memory::Region;
+        Region::scoped(buf, |r| c.all_reduce_regions(r.full(), r.full(), self.dtype, self.op))
+    }
+    fn input(&self, r: usize, count: usize) -> Vec<u8> {
+        devccl::check::input(self.dtype, self.op, r, 0, count)
+    }
+    fn expected(&self, _r: usize, n: usize, count: usize) -> devccl::Result<Vec<u8>> {
+        devccl::check::reduced(self.dtype, self.op, n, 0, count)
+    }
+}
+
+fn barrier(c: &Communicator) -> devccl::Result<()> {
+    let mut x = [0u8; 1];
+    c.all_reduce(&mut x, ReduceOp::Max)
+}
+
+fn max_over_ranks(c: &Communicator, v: &mut [f64]) -> devccl::Result<()> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    c.all_reduce(v, ReduceOp::Max)
+}
+
+fn time_loop(c: &Communicator, iters: usize, mut f: impl FnMut() -> devccl::Result<()>) -> devccl::Result<f64> {
+    barrier(c)?;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    let mut t = [t0.elapsed().as_secs_f64() * 1e6 / iters as f64];
+    max_over_ranks(c, &mut t)?;
+    Ok(t[0])
+}
+
+fn run_rank(args: &BenchArgs) -> Result<i32> {
+    let dtype: DType = args.datatype.parse()?;
+    let op: ReduceOp = args.op.parse()?;
+    let coll: Box<dyn Coll> = match args.collective.as_str() {
+        "all_reduce" | "allreduce" | "all_reduce_perf" => Box::new(AllReduce { dtype, op }),
+        other => bail!("unknown collective '{other}' (available: all_reduce)"),
+    };
+    let comm = Communicator::init().context("initialising the communicator")?;
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let esize = dtype.size();
+    let mut rows = Vec::new();
+    if rank == 0 {
+        print_header(args, n, dtype);
+    }
+    let mut size = args.minbytes;
+    loop {
+        let count = coll.count(size, esize, n);
+        let bytes = count * esize;
+        let input = coll.input(rank, count);
+        let mut recv = vec![0u8; bytes];
+        let mut buf = input.clone();
+        let mut wrong = [0u64; 2];
+        if args.check > 0 {
+            let want = coll.expected(rank, n, count)?;
+            for _ in 0..args.check {
+                recv.fill(0);
+                coll.run(&comm, &input, &mut recv)?;
+                wrong[0] += devccl::check::count_wrong(dtype, &recv, &want);
+                buf.copy_from_slice(&input);
+                coll.run_in_place(&comm, &mut buf)?;
+                wrong[1] += devccl::check::count_wrong(dtype, &buf, &want);
+            }
+            let mut w = [wrong[0] as i64, wrong[1] as i64];
+            comm.all_reduce(&mut w, ReduceOp::Sum)?;
+            wrong = [w[0] as u64, w[1] as u64];
+        }
+        for _ in 0..args.warmup {
+            coll.run(&comm, &input, &mut recv)?;
+        }
+        let t_oop = time_loop(&comm, args.iters, || coll.run(&comm, &input, &mut recv))?;
+        for _ in 0..args.warmup.min(1) {
+            coll.run_in_place(&comm, &mut buf)?;
+        }
+        let t_ip = time_loop(&comm, args.iters, || coll.run_in_place(&comm, &mut buf))?;
+        let per_iter = if args.per_iter {
+            let mut ts = Vec::with_capacity(args.iters);
+            for _ in 0..args.iters {
+                barrier(&comm)?;
+                let t0 = Instant::now();
+                coll.run(&comm, &input, &mut recv)?;
+                ts.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+            max_over_ranks(&comm, &mut ts)?;
+            ts.sort_by(|a, b| a.total_cmp(b));
+            Some(PerIter { median_us: median(&ts), min_us: ts[0], p90_us: ts[(ts.len() * 9 / 10).min(ts.len() - 1)] })
+        } else {
+            None
+        };
+        let f = coll.bus_factor(n);
+        let mk = |t: f64, w: u64| {
+            let alg = if t > 0.0 { bytes as f64 / t / 1e3 } else { 0.0 };
+            Timing { time_us: t, algbw: alg, busbw: alg * f, wrong: if args.check > 0 { w } else { u64::MAX } }
+        };
+        let row = Row { size: bytes as u64, count, oop: mk(t_oop, wrong[0]), ip: mk(t_ip, wrong[1]), per_iter };
+        if rank == 0 {
+            print_row(&row, dtype, &coll.op_name(op));
+        }
+        rows.push(row);
+        if size >= args.maxbytes {
+            break;
+        }
+        size = (size * args.stepfactor.max(2)).min(args.maxbytes);
+    }
+    let wrong_total: u64 = rows.iter().map(|r| r.oop.wrong.min(1 << 40) + r.ip.wrong.min(1 << 40)).filter(|_| args.check > 0).sum();
+    let avg_busbw = rows.iter().map(|r| r.oop.busbw + r.ip.busbw).sum::<f64>() / (2 * rows.len()).max(1) as f64;
+    if rank == 0 {
+        println!("# Out of bounds values : {} {}", wrong_total, if wrong_total == 0 { "OK" } else { "FAILED" });
+        println!("# Avg bus bandwidth    : {avg_busbw:.4}");
+        println!("#");
+        println!("# Collective test concluded: {}", args.collective);
+        if let Some(p) = &args.json {
+            let rep = Report {
+                collective: args.collective.clone(),
+                nranks: n,
+                datatype: dtype.nccl_name().into(),
+                op: op.name().into(),
+                warmup: args.warmup,
+                iters: args.iters,
+                rows: rows.clone(),
+                avg_busbw,
+                wrong_total,
+            };
+            std::fs::write(p, serde_json::to_vec_pretty(&rep)?).with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    Ok(if wrong_total == 0 { 0 } else { 3 })
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+}
+
+fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
+    println!(
+        "# devccl bench {}: nranks {n}, minbytes {}, maxbytes {}, step x{}, warmup {}, iters {}, check {}, dtype {}, op {}",
+        args.collective, args.minbytes, args.maxbytes, args.stepfactor, args.warmup, args.iters, args.check, dtype, args.op
+    );
+    println!("#");
+    let extra = if args.per_iter { "   per-iteration (out-of-place)" } else { "" };
+    println!("# {:>58} {:>33} {:>33}{extra}", "", "out-of-place", "in-place");
+    let extra = if args.per_iter { "   med(us)   min(us)   p90(us)" } else { "" };
+    println!(
+        "# {:>10} {:>12} {:>8} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6}{extra}",
+        "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong"
+    );
+    println!(
+        "# {:>10} {:>12} {:>8} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6}",
+        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", ""
+    );
+}
+
+fn wrong_str(w: u64) -> String {
+    if w == u64::MAX { "N/A".into() } else { w.to_string() }
+}
+
+fn print_row(r: &Row, dtype: DType, op: &str) {
+    let mut line = format!(
+        "  {:>10} {:>12} {:>8} {:>6} {:>6} {:>9.2} {:>7.3} {:>7.3} {:>6} {:>9.2} {:>7.3} {:>7.3} {:>6}",
+        r.size,
+        r.count,
+        dtype.nccl_name(),
+        op,
+        -1,
+        r.oop.time_us,
+        r.oop.algbw,
+        r.oop.busbw,
+        wrong_str(r.oop.wrong),
+        r.ip.time_us,
+        r.ip.algbw,
+        r.ip.busbw,
+        wrong_str(r.ip.wrong)
+    );
+    if let Some(p) = r.per_iter {
+        line += &format!("   {:>7.1}   {:>7.1}   {:>7.1}", p.median_us, p.min_us, p.p90_us);
+    }
+    println!("{line}");
+}

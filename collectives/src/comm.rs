@@ -1,0 +1,435 @@
+//! The communicator: init (rendezvous + connections), the collectives, abort and poisoning.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use devccl_core::auth::AuthKey;
+use devccl_core::bootstrap::{
+    HostIdentity, JoinRequest, PeerInfo, PeerTable, RendezvousClient, RendezvousServer, ServerOptions, WatchHandle,
+};
+use devccl_core::config::{Config, LaunchEnv};
+use devccl_core::memory::{Region, RegionSlice};
+use devccl_core::transport::{CommContext, Connection, Transport};
+use devccl_core::wire::CollKind;
+use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
+
+use crate::algo::{ring, Algo, Shape};
+use crate::exec::{AbortSignal, Bindings, CallInfo, Executor};
+use crate::registry;
+use crate::schedule::Builder;
+use crate::select;
+
+/// How to start a communicator. [`InitOptions::from_env`] reads the launcher's variables
+/// (torchrun, `devccl launch`, srun, mpirun) and `DEVCCL_*`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Ranks on this host (for spin/thread defaults), when known.
+    pub local_world: Option<usize>,
+    /// Rendezvous `host:port`.
+    pub rendezvous: String,
+    /// Rank 0 hosts the rendezvous server in-process.
+    pub host_rendezvous: bool,
+    /// Rendezvous group name (communicator key).
+    pub group: String,
+    /// Settings.
+    pub config: Config,
+}
+
+impl InitOptions {
+    /// From the environment; errors if no launcher variables are set.
+    pub fn from_env() -> Result<InitOptions> {
+        let launch = LaunchEnv::from_env()?.ok_or_else(|| {
+            Error::usage(
+                "no rank information: set RANK and WORLD_SIZE (torchrun, `devccl launch`), or run under srun/mpirun",
+            )
+        })?;
+        Ok(InitOptions::from_launch(&launch, Config::from_env()?))
+    }
+
+    /// From an already-read launcher environment.
+    pub fn from_launch(l: &LaunchEnv, config: Config) -> InitOptions {
+        InitOptions {
+            rank: l.rank,
+            world: l.world,
+            local_world: l.local_world,
+            rendezvous: l.rendezvous.clone(),
+            host_rendezvous: l.rank == 0 && !l.external_rendezvous,
+            group: "world".into(),
+            config,
+        }
+    }
+}
+
+/// What a call is, as every frame of it says (see [`Communicator::run_schedule`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    /// Collective.
+    pub coll: CollKind,
+    /// Element type.
+    pub dtype: DType,
+    /// Reduction, for reducing collectives.
+    pub op: Option<ReduceOp>,
+    /// Root rank, for rooted collectives.
+    pub root: Option<usize>,
+    /// Element count as the caller gave it (compared across ranks).
+    pub count: usize,
+    /// Algorithm.
+    pub algo: Algo,
+    /// Point-to-point tag.
+    pub tag: u32,
+}
+
+/// A group of ranks that run collectives together. Cheap to clone (shared handle); calls on
+/// one communicator are serialised in issue order.
+#[derive(Clone, Debug)]
+pub struct Communicator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rank: Rank,
+    world: usize,
+    comm: CommId,
+    group: String,
+    config: Config,
+    exec: Mutex<Executor>,
+    poison: Mutex<Option<String>>,
+    abort: Arc<AbortSignal>,
+    transports: Vec<Arc<dyn Transport>>,
+    peers: Vec<PeerInfo>,
+    client: Option<RendezvousClient>,
+    _watch: Option<WatchHandle>,
+    _server: Option<RendezvousServer>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.transports {
+            t.close();
+        }
+        if let Some(c) = &self.client {
+            let _ = c.leave(self.comm, self.rank);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Install a log subscriber when DEVCCL_DEBUG asks for one (and nobody installed one).
+fn init_logging(filter: &str) {
+    if std::env::var_os("DEVCCL_DEBUG").is_none() {
+        return;
+    }
+    let f = match filter {
+        "off" | "error" | "warn" | "info" | "debug" | "trace" => format!("devccl={filter},devccl_core={filter},devccl_transport_tcp={filter},devccl_transport_devmem={filter}"),
+        other => other.to_string(),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Busy-poll and reduction-thread defaults from the host's cores and the ranks sharing them.
+fn tune_host(cfg: &Config, local_world: Option<usize>) -> Duration {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let local = local_world.unwrap_or(1).max(1);
+    let threads = cfg.reduce_threads.unwrap_or(cpus / local);
+    if threads >= 2 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("devccl-reduce-{i}")).build_global();
+        devccl_core::op::set_parallel_threshold(Some(4 << 20));
+    }
+    cfg.spin.unwrap_or(if local <= cpus { Duration::from_micros(50) } else { Duration::ZERO })
+}
+
+/// The transport pair (a < b) uses: the first kind in `a`'s published preference order that
+/// `b` also offers. Both ranks compute the same answer from the peer table.
+fn pair_kind(table: &PeerTable, a: usize, b: usize) -> Option<devccl_core::transport::TransportKind> {
+    let (lo, hi) = (a.min(b), a.max(b));
+    table.peers[lo].endpoints.iter().map(|e| e.kind).find(|k| table.peers[hi].endpoints.iter().any(|e| e.kind == *k))
+}
+
+impl Communicator {
+    /// Initialise from the environment (see [`InitOptions::from_env`]).
+    pub fn init() -> Result<Communicator> {
+        Communicator::init_with(InitOptions::from_env()?)
+    }
+
+    /// Initialise: rendezvous, connect to every peer, ready for collectives. Everything is
+    /// bounded by `DEVCCL_INIT_TIMEOUT`.
+    pub fn init_with(o: InitOptions) -> Result<Communicator> {
+        init_logging(&o.config.debug);
+        if o.world == 0 || o.rank >= o.world {
+            return Err(Error::usage(format!("rank {} is not below world size {}", o.rank, o.world)));
+        }
+        let deadline = Instant::now() + o.config.init_timeout;
+        let key = o.config.secret.as_deref().map(AuthKey::from_secret);
+        let rank = Rank::from(o.rank);
+        let toward: Option<SocketAddr> = registry::resolve(&o.rendezvous).ok();
+        let server = if o.host_rendezvous {
+            let addr = toward.ok_or_else(|| Error::usage(format!("cannot resolve rendezvous address '{}'", o.rendezvous)))?;
+            let bind = if addr.ip().is_loopback() { addr.to_string() } else if addr.is_ipv6() { format!("[::]:{}", addr.port()) } else { format!("0.0.0.0:{}", addr.port()) };
+            let s = RendezvousServer::start(
+                &bind,
+                ServerOptions { world: Some(o.world), key: key.clone(), group_timeout: o.config.init_timeout },
+            )
+            .map_err(|e| match e {
+                Error::System { context, source } => Error::System {
+                    context: format!("{context} (rank 0 hosts the rendezvous at {}; is the port in use? set MASTER_PORT or DEVCCL_RENDEZVOUS)", o.rendezvous),
+                    source,
+                },
+                e => e,
+            })?;
+            tracing::info!(addr = %s.local_addr(), "rendezvous server started on rank 0");
+            Some(s)
+        } else {
+            None
+        };
+        let offer = registry::offer(&o.config, rank, toward)?;
+        let client = RendezvousClient::connect(&o.rendezvous, key.clone(), deadline)?;
+        let req = JoinRequest {
+            group: o.group.clone(),
+            rank,
+            world: o.world,
+            host: HostIdentity::local(),
+            endpoints: offer.transports.iter().map(|t| t.endpoint()).collect(),
+        };
+        let table = client.join(req, deadline)?;
+        let abort = AbortSignal::new()?;
+        let watch = {
+            let sig = abort.clone();
+            client
+                .watch(
+                    table.comm,
+                    rank,
+                    Box::new(move |ev| sig.raise(format!("rank {} aborted the communicator: {}", ev.from, ev.reason))),
+                )
+                .ok()
+        };
+        let spin = tune_host(&o.config, o.local_world);
+        let mut comm = Communicator::assemble(rank, o.world, table, offer.transports, o.config, key, abort, spin, deadline)?;
+        let inner = Arc::get_mut(&mut comm.inner).expect("fresh communicator is unshared");
+        inner.client = Some(client);
+        inner._watch = watch;
+        inner._server = server;
+        inner.group = o.group;
+        Ok(comm)
+    }
+
+    /// Build a communicator from a finished rendezvous and activated-to-be transports
+    /// (also used by the in-memory mesh in tests).
+    #[allow(clippy::too_many_arguments)]
+    pub fn assemble(
+        rank: Rank,
+        world: usize,
+        table: PeerTable,
+        transports: Vec<Arc<dyn Transport>>,
+        config: Config,
+        key: Option<AuthKey>,
+        abort: Arc<AbortSignal>,
+        spin: Duration,
+        deadline: Instant,
+    ) -> Result<Communicator> {
+        if table.peers.len() != world {
+            return Err(Error::Internal(format!("peer table has {} entries for world {world}", table.peers.len())));
+        }
+        for t in &transports {
+            t.activate(CommContext { comm: table.comm, rank, world, key: key.clone() })?;
+        }
+        let mut conns: Vec<Option<Box<dyn Connection>>> = (0..world).map(|_| None).collect();
+        let r = rank.idx();
+        // Lower rank connects, higher accepts: connect to every higher rank first (the peers'
+        // acceptors answer in the background), then collect the lower ranks' connections.
+        let order: Vec<usize> = ((r + 1)..world).chain(0..r).collect();
+        for p in order {
+            let kind = pair_kind(&table, r, p).ok_or_else(|| {
+                Error::usage(format!("rank {r} and rank {p} share no transport; check DEVCCL_TRANSPORTS on both"))
+            })?;
+            let t = transports.iter().find(|t| t.kind() == kind).ok_or_else(|| Error::Internal(format!("no local {kind} transport")))?;
+            let conn = if p > r {
+                let ep = table.peers[p].endpoints.iter().find(|e| e.kind == kind).expect("pair_kind checked");
+                t.connect(Rank::from(p), ep, deadline)?
+            } else {
+                t.accept(Rank::from(p), deadline)?
+            };
+            tracing::info!(rank = r, peer = p, transport = %kind, "connected");
+            conns[p] = Some(conn);
+        }
+        let exec = Executor::new(rank, world, conns, config.timeout, spin, abort.clone());
+        Ok(Communicator {
+            inner: Arc::new(Inner {
+                rank,
+                world,
+                comm: table.comm,
+                group: table.group.clone(),
+                config,
+                exec: Mutex::new(exec),
+                poison: Mutex::new(None),
+                abort,
+                transports,
+                peers: table.peers,
+                client: None,
+                _watch: None,
+                _server: None,
+            }),
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.inner.rank.idx()
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.inner.world
+    }
+
+    /// The communicator's id (same on every rank).
+    pub fn comm_id(&self) -> CommId {
+        self.inner.comm
+    }
+
+    /// The rendezvous group name.
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Host identity of every rank (index = rank).
+    pub fn peers(&self) -> &[PeerInfo] {
+        &self.inner.peers
+    }
+
+    /// Diagnostic counters of this rank's transports (e.g. rejected handshakes).
+    pub fn transport_counters(&self) -> Vec<(String, u64)> {
+        self.inner
+            .transports
+            .iter()
+            .flat_map(|t| t.counters().into_iter().map(move |(k, v)| (format!("{}.{k}", t.kind()), v)))
+            .collect()
+    }
+
+    /// Why the communicator is unusable, if it is.
+    pub fn poisoned(&self) -> Option<String> {
+        lock(&self.inner.poison).clone()
+    }
+
+    /// Abort: fail the collective in progress (on this rank promptly, on the others through
+    /// the rendezvous and the data connections) and poison the communicator. Never blocks on
+    /// the collective in progress.
+    pub fn abort(&self, reason: &str) {
+        let why = format!("rank {} called abort: {reason}", self.inner.rank);
+        self.poison_with(&why);
+        self.inner.abort.raise(why.clone());
+        if let Some(c) = &self.inner.client {
+            let _ = c.abort(self.inner.comm, self.inner.rank, reason);
+        }
+    }
+
+    fn poison_with(&self, cause: &str) {
+        let mut p = lock(&self.inner.poison);
+        if p.is_none() {
+            *p = Some(cause.to_string());
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        match lock(&self.inner.poison).as_ref() {
+            Some(cause) => Err(Error::Aborted { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Run one collective described by `call` with the schedule `build` writes, on `input`
+    /// and `output` (the same slice for in-place calls). Every collective of this crate goes
+    /// through here; it is public so custom algorithms can be run (and tested) too. Fatal
+    /// errors poison the communicator.
+    pub fn run_schedule(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Result<()> {
+        self.check_alive()?;
+        let mut exec = lock(&self.inner.exec);
+        self.check_alive()?;
+        let seq = exec.next_seq();
+        let info = CallInfo {
+            coll: call.coll,
+            dtype: call.dtype,
+            op: call.op,
+            root: call.root.map(Rank::from),
+            count: call.count as u64,
+            seq,
+            algo: call.algo as u8,
+            tag: call.tag,
+        };
+        let mut b = Builder::new();
+        build(&mut b);
+        let sched = b.build();
+        let scratch = sched.scratch.iter().map(|&n| Region::alloc(n)).collect();
+        let bindings = Bindings { input, output, scratch };
+        tracing::debug!(rank = self.inner.rank.0, call = %info.describe(), algo = call.algo.name(), steps = sched.len(), "collective");
+        let r = exec.run(&sched, &info, &bindings);
+        if let Err(e) = &r {
+            if e.is_fatal() {
+                self.poison_with(&e.to_string());
+            }
+        }
+        r
+    }
+
+    /// In-place all-reduce: every rank ends with the reduction of every rank's `buf`.
+    pub fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf);
+        Region::scoped(bytes, |r| self.all_reduce_regions(r.full(), r.full(), T::DTYPE, op))
+    }
+
+    /// Out-of-place all-reduce: `recv` gets the reduction of every rank's `send`.
+    pub fn all_reduce_into<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(Error::usage(format!(
+                "all_reduce: send has {} elements but recv has {}",
+                send.len(),
+                recv.len()
+            )));
+        }
+        Region::scoped_ref(bytemuck::cast_slice(send), |s| {
+            Region::scoped(bytemuck::cast_slice_mut(recv), |d| self.all_reduce_regions(s.full(), d.full(), T::DTYPE, op))
+        })
+    }
+
+    /// All-reduce over regions (bindings, device memory later). `input` and `output` may be
+    /// the same slice (in place).
+    pub fn all_reduce_regions(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Result<()> {
+        check_sizes("all_reduce", &input, &output, dtype)?;
+        let count = output.len() / dtype.size();
+        let (rank, n) = (self.rank(), self.world_size());
+        let plan = select::all_reduce(&self.inner.config, n, output.len());
+        let shape = Shape { rank, n, count, esize: dtype.size(), chunk_bytes: plan.chunk, root: 0 };
+        let call = Call { coll: CollKind::AllReduce, dtype, op: Some(op), root: None, count, algo: plan.algo, tag: 0 };
+        self.run_schedule(call, |b| ring::all_reduce(b, shape), input, output)
+    }
+}
+
+fn check_sizes(what: &str, input: &RegionSlice, output: &RegionSlice, dtype: DType) -> Result<()> {
+    if input.len() != output.len() {
+        return Err(Error::usage(format!("{what}: input is {} bytes but output is {}", input.len(), output.len())));
+    }
+    if output.len() % dtype.size() != 0 {
+        return Err(Error::usage(format!("{what}: {} bytes is not a whole number of {dtype} elements", output.len())));
+    }
+    if !input.region.writable() && input.region.same(&output.region) {
+        return Err(Error::usage(format!("{what}: in-place on read-only memory")));
+    }
+    Ok(())
+}

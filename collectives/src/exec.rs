@@ -1,0 +1,522 @@
+//! The executor: runs a [`Schedule`] over the connections of a communicator.
+//!
+//! One thread drives everything: it posts sends and receives in per-peer schedule order as
+//! their dependencies complete, tests outstanding requests (which is where transports move
+//! bytes), runs local reductions as soon as their inputs are there, and when nothing moved,
+//! sleeps in `poll(2)` on the descriptors the transports name (after an optional short spin).
+//! No thread hand-offs on the data path: a small all-reduce is a `writev` and a `read`.
+//!
+//! Every wait has a deadline: if nothing moves for the communicator's timeout, the call
+//! fails naming the peers it was waiting for. On any error every connection is told (an
+//! abort frame with the reason, so surviving ranks fail promptly naming the culprit), every
+//! pending request is dropped, and the error is returned; the communicator then poisons
+//! itself.
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use devccl_core::memory::{Region, RegionSlice};
+use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
+use devccl_core::transport::{wait_ready, Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest};
+use devccl_core::wire::{CollKind, FrameHeader, FrameType};
+use devccl_core::{DType, Error, Rank, ReduceOp, Result, Seq};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::schedule::{Buf, Loc, Schedule, StepId, StepKind};
+
+/// What every frame of one call says about the call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallInfo {
+    /// Collective.
+    pub coll: CollKind,
+    /// Element type.
+    pub dtype: DType,
+    /// Reduction (reducing collectives).
+    pub op: Option<ReduceOp>,
+    /// Root (rooted collectives).
+    pub root: Option<Rank>,
+    /// Element count as called.
+    pub count: u64,
+    /// Sequence number.
+    pub seq: Seq,
+    /// Algorithm code.
+    pub algo: u8,
+    /// Point-to-point tag.
+    pub tag: u32,
+}
+
+impl CallInfo {
+    fn header(&self, msg: u32, len: usize, offset: usize) -> FrameHeader {
+        FrameHeader {
+            frame: FrameType::Data,
+            coll: self.coll,
+            dtype: self.dtype,
+            op: self.op,
+            algo: self.algo,
+            root: self.root,
+            seq: self.seq,
+            count: self.count,
+            msg,
+            len: len as u32,
+            offset: offset as u64,
+            tag: self.tag,
+        }
+    }
+
+    /// `all_reduce(float, sum, count=.., seq=..)`.
+    pub fn describe(&self) -> String {
+        self.header(0, 0, 0).describe()
+    }
+}
+
+/// The memory one call runs on.
+#[derive(Debug, Clone)]
+pub struct Bindings {
+    /// Input bytes.
+    pub input: RegionSlice,
+    /// Output bytes (same region and range as `input` for in-place calls).
+    pub output: RegionSlice,
+    /// Scratch buffers, as declared by the schedule.
+    pub scratch: Vec<Region>,
+}
+
+impl Bindings {
+    fn slice(&self, loc: Loc, len: usize) -> RegionSlice {
+        match loc.buf {
+            Buf::Input => self.input.sub(loc.off..loc.off + len),
+            Buf::Output => self.output.sub(loc.off..loc.off + len),
+            Buf::Scratch(i) => self.scratch[i as usize].slice(loc.off..loc.off + len),
+        }
+    }
+}
+
+/// A communicator-wide abort signal: set once (by `abort()` or a rendezvous event), rings an
+/// eventfd so a waiting executor wakes at once.
+#[derive(Debug)]
+pub struct AbortSignal {
+    reason: OnceLock<String>,
+    bell: EventFd,
+}
+
+impl AbortSignal {
+    /// A fresh, unset signal.
+    pub fn new() -> Result<Arc<AbortSignal>> {
+        let bell = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| Error::system("eventfd", e.into()))?;
+        Ok(Arc::new(AbortSignal { reason: OnceLock::new(), bell }))
+    }
+
+    /// Raise it (first reason wins).
+    pub fn raise(&self, reason: String) {
+        let _ = self.reason.set(reason);
+        let _ = self.bell.write(1);
+    }
+
+    /// The reason, once raised.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+}
+
+/// Runs schedules; owns the connections (index = peer rank) and the staging pool.
+#[derive(Debug)]
+pub struct Executor {
+    /// This rank.
+    pub rank: Rank,
+    /// World size.
+    pub world: usize,
+    /// Connection to each peer (`None` for self and unconnected peers).
+    pub conns: Vec<Option<Box<dyn Connection>>>,
+    /// No-progress deadline.
+    pub timeout: Duration,
+    /// Busy-poll budget before sleeping.
+    pub spin: Duration,
+    /// Abort signal.
+    pub abort: Arc<AbortSignal>,
+    staging: Vec<Region>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct PeerQueue {
+    sends: Vec<StepId>,
+    recvs: Vec<StepId>,
+    next_send: usize,
+    next_recv: usize,
+    /// Outstanding requests: (request, step, staging slot).
+    inflight: Vec<(ReqId, StepId, Option<usize>)>,
+}
+
+/// Per-run state.
+struct Run<'a> {
+    sched: &'a Schedule,
+    call: &'a CallInfo,
+    b: &'a Bindings,
+    pending: Vec<u32>,
+    arrived: Vec<bool>,
+    slot_of: Vec<Option<usize>>,
+    free_slots: Vec<usize>,
+    ready: Vec<StepId>,
+    done: usize,
+    peers: Vec<PeerQueue>,
+    peer_list: Vec<usize>,
+}
+
+impl Executor {
+    /// An executor over `conns`.
+    pub fn new(rank: Rank, world: usize, conns: Vec<Option<Box<dyn Connection>>>, timeout: Duration, spin: Duration, abort: Arc<AbortSignal>) -> Executor {
+        Executor { rank, world, conns, timeout, spin, abort, staging: Vec::new(), seq: 0 }
+    }
+
+    /// The next call's sequence number (every call on every rank counts, failed ones too).
+    pub fn next_seq(&mut self) -> Seq {
+        let s = Seq(self.seq);
+        self.seq += 1;
+        s
+    }
+
+    /// Run one schedule to completion. On error every peer is told and every request
+    /// dropped before returning.
+    pub fn run(&mut self, sched: &Schedule, call: &CallInfo, b: &Bindings) -> Result<()> {
+        match self.run_inner(sched, call, b) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.fail_all(call.seq, &format!("rank {} failed in {}: {e}", self.rank, call.describe()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Tell every peer we are aborting and drop all requests.
+    pub fn fail_all(&mut self, seq: Seq, reason: &str) {
+        for c in self.conns.iter_mut().flatten() {
+            c.cancel();
+            c.send_abort(seq, reason);
+        }
+    }
+
+    fn ensure_slots(&mut self, n: usize, size: usize) {
+        self.staging.retain(|r| r.len() >= size);
+        while self.staging.len() < n {
+            self.staging.push(Region::alloc(size.max(64)));
+        }
+    }
+
+    fn run_inner(&mut self, sched: &Schedule, call: &CallInfo, b: &Bindings) -> Result<()> {
+        let n = sched.len();
+        let mut peers: Vec<PeerQueue> = (0..self.world).map(|_| PeerQueue::default()).collect();
+        let mut staged_steps = 0usize;
+        for (i, s) in sched.steps.iter().enumerate() {
+            match s {
+                StepKind::Send { peer, .. } => peers[peer.idx()].sends.push(i as StepId),
+                StepKind::Recv { peer, .. } => peers[peer.idx()].recvs.push(i as StepId),
+                StepKind::RecvReduce { peer, .. } => {
+                    staged_steps += 1;
+                    peers[peer.idx()].recvs.push(i as StepId)
+                }
+                _ => {}
+            }
+        }
+        let peer_list: Vec<usize> = (0..self.world).filter(|&p| !peers[p].sends.is_empty() || !peers[p].recvs.is_empty()).collect();
+        for &p in &peer_list {
+            if self.conns[p].is_none() {
+                return Err(Error::Internal(format!("rank {} has no connection to rank {p}", self.rank)));
+            }
+        }
+        // Enough staging for every connection to keep its receive queue full.
+        let nslots = staged_steps.min(64.max(16 * peer_list.len()));
+        self.ensure_slots(nslots, sched.max_staged());
+        let mut run = Run {
+            sched,
+            call,
+            b,
+            pending: sched.ndeps.clone(),
+            arrived: vec![false; n],
+            slot_of: vec![None; n],
+            free_slots: (0..nslots).rev().collect(),
+            ready: Vec::new(),
+            done: 0,
+            peers,
+            peer_list,
+        };
+        for i in 0..n {
+            if run.pending[i] == 0 && sched.steps[i].peer().is_none() {
+                run.ready.push(i as StepId);
+            }
+        }
+        let mut last_progress = Instant::now();
+        loop {
+            if let Some(r) = self.abort.reason() {
+                return Err(Error::Aborted { cause: r.to_string() });
+            }
+            let mut moved = self.post(&mut run)?;
+            moved |= self.test_all(&mut run)?;
+            while let Some(s) = run.ready.pop() {
+                self.local_step(&mut run, s)?;
+                moved = true;
+            }
+            if run.done == n {
+                return Ok(());
+            }
+            if moved {
+                last_progress = Instant::now();
+                continue;
+            }
+            let idle = last_progress.elapsed();
+            if idle >= self.timeout {
+                return Err(self.stall_error(&run));
+            }
+            if idle < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut fds = Vec::with_capacity(run.peer_list.len() * 2 + 1);
+            fds.push((self.abort.bell.as_fd(), Interest::Read));
+            for &p in &run.peer_list {
+                let q = &run.peers[p];
+                if !q.inflight.is_empty() {
+                    self.conns[p].as_ref().expect("checked").wait_fds(&mut fds);
+                }
+            }
+            let left = self.timeout - idle;
+            wait_ready(&fds, left.min(Duration::from_millis(200)))?;
+        }
+    }
+
+    /// Post every send/receive whose turn has come. Returns whether anything was posted.
+    fn post(&mut self, run: &mut Run<'_>) -> Result<bool> {
+        let mut moved = false;
+        for pi in 0..run.peer_list.len() {
+            let p = run.peer_list[pi];
+            let conn = self.conns[p].as_mut().expect("checked");
+            // Sends, in order, as their inputs become final.
+            while let Some(&s) = run.peers[p].sends.get(run.peers[p].next_send) {
+                if run.pending[s as usize] > 0 {
+                    break;
+                }
+                let StepKind::Send { src, len, .. } = run.sched.steps[s as usize] else { unreachable!() };
+                let msg = run.peers[p].next_send as u32;
+                let req = SendRequest { header: run.call.header(msg, len, src.off), src: run.b.slice(src, len) };
+                match conn.isend(req)? {
+                    Some(id) => {
+                        run.peers[p].inflight.push((id, s, None));
+                        run.peers[p].next_send += 1;
+                        moved = true;
+                    }
+                    None => break,
+                }
+            }
+            // Receives, in order: direct ones once their destination is free, staged ones
+            // as soon as a slot is.
+            while let Some(&s) = run.peers[p].recvs.get(run.peers[p].next_recv) {
+                let msg = run.peers[p].next_recv as u32;
+                let (dst, slot) = match run.sched.steps[s as usize] {
+                    StepKind::Recv { dst, len, .. } => {
+                        if run.pending[s as usize] > 0 {
+                            break;
+                        }
+                        (run.b.slice(dst, len), None)
+                    }
+                    StepKind::RecvReduce { len, .. } => {
+                        let Some(slot) = run.free_slots.pop() else { break };
+                        (self.staging[slot].slice(0..len), Some(slot))
+                    }
+                    _ => unreachable!(),
+                };
+                let off = match run.sched.steps[s as usize] {
+                    StepKind::Recv { dst, .. } | StepKind::RecvReduce { dst, .. } => dst.off,
+                    _ => 0,
+                };
+                let req = RecvRequest { expect: run.call.header(msg, dst.len(), off), dst };
+                match conn.irecv(req)? {
+                    Some(id) => {
+                        run.peers[p].inflight.push((id, s, slot));
+                        run.peers[p].next_recv += 1;
+                        moved = true;
+                    }
+                    None => {
+                        if let Some(slot) = slot {
+                            run.free_slots.push(slot);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Test every outstanding request; handle completions.
+    fn test_all(&mut self, run: &mut Run<'_>) -> Result<bool> {
+        let mut moved = false;
+        for pi in 0..run.peer_list.len() {
+            let p = run.peer_list[pi];
+            let mut i = 0;
+            while i < run.peers[p].inflight.len() {
+                let (id, s, slot) = run.peers[p].inflight[i];
+                let conn = self.conns[p].as_mut().expect("checked");
+                match conn.test(id)? {
+                    None => i += 1,
+                    Some(done) => {
+                        run.peers[p].inflight.remove(i);
+                        moved = true;
+                        if let Completion::Received { layout: RecvLayout::Scattered { pool, frags }, .. } = &done {
+                            // Gather what the transport left in its RX pool (devmem layout).
+                            let dst = match slot {
+                                Some(k) => self.staging[k].slice(0..run.sched.steps[s as usize].len()),
+                                None => match run.sched.steps[s as usize] {
+                                    StepKind::Recv { dst, len, .. } => run.b.slice(dst, len),
+                                    _ => unreachable!(),
+                                },
+                            };
+                            gather(pool, frags, &dst)?;
+                            conn.recv_consumed(id)?;
+                        }
+                        match run.sched.steps[s as usize] {
+                            StepKind::RecvReduce { .. } => {
+                                run.arrived[s as usize] = true;
+                                run.slot_of[s as usize] = slot;
+                                if run.pending[s as usize] == 0 {
+                                    run.ready.push(s);
+                                }
+                            }
+                            _ => self.complete(run, s),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    fn complete(&self, run: &mut Run<'_>, s: StepId) {
+        run.done += 1;
+        for &t in run.sched.successors(s) {
+            let t_us = t as usize;
+            run.pending[t_us] -= 1;
+            if run.pending[t_us] == 0 {
+                match run.sched.steps[t_us] {
+                    StepKind::Send { .. } | StepKind::Recv { .. } => {} // posted by `post`
+                    StepKind::RecvReduce { .. } => {
+                        if run.arrived[t_us] {
+                            run.ready.push(t);
+                        }
+                    }
+                    _ => run.ready.push(t),
+                }
+            }
+        }
+    }
+
+    fn local_step(&mut self, run: &mut Run<'_>, s: StepId) -> Result<()> {
+        let dtype = run.call.dtype;
+        let op = run.call.op.unwrap_or(ReduceOp::Sum);
+        let world = self.world;
+        let avg = op == ReduceOp::Avg;
+        match run.sched.steps[s as usize].clone() {
+            StepKind::RecvReduce { dst, base, len, finish, .. } => {
+                let slot = run.slot_of[s as usize].take().expect("staged receive has a slot");
+                let staged = self.staging[slot].slice(0..len);
+                let d = run.b.slice(dst, len);
+                if same_place(run.b, dst, base) {
+                    Region::with_pair(&d, &staged, |d, x| {
+                        reduce_in_place(dtype, op, d, x)?;
+                        if finish && avg { finish_avg(dtype, d, world) } else { Ok(()) }
+                    })??;
+                } else {
+                    let a = run.b.slice(base, len);
+                    Region::with_pair(&d, &a, |d, a| {
+                        staged.with_bytes(|x| reduce_to(dtype, op, d, a, x))??;
+                        if finish && avg { finish_avg(dtype, d, world) } else { Ok(()) }
+                    })??;
+                }
+                run.free_slots.push(slot);
+            }
+            StepKind::Copy { src, dst, len } => {
+                if !same_place(run.b, src, dst) {
+                    Region::with_pair(&run.b.slice(dst, len), &run.b.slice(src, len), |d, x| d.copy_from_slice(x))?;
+                }
+            }
+            StepKind::Reduce { src, dst, len, finish } => {
+                Region::with_pair(&run.b.slice(dst, len), &run.b.slice(src, len), |d, x| {
+                    reduce_in_place(dtype, op, d, x)?;
+                    if finish && avg { finish_avg(dtype, d, world) } else { Ok(()) }
+                })??;
+            }
+            StepKind::Finish { dst, len } => {
+                if avg {
+                    run.b.slice(dst, len).with_bytes_mut(|d| finish_avg(dtype, d, world))??;
+                }
+            }
+            StepKind::Send { .. } | StepKind::Recv { .. } => unreachable!("network steps are not local"),
+        }
+        self.complete(run, s);
+        Ok(())
+    }
+
+    fn stall_error(&self, run: &Run<'_>) -> Error {
+        let mut from = Vec::new();
+        let mut to = Vec::new();
+        for &p in &run.peer_list {
+            let q = &run.peers[p];
+            let waiting_recv = q.next_recv < q.recvs.len()
+                || q.inflight.iter().any(|(_, s, _)| !matches!(run.sched.steps[*s as usize], StepKind::Send { .. }));
+            let waiting_send = q.inflight.iter().any(|(_, s, _)| matches!(run.sched.steps[*s as usize], StepKind::Send { .. }));
+            if waiting_recv {
+                from.push(p);
+            }
+            if waiting_send {
+                to.push(p);
+            }
+        }
+        let names = |v: &[usize]| v.iter().map(|p| format!("rank {p}")).collect::<Vec<_>>().join(", ");
+        Error::Timeout {
+            what: format!(
+                "rank {} in {}: no progress; waiting for data from {}{}",
+                self.rank,
+                run.call.describe(),
+                if from.is_empty() { "nobody".to_string() } else { names(&from) },
+                if to.is_empty() { String::new() } else { format!(", and for {} to take our data", names(&to)) }
+            ),
+            after: self.timeout,
+        }
+    }
+}
+
+/// True when two locations denote the same bytes (in-place calls bind Input and Output to
+/// one range of one region).
+fn same_place(b: &Bindings, x: Loc, y: Loc) -> bool {
+    if x == y {
+        return true;
+    }
+    let base = |l: Loc| match l.buf {
+        Buf::Input => Some(&b.input),
+        Buf::Output => Some(&b.output),
+        Buf::Scratch(_) => None,
+    };
+    match (base(x), base(y)) {
+        (Some(sx), Some(sy)) => sx.region.same(&sy.region) && sx.range.start + x.off == sy.range.start + y.off,
+        _ => false,
+    }
+}
+
+/// Copy scattered fragments from a transport's RX pool into `dst`.
+fn gather(pool: &Region, frags: &[devccl_core::transport::Fragment], dst: &RegionSlice) -> Result<()> {
+    let mut covered = 0usize;
+    dst.with_bytes_mut(|d| -> Result<()> {
+        for f in frags {
+            let (so, len, dof) = (f.src_off as usize, f.len as usize, f.dst_off as usize);
+            if dof + len > d.len() {
+                return Err(Error::Internal(format!("fragment {f:?} outside a {}-byte receive", d.len())));
+            }
+            pool.with_bytes(so..so + len, |s| d[dof..dof + len].copy_from_slice(s))?;
+            covered += len;
+        }
+        Ok(())
+    })??;
+    if covered != dst.len() {
+        return Err(Error::Internal(format!("fragments cover {covered} of {} bytes", dst.len())));
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The transport registry: which transports this process offers, and which one serves each
+//! peer. The only module that names concrete transports; algorithms never do.
+//!
+//! Order of preference comes from `DEVCCL_TRANSPORTS` (default devmem, shm, tcp). A transport
+//! that cannot serve declines with a reason; the reasons are logged at `info` once per
+//! communicator (like NCCL_DEBUG=INFO's "NET/..." lines) and the choice per peer is logged too.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use devccl_core::bootstrap::PeerInfo;
+use devccl_core::config::Config;
+use devccl_core::transport::{Transport, TransportKind};
+use devccl_core::{Error, Rank, Result};
+use devccl_transport_tcp::{select_address, TcpOptions, TcpTransport};
+
+/// A transport that was not created, and why.
+#[derive(Debug, Clone)]
+pub struct Decline {
+    /// Which.
+    pub kind: TransportKind,
+    /// Why (with the fix where there is one).
+    pub reason: String,
+}
+
+/// Transports offered by this process.
+#[derive(Debug, Default)]
+pub struct Offer {
+    /// Created transports, in preference order.
+    pub transports: Vec<Arc<dyn Transport>>,
+    /// Declined ones.
+    pub declined: Vec<Decline>,
+}
+
+/// Resolve `host:port` to a socket address (first result).
+pub fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| Error::usage(format!("cannot resolve rendezvous address '{addr}': {e}")))?
+        .next()
+        .ok_or_else(|| Error::usage(format!("rendezvous address '{addr}' resolves to nothing")))
+}
+
+/// Create the transports `cfg` allows. `toward` is the rendezvous address, whose route picks
+/// the default interface.
+pub fn offer(cfg: &Config, rank: Rank, toward: Option<SocketAddr>) -> Result<Offer> {
+    let mut out = Offer::default();
+    for &kind in &cfg.transports {
+        match kind {
+            TransportKind::Tcp => {
+                let (addr, ifname) = select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, toward)?;
+                let opts = TcpOptions {
+                    lanes: cfg.nsocks,
+                    ifname: Some(ifname.clone()),
+                    activation_timeout: cfg.init_timeout,
+                    ..TcpOptions::new(addr, rank)
+                };
+                let t = TcpTransport::new(opts)?;
+                tracing::info!(rank = rank.0, interface = %ifname, endpoint = %t.endpoint().address, "tcp transport listening");
+                out.transports.push(Arc::new(t));
+            }
+            TransportKind::Devmem => out.declined.push(Decline {
+                kind,
+                reason: "the devmem data path is not built yet (kernel layer only); see `devccl doctor` for this host's devmem readiness".into(),
+            }),
+            TransportKind::Shm => out.declined.push(Decline {
+                kind,
+                reason: "the shared-memory transport is not built yet".into(),
+            }),
+            TransportKind::Mem => out.declined.push(Decline { kind, reason: "in-memory transport exists only in tests".into() }),
+        }
+    }
+    for d in &out.declined {
+        tracing::info!(rank = rank.0, transport = %d.kind, reason = %d.reason, "transport declined");
+    }
+    if out.transports.is_empty() {
+        let why: Vec<String> = out.declined.iter().map(|d| format!("{}: {}", d.kind, d.reason)).collect();
+        return Err(Error::Unsupported { reason: format!("no usable transport ({})", why.join("; ")) });
+    }
+    Ok(out)
+}
+
+/// Pick the transport for `peer`: the first of ours that the peer also published.
+pub fn choose(me: Rank, ours: &[Arc<dyn Transport>], peer: &PeerInfo) -> Result<(usize, usize)> {
+    for (i, t) in ours.iter().enumerate() {
+        if let Some(j) = peer.endpoints.iter().position(|e| e.kind == t.kind()) {
+            tracing::info!(rank = me.0, peer = peer.rank.0, transport = %t.kind(), remote = %peer.endpoints[j].address, "transport chosen");
+            return Ok((i, j));
+        }
+    }
+    let theirs: Vec<&str> = peer.endpoints.iter().map(|e| e.kind.name()).collect();
+    let mine: Vec<&str> = ours.iter().map(|t| t.kind().name()).collect();
+    Err(Error::usage(format!(
+        "rank {me} and rank {} share no transport (ours: {mine:?}, theirs: {theirs:?}); check DEVCCL_TRANSPORTS on both",
+        peer.rank
+    )))
+}
