@@ -1,7 +1,7 @@
 //! The communicator: init (rendezvous + connections), the collectives, abort and poisoning.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devccl_core::auth::AuthKey;
@@ -16,6 +16,7 @@ use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
 
 use crate::algo::{ring, Algo, Shape};
 use crate::exec::{AbortSignal, Bindings, CallInfo, Executor};
+use crate::work::{Engine, Job, Work};
 use crate::registry;
 use crate::schedule::Builder;
 use crate::select;
@@ -98,8 +99,7 @@ struct Inner {
     comm: CommId,
     group: String,
     config: Config,
-    exec: Mutex<Executor>,
-    poison: Mutex<Option<String>>,
+    engine: Arc<Engine>,
     abort: Arc<AbortSignal>,
     transports: Vec<Arc<dyn Transport>>,
     peers: Vec<PeerInfo>,
@@ -110,6 +110,9 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Queued work still runs (every rank expects it), then the progress thread exits.
+        self.engine.shutdown();
+        self.engine.drain(Instant::now() + self.config.timeout);
         for t in &self.transports {
             t.close();
         }
@@ -117,10 +120,6 @@ impl Drop for Inner {
             let _ = c.leave(self.comm, self.rank);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Install a log subscriber when DEVCCL_DEBUG asks for one (and nobody installed one).
@@ -265,6 +264,7 @@ impl Communicator {
             conns[p] = Some(conn);
         }
         let exec = Executor::new(rank, world, conns, config.timeout, spin, abort.clone());
+        let engine = Engine::new(exec);
         Ok(Communicator {
             inner: Arc::new(Inner {
                 rank,
@@ -272,8 +272,7 @@ impl Communicator {
                 comm: table.comm,
                 group: table.group.clone(),
                 config,
-                exec: Mutex::new(exec),
-                poison: Mutex::new(None),
+                engine,
                 abort,
                 transports,
                 peers: table.peers,
@@ -325,7 +324,7 @@ impl Communicator {
 
     /// Why the communicator is unusable, if it is.
     pub fn poisoned(&self) -> Option<String> {
-        lock(&self.inner.poison).clone()
+        self.inner.engine.poisoned()
     }
 
     /// Abort: fail the collective in progress (on this rank promptly, on the others through
@@ -333,24 +332,10 @@ impl Communicator {
     /// the collective in progress.
     pub fn abort(&self, reason: &str) {
         let why = format!("rank {} called abort: {reason}", self.inner.rank);
-        self.poison_with(&why);
+        self.inner.engine.poison_with(&why);
         self.inner.abort.raise(why.clone());
         if let Some(c) = &self.inner.client {
             let _ = c.abort(self.inner.comm, self.inner.rank, reason);
-        }
-    }
-
-    fn poison_with(&self, cause: &str) {
-        let mut p = lock(&self.inner.poison);
-        if p.is_none() {
-            *p = Some(cause.to_string());
-        }
-    }
-
-    fn check_alive(&self) -> Result<()> {
-        match lock(&self.inner.poison).as_ref() {
-            Some(cause) => Err(Error::Aborted { cause: cause.clone() }),
-            None => Ok(()),
         }
     }
 
@@ -359,17 +344,30 @@ impl Communicator {
     /// through here; it is public so custom algorithms can be run (and tested) too. Fatal
     /// errors poison the communicator.
     pub fn run_schedule(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Result<()> {
-        self.check_alive()?;
-        let mut exec = lock(&self.inner.exec);
-        self.check_alive()?;
-        let seq = exec.next_seq();
+        self.inner.engine.check_alive()?;
+        self.inner.engine.run_blocking(self.job(call, build, input, output))
+    }
+
+    /// Like [`Communicator::run_schedule`], but queued for the progress thread: returns at
+    /// once with a [`Work`] handle. The regions stay alive until the work finishes.
+    pub fn submit_schedule(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Work<()> {
+        if let Err(e) = self.inner.engine.check_alive() {
+            return Work::failed(e);
+        }
+        let job = self.job(call, build, input, output);
+        let done = job.done.clone();
+        self.inner.engine.submit(job);
+        Work::new(done, || Ok(()))
+    }
+
+    fn job(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Job {
         let info = CallInfo {
             coll: call.coll,
             dtype: call.dtype,
             op: call.op,
             root: call.root.map(Rank::from),
             count: call.count as u64,
-            seq,
+            seq: devccl_core::Seq(0), // assigned when it runs
             algo: call.algo as u8,
             tag: call.tag,
         };
@@ -377,15 +375,16 @@ impl Communicator {
         build(&mut b);
         let sched = b.build();
         let scratch = sched.scratch.iter().map(|&n| Region::alloc(n)).collect();
-        let bindings = Bindings { input, output, scratch };
-        tracing::debug!(rank = self.inner.rank.0, call = %info.describe(), algo = call.algo.name(), steps = sched.len(), "collective");
-        let r = exec.run(&sched, &info, &bindings);
-        if let Err(e) = &r {
-            if e.is_fatal() {
-                self.poison_with(&e.to_string());
-            }
+        Job { sched, info_template: info, bindings: Bindings { input, output, scratch }, done: Arc::new(Default::default()) }
+    }
+
+    /// Wait for every queued collective, then destroy the communicator (leave the
+    /// rendezvous, close connections). Dropping the last handle does the same.
+    pub fn destroy(self) -> Result<()> {
+        if !self.inner.engine.drain(Instant::now() + self.inner.config.timeout) {
+            return Err(Error::Timeout { what: "destroy: queued collectives did not finish".into(), after: self.inner.config.timeout });
         }
-        r
+        Ok(())
     }
 
     /// In-place all-reduce: every rank ends with the reduction of every rank's `buf`.
@@ -408,15 +407,34 @@ impl Communicator {
         })
     }
 
-    /// All-reduce over regions (bindings, device memory later). `input` and `output` may be
-    /// the same slice (in place).
-    pub fn all_reduce_regions(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Result<()> {
-        check_sizes("all_reduce", &input, &output, dtype)?;
+    /// Asynchronous in-place all-reduce: takes the buffer, returns it reduced from `wait`.
+    pub fn all_reduce_async<T: Element>(&self, buf: Vec<T>, op: ReduceOp) -> Work<Vec<T>> {
+        let r = Region::from_vec(buf);
+        let w = self.all_reduce_regions_async(r.full(), r.full(), T::DTYPE, op);
+        w.map(move |()| r.into_vec::<T>().map_err(|_| Error::Internal("buffer still shared after completion".into())))
+    }
+
+    /// Asynchronous all-reduce over regions.
+    pub fn all_reduce_regions_async(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Work<()> {
+        match self.all_reduce_plan(&input, &output, dtype, op) {
+            Ok((call, shape)) => self.submit_schedule(call, |b| ring::all_reduce(b, shape), input, output),
+            Err(e) => Work::failed(e),
+        }
+    }
+
+    fn all_reduce_plan(&self, input: &RegionSlice, output: &RegionSlice, dtype: DType, op: ReduceOp) -> Result<(Call, Shape)> {
+        check_sizes("all_reduce", input, output, dtype)?;
         let count = output.len() / dtype.size();
         let (rank, n) = (self.rank(), self.world_size());
         let plan = select::all_reduce(&self.inner.config, n, output.len());
         let shape = Shape { rank, n, count, esize: dtype.size(), chunk_bytes: plan.chunk, root: 0 };
-        let call = Call { coll: CollKind::AllReduce, dtype, op: Some(op), root: None, count, algo: plan.algo, tag: 0 };
+        Ok((Call { coll: CollKind::AllReduce, dtype, op: Some(op), root: None, count, algo: plan.algo, tag: 0 }, shape))
+    }
+
+    /// All-reduce over regions (bindings, device memory later). `input` and `output` may be
+    /// the same slice (in place).
+    pub fn all_reduce_regions(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Result<()> {
+        let (call, shape) = self.all_reduce_plan(&input, &output, dtype, op)?;
         self.run_schedule(call, |b| ring::all_reduce(b, shape), input, output)
     }
 }

@@ -136,6 +136,8 @@ pub struct Executor {
     pub abort: Arc<AbortSignal>,
     staging: Vec<Region>,
     seq: u64,
+    p2p_tx: Vec<u64>,
+    p2p_rx: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -166,7 +168,22 @@ struct Run<'a> {
 impl Executor {
     /// An executor over `conns`.
     pub fn new(rank: Rank, world: usize, conns: Vec<Option<Box<dyn Connection>>>, timeout: Duration, spin: Duration, abort: Arc<AbortSignal>) -> Executor {
-        Executor { rank, world, conns, timeout, spin, abort, staging: Vec::new(), seq: 0 }
+        Executor { rank, world, conns, timeout, spin, abort, staging: Vec::new(), seq: 0, p2p_tx: vec![0; world], p2p_rx: vec![0; world] }
+    }
+
+    /// Sequence number of a point-to-point call: counted per peer and direction, because
+    /// only the two ranks involved see it (collectives count on every rank).
+    pub fn next_p2p_seq(&mut self, sched: &Schedule) -> Seq {
+        let first = sched.steps.iter().find_map(|s| match s {
+            StepKind::Send { peer, .. } => Some((true, *peer)),
+            StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => Some((false, *peer)),
+            _ => None,
+        });
+        let Some((is_send, peer)) = first else { return Seq(0) };
+        let counter = if is_send { &mut self.p2p_tx } else { &mut self.p2p_rx };
+        let s = Seq(counter[peer.idx()]);
+        counter[peer.idx()] += 1;
+        s
     }
 
     /// The next call's sequence number (every call on every rank counts, failed ones too).

@@ -17,10 +17,12 @@ pub mod exec;
 pub mod registry;
 pub mod schedule;
 pub mod select;
+pub mod work;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
 pub use comm::{Call, Communicator, InitOptions};
+pub use work::Work;
 pub use devccl_core::wire::CollKind;
 pub use devccl_core::{CommId, DType, Element, Error, Fault, Rank, ReduceOp, Result};

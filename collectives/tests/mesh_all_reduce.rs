@@ -90,3 +90,29 @@ fn typed_api_and_sequence_of_calls() {
         assert_eq!(o, (0..20).map(|k| (k + 2) as i64).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn async_work_completes_in_issue_order_and_mixes_with_blocking_calls() {
+    let comms = mesh_comms(4, &Config::default());
+    let outs = on_all(&comms, |c| {
+        let r = c.rank() as i32;
+        // Different sizes so a reordering would show up as a mismatch error.
+        let works: Vec<_> = (0..12).map(|k| c.all_reduce_async(vec![r + k; 1 + k as usize * 1000], ReduceOp::Sum)).collect();
+        let mut blocking = vec![1i64; 7];
+        c.all_reduce(&mut blocking, ReduceOp::Sum).unwrap();
+        assert_eq!(blocking, vec![4; 7]);
+        let later = c.all_reduce_async(vec![r as f64; 3], ReduceOp::Max);
+        let mut got = Vec::new();
+        for (k, w) in works.into_iter().enumerate() {
+            let v = w.wait().unwrap();
+            assert_eq!(v.len(), 1 + k * 1000);
+            got.push(v[0]);
+        }
+        assert!(later.wait_timeout(std::time::Duration::from_secs(30)));
+        assert_eq!(later.wait().unwrap(), vec![3.0; 3]);
+        got
+    });
+    for o in outs {
+        assert_eq!(o, (0..12).map(|k| 6 + 4 * k).collect::<Vec<i32>>());
+    }
+}

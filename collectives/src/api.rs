@@ -1,0 +1,421 @@
+//! The collectives, as one descriptor ([`Collective`]) run over regions, plus typed
+//! convenience methods over slices and vectors.
+//!
+//! Every call is validated here before anything is sent: wrong sizes, roots, peers or dtypes
+//! are [`Error::InvalidUsage`] on the calling rank and leave the communicator usable. What
+//! only the peers can see (they called something else, or with other sizes) is caught by the
+//! frame headers during the call and fails every rank with a mismatch error.
+
+use devccl_core::memory::{Region, RegionSlice};
+use devccl_core::wire::CollKind;
+use devccl_core::{DType, Element, Error, ReduceOp, Result};
+
+use crate::algo::{self, Shape};
+use crate::comm::{Call, Communicator};
+use crate::schedule::Builder;
+use crate::select;
+use crate::work::Work;
+
+/// A collective and its parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collective {
+    /// Every rank gets the reduction of every rank's input. in = out = count.
+    AllReduce {
+        /// Reduction.
+        op: ReduceOp,
+    },
+    /// Every rank gets the root's input. in = out = count (root reads in, all write out).
+    Broadcast {
+        /// Source rank.
+        root: usize,
+    },
+    /// The root gets the reduction. in = count; out = count on the root (ignored elsewhere).
+    Reduce {
+        /// Reduction.
+        op: ReduceOp,
+        /// Destination rank.
+        root: usize,
+    },
+    /// Every rank gets every rank's input, in rank order. out = n × in.
+    AllGather,
+    /// Rank r gets the reduction of block r of every rank's input. in = n × out.
+    ReduceScatter {
+        /// Reduction.
+        op: ReduceOp,
+    },
+    /// Block j of rank i's input goes to block i of rank j's output. in = out = n × block.
+    AllToAll,
+    /// All-to-all with per-peer element counts and displacements (in elements).
+    AllToAllV {
+        /// Elements sent to each rank.
+        send_counts: Vec<usize>,
+        /// Where each rank's elements start in the input.
+        send_displs: Vec<usize>,
+        /// Elements received from each rank.
+        recv_counts: Vec<usize>,
+        /// Where each rank's elements go in the output.
+        recv_displs: Vec<usize>,
+    },
+    /// The root gets every rank's input in rank order. out = n × in on the root.
+    Gather {
+        /// Destination rank.
+        root: usize,
+    },
+    /// Rank r gets block r of the root's input. in = n × out on the root.
+    Scatter {
+        /// Source rank.
+        root: usize,
+    },
+    /// Send the input to `peer` (matched in order with its `Recv` for the same tag).
+    Send {
+        /// Destination.
+        peer: usize,
+        /// Tag (both sides must agree).
+        tag: u32,
+    },
+    /// Receive into the output from `peer`.
+    Recv {
+        /// Source.
+        peer: usize,
+        /// Tag.
+        tag: u32,
+    },
+    /// Wait until every rank has entered.
+    Barrier,
+}
+
+impl Collective {
+    /// The wire kind.
+    pub fn kind(&self) -> CollKind {
+        match self {
+            Collective::AllReduce { .. } => CollKind::AllReduce,
+            Collective::Broadcast { .. } => CollKind::Broadcast,
+            Collective::Reduce { .. } => CollKind::Reduce,
+            Collective::AllGather => CollKind::AllGather,
+            Collective::ReduceScatter { .. } => CollKind::ReduceScatter,
+            Collective::AllToAll => CollKind::AllToAll,
+            Collective::AllToAllV { .. } => CollKind::AllToAllV,
+            Collective::Gather { .. } => CollKind::Gather,
+            Collective::Scatter { .. } => CollKind::Scatter,
+            Collective::Send { .. } | Collective::Recv { .. } => CollKind::SendRecv,
+            Collective::Barrier => CollKind::Barrier,
+        }
+    }
+
+    fn op(&self) -> Option<ReduceOp> {
+        match self {
+            Collective::AllReduce { op } | Collective::Reduce { op, .. } | Collective::ReduceScatter { op } => Some(*op),
+            _ => None,
+        }
+    }
+
+    fn root(&self) -> Option<usize> {
+        match self {
+            Collective::Broadcast { root } | Collective::Reduce { root, .. } | Collective::Gather { root } | Collective::Scatter { root } => Some(*root),
+            _ => None,
+        }
+    }
+}
+
+/// A validated call, ready to run.
+struct Prepared {
+    call: Call,
+    shape: Shape,
+    input: RegionSlice,
+    output: RegionSlice,
+}
+
+fn elems(what: &str, s: &RegionSlice, dtype: DType) -> Result<usize> {
+    if s.len() % dtype.size() != 0 {
+        return Err(Error::usage(format!("{what}: {} bytes is not a whole number of {dtype} elements", s.len())));
+    }
+    Ok(s.len() / dtype.size())
+}
+
+fn need(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond { Ok(()) } else { Err(Error::usage(msg())) }
+}
+
+/// True when two slices overlap in memory.
+fn overlaps(a: &RegionSlice, b: &RegionSlice) -> bool {
+    a.region.same(&b.region) && a.range.start < b.range.end && b.range.start < a.range.end
+}
+
+fn same(a: &RegionSlice, b: &RegionSlice) -> bool {
+    a.region.same(&b.region) && a.range == b.range
+}
+
+impl Communicator {
+    fn prepare(&self, c: &Collective, dtype: DType, input: RegionSlice, output: RegionSlice) -> Result<Prepared> {
+        let (rank, n) = (self.rank(), self.world_size());
+        let name = c.kind().name();
+        if let Some(root) = c.root() {
+            need(root < n, || format!("{name}: root {root} is not a rank of this {n}-rank communicator"))?;
+        }
+        let ni = elems(&format!("{name} input"), &input, dtype)?;
+        let no = elems(&format!("{name} output"), &output, dtype)?;
+        let in_place = same(&input, &output);
+        if !in_place && overlaps(&input, &output) && !matches!(c, Collective::AllGather) {
+            return Err(Error::usage(format!("{name}: input and output overlap without being the same buffer")));
+        }
+        if !in_place && !output.region.writable() && no > 0 {
+            return Err(Error::usage(format!("{name}: the output is read-only")));
+        }
+        let mut input = input;
+        let count = match c {
+            Collective::AllReduce { .. } | Collective::Broadcast { .. } => {
+                need(ni == no, || format!("{name}: input has {ni} elements but output has {no}"))?;
+                no
+            }
+            Collective::Reduce { root, .. } => {
+                need(rank != *root || ni == no, || format!("reduce: the root's input has {ni} elements but its output has {no}"))?;
+                ni
+            }
+            Collective::AllGather => {
+                need(no == n * ni, || format!("all_gather: output has {no} elements, needs {n} × {ni} = {}", n * ni))?;
+                if overlaps(&input, &output) {
+                    let at = rank * ni * dtype.size();
+                    need(input.region.same(&output.region) && input.range.start == output.range.start + at, || {
+                        "all_gather: an input inside the output must be the output's block for this rank (in-place all_gather)".into()
+                    })?;
+                }
+                ni
+            }
+            Collective::ReduceScatter { .. } => {
+                need(ni == n * no, || format!("reduce_scatter: input has {ni} elements, needs {n} × {no} = {}", n * no))?;
+                no
+            }
+            Collective::AllToAll => {
+                need(ni == no, || format!("all_to_all: input has {ni} elements but output has {no}"))?;
+                need(ni % n == 0, || format!("all_to_all: {ni} elements do not split into {n} equal blocks"))?;
+                if in_place {
+                    input = copy_of(&input)?;
+                }
+                ni / n
+            }
+            Collective::AllToAllV { send_counts, send_displs, recv_counts, recv_displs } => {
+                for (what, v) in [("send_counts", send_counts), ("send_displs", send_displs), ("recv_counts", recv_counts), ("recv_displs", recv_displs)] {
+                    need(v.len() == n, || format!("all_to_all_v: {what} has {} entries for {n} ranks", v.len()))?;
+                }
+                for j in 0..n {
+                    need(send_displs[j] + send_counts[j] <= ni, || format!("all_to_all_v: the block for rank {j} ends past the input ({ni} elements)"))?;
+                    need(recv_displs[j] + recv_counts[j] <= no, || format!("all_to_all_v: the block from rank {j} ends past the output ({no} elements)"))?;
+                }
+                if overlaps(&input, &output) {
+                    input = copy_of(&input)?;
+                }
+                0
+            }
+            Collective::Gather { root } => {
+                need(rank != *root || no == n * ni, || format!("gather: the root's output has {no} elements, needs {n} × {ni}"))?;
+                ni
+            }
+            Collective::Scatter { root } => {
+                need(rank != *root || ni == n * no, || format!("scatter: the root's input has {ni} elements, needs {n} × {no}"))?;
+                no
+            }
+            Collective::Send { peer, .. } | Collective::Recv { peer, .. } => {
+                need(*peer < n && *peer != rank, || format!("{}: peer {peer} is not another rank of this {n}-rank communicator", if matches!(c, Collective::Send { .. }) { "send" } else { "recv" }))?;
+                if matches!(c, Collective::Send { .. }) { ni } else { no }
+            }
+            Collective::Barrier => 0,
+        };
+        let bytes = count * dtype.size();
+        let plan = select::plan(self.config(), c.kind(), n, bytes);
+        let shape = Shape { rank, n, count, esize: dtype.size(), chunk_bytes: plan.chunk, root: c.root().unwrap_or(0) };
+        let tag = match c {
+            Collective::Send { tag, .. } | Collective::Recv { tag, .. } => *tag,
+            _ => 0,
+        };
+        let call = Call { coll: c.kind(), dtype, op: c.op(), root: c.root(), count, algo: plan.algo, tag };
+        Ok(Prepared { call, shape, input, output })
+    }
+
+    fn builder(c: &Collective, p: &Prepared) -> impl FnOnce(&mut Builder) + use<> {
+        let (c, call, shape) = (c.clone(), p.call, p.shape);
+        move |b: &mut Builder| match &c {
+            Collective::AllToAllV { send_counts, send_displs, recv_counts, recv_displs } => algo::direct::all_to_all_v(
+                b,
+                shape.rank,
+                shape.n,
+                shape.esize,
+                send_counts,
+                send_displs,
+                recv_counts,
+                recv_displs,
+                shape.chunk_bytes,
+            ),
+            Collective::Send { peer, .. } => algo::direct::send(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
+            Collective::Recv { peer, .. } => algo::direct::recv(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
+            _ => algo::build(call.coll, call.algo, b, shape).expect("selection only picks supported algorithms"),
+        }
+    }
+
+    /// Run a collective on regions (blocking). `input` and `output` may be the same slice
+    /// for in-place calls (all_reduce, broadcast, reduce, reduce_scatter's output inside its
+    /// input is not supported; all_gather in place: `input` is the rank's block of `output`).
+    pub fn collective(&self, c: &Collective, dtype: DType, input: RegionSlice, output: RegionSlice) -> Result<()> {
+        let p = self.prepare(c, dtype, input, output)?;
+        let build = Communicator::builder(c, &p);
+        self.run_schedule(p.call, build, p.input, p.output)
+    }
+
+    /// Queue a collective on regions; returns at once.
+    pub fn collective_async(&self, c: &Collective, dtype: DType, input: RegionSlice, output: RegionSlice) -> Work<()> {
+        match self.prepare(c, dtype, input, output) {
+            Ok(p) => {
+                let build = Communicator::builder(c, &p);
+                self.submit_schedule(p.call, build, p.input, p.output)
+            }
+            Err(e) => Work::failed(e),
+        }
+    }
+
+    /// Typed blocking call over slices: `input` is read, `output` written (pass the same
+    /// data as both through [`Communicator::collective_in_place`] for in-place forms).
+    pub fn collective_into<T: Element>(&self, c: &Collective, input: &[T], output: &mut [T]) -> Result<()> {
+        Region::scoped_ref(bytemuck::cast_slice(input), |i| {
+            Region::scoped(bytemuck::cast_slice_mut(output), |o| self.collective(c, T::DTYPE, i.full(), o.full()))
+        })
+    }
+
+    /// Typed blocking in-place call.
+    pub fn collective_in_place<T: Element>(&self, c: &Collective, buf: &mut [T]) -> Result<()> {
+        Region::scoped(bytemuck::cast_slice_mut(buf), |r| self.collective(c, T::DTYPE, r.full(), r.full()))
+    }
+
+    /// Broadcast `buf` from `root` (in place).
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.collective_in_place(&Collective::Broadcast { root }, buf)
+    }
+
+    /// Reduce every rank's `send` into `recv` on `root` (`recv` is untouched elsewhere).
+    pub fn reduce_into<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.collective_into(&Collective::Reduce { op, root }, send, recv)
+    }
+
+    /// Gather every rank's `send` into `recv` (n × len), in rank order.
+    pub fn all_gather_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        self.collective_into(&Collective::AllGather, send, recv)
+    }
+
+    /// Reduce `send` (n × len) and scatter: rank r gets block r of the reduction.
+    pub fn reduce_scatter_into<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        self.collective_into(&Collective::ReduceScatter { op }, send, recv)
+    }
+
+    /// Equal-split all-to-all.
+    pub fn all_to_all_into<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        self.collective_into(&Collective::AllToAll, send, recv)
+    }
+
+    /// All-to-all with per-rank counts and displacements (elements).
+    pub fn all_to_all_v_into<T: Element>(&self, send: &[T], send_counts: &[usize], send_displs: &[usize], recv: &mut [T], recv_counts: &[usize], recv_displs: &[usize]) -> Result<()> {
+        let c = Collective::AllToAllV {
+            send_counts: send_counts.to_vec(),
+            send_displs: send_displs.to_vec(),
+            recv_counts: recv_counts.to_vec(),
+            recv_displs: recv_displs.to_vec(),
+        };
+        self.collective_into(&c, send, recv)
+    }
+
+    /// Gather every rank's `send` into `recv` on `root` (n × len there; pass `&mut []`
+    /// elsewhere).
+    pub fn gather_into<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
+        self.collective_into(&Collective::Gather { root }, send, recv)
+    }
+
+    /// Scatter the root's `send` (n × len) so rank r gets block r in `recv` (pass `&[]`
+    /// as `send` off the root).
+    pub fn scatter_into<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
+        self.collective_into(&Collective::Scatter { root }, send, recv)
+    }
+
+    /// Send `buf` to `peer`. Messages between a pair are received in the order sent; the
+    /// receiver's tag must match.
+    pub fn send<T: Element>(&self, buf: &[T], peer: usize, tag: u32) -> Result<()> {
+        self.collective_into(&Collective::Send { peer, tag }, buf, &mut [])
+    }
+
+    /// Receive from `peer` into `buf`.
+    pub fn recv<T: Element>(&self, buf: &mut [T], peer: usize, tag: u32) -> Result<()> {
+        self.collective_into(&Collective::Recv { peer, tag }, &[], buf)
+    }
+
+    /// Block until every rank has called `barrier`.
+    pub fn barrier(&self) -> Result<()> {
+        self.collective_into::<u8>(&Collective::Barrier, &[], &mut [])
+    }
+
+    /// Asynchronous typed call: `buf` is the input and output (in-place forms) or the input
+    /// (with `out_len` elements of output allocated); `wait` returns the output vector.
+    pub fn collective_vec_async<T: Element>(&self, c: &Collective, input: Vec<T>, out_len: Option<usize>) -> Work<Vec<T>> {
+        let inp = Region::from_vec(input);
+        match out_len {
+            None => {
+                let w = self.collective_async(c, T::DTYPE, inp.full(), inp.full());
+                w.map(move |()| inp.into_vec::<T>().map_err(|_| Error::Internal("buffer still shared after completion".into())))
+            }
+            Some(len) => {
+                let out = Region::from_vec(vec![T::zeroed(); len]);
+                let w = self.collective_async(c, T::DTYPE, inp.full(), out.full());
+                w.map(move |()| {
+                    drop(inp);
+                    out.into_vec::<T>().map_err(|_| Error::Internal("buffer still shared after completion".into()))
+                })
+            }
+        }
+    }
+
+    /// Asynchronous all-gather: returns the n × len gathered vector.
+    pub fn all_gather_async<T: Element>(&self, send: Vec<T>) -> Work<Vec<T>> {
+        let len = send.len() * self.world_size();
+        self.collective_vec_async(&Collective::AllGather, send, Some(len))
+    }
+
+    /// Asynchronous reduce-scatter: returns this rank's reduced block.
+    pub fn reduce_scatter_async<T: Element>(&self, send: Vec<T>, op: ReduceOp) -> Work<Vec<T>> {
+        let n = self.world_size();
+        if send.len() % n != 0 {
+            return Work::failed(Error::usage(format!("reduce_scatter: {} elements do not split into {n} blocks", send.len())));
+        }
+        let len = send.len() / n;
+        self.collective_vec_async(&Collective::ReduceScatter { op }, send, Some(len))
+    }
+
+    /// Asynchronous broadcast (in place).
+    pub fn broadcast_async<T: Element>(&self, buf: Vec<T>, root: usize) -> Work<Vec<T>> {
+        self.collective_vec_async(&Collective::Broadcast { root }, buf, None)
+    }
+
+    /// Asynchronous barrier.
+    pub fn barrier_async(&self) -> Work<()> {
+        let empty = Region::alloc(0);
+        self.collective_async(&Collective::Barrier, DType::U8, empty.full(), empty.full())
+    }
+
+    /// Batch form: all-reduce many buffers as one operation (packed into one contiguous
+    /// buffer, reduced, unpacked), which costs one round of latency instead of one per buffer.
+    pub fn all_reduce_coalesced_async<T: Element>(&self, bufs: Vec<Vec<T>>, op: ReduceOp) -> Work<Vec<Vec<T>>> {
+        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+        let packed: Vec<T> = bufs.into_iter().flatten().collect();
+        self.all_reduce_async(packed, op).map(move |flat| {
+            let mut out = Vec::with_capacity(lens.len());
+            let mut at = 0;
+            for l in lens {
+                out.push(flat[at..at + l].to_vec());
+                at += l;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// A private copy of `s` (in-place forms of collectives whose algorithms read the input
+/// after the output has been written).
+fn copy_of(s: &RegionSlice) -> Result<RegionSlice> {
+    let r = Region::alloc(s.len());
+    Region::with_pair(&r.full(), s, |d, x| d.copy_from_slice(x))?;
+    Ok(r.full())
+}

@@ -1,0 +1,289 @@
+//! Asynchronous execution: a per-communicator queue of collectives, run in issue order by a
+//! background progress thread, and the [`Work`] handles callers wait on.
+//!
+//! A blocking call does not pay a thread hand-off when nothing is queued: it runs on the
+//! caller's thread ("inline") while the queue is idle, and otherwise queues behind the
+//! outstanding work and waits, so calls always execute — and therefore match across ranks —
+//! in the order they were issued on each rank.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use devccl_core::wire::CollKind;
+use devccl_core::{Error, Result};
+
+use crate::exec::{Bindings, CallInfo, Executor};
+use crate::schedule::Schedule;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Completion state shared between a queued job and its [`Work`] handle.
+#[derive(Debug, Default)]
+pub(crate) struct Completion {
+    result: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+impl Completion {
+    fn set(&self, r: Result<()>) {
+        *lock(&self.result) = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        lock(&self.result).is_some()
+    }
+
+    /// Wait until set or `deadline`; true when set.
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let mut g = lock(&self.result);
+        while g.is_none() {
+            match deadline {
+                None => g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return false;
+                    }
+                    g = self.cv.wait_timeout(g, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                }
+            }
+        }
+        true
+    }
+
+    fn take(&self) -> Result<()> {
+        lock(&self.result).take().unwrap_or_else(|| Err(Error::Internal("work result taken twice".into())))
+    }
+}
+
+/// A collective in flight. `wait` returns its output (for typed async calls, the buffers
+/// the caller handed over); dropping a `Work` does not cancel the collective — it still runs,
+/// in order, as every rank expects.
+pub struct Work<T = ()> {
+    done: Arc<Completion>,
+    finish: Option<Box<dyn FnOnce() -> Result<T> + Send>>,
+}
+
+impl<T> fmt::Debug for Work<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Work").field("completed", &self.done.is_set()).finish()
+    }
+}
+
+impl<T> Work<T> {
+    pub(crate) fn new(done: Arc<Completion>, finish: impl FnOnce() -> Result<T> + Send + 'static) -> Work<T> {
+        Work { done, finish: Some(Box::new(finish)) }
+    }
+
+    /// A work item that already failed (argument errors found before queueing).
+    pub(crate) fn failed(e: Error) -> Work<T> {
+        let done = Arc::new(Completion::default());
+        done.set(Err(e));
+        Work { done, finish: None }
+    }
+
+    /// True once the collective finished (successfully or not). Never blocks.
+    pub fn test(&self) -> bool {
+        self.done.is_set()
+    }
+
+    /// Wait at most `timeout` for completion; true when finished. The collective itself is
+    /// bounded by `DEVCCL_TIMEOUT` (no progress) whatever the caller waits.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.done.wait_until(Some(Instant::now() + timeout))
+    }
+
+    /// Wait for completion and return the output.
+    pub fn wait(mut self) -> Result<T> {
+        self.done.wait_until(None);
+        self.done.take()?;
+        match self.finish.take() {
+            Some(f) => f(),
+            None => Err(Error::Internal("work has no output".into())),
+        }
+    }
+
+    /// Map the output.
+    pub fn map<U>(mut self, f: impl FnOnce(T) -> Result<U> + Send + 'static) -> Work<U>
+    where
+        T: 'static,
+    {
+        let inner = self.finish.take();
+        Work {
+            done: self.done.clone(),
+            finish: inner.map(|g| -> Box<dyn FnOnce() -> Result<U> + Send> { Box::new(move || f(g()?)) }),
+        }
+    }
+}
+
+/// One queued collective.
+pub(crate) struct Job {
+    pub(crate) sched: Schedule,
+    pub(crate) info_template: CallInfo,
+    pub(crate) bindings: Bindings,
+    pub(crate) done: Arc<Completion>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    busy: bool,
+    shutdown: bool,
+    worker: bool,
+}
+
+/// The communicator's execution engine: the executor, the queue and the poison state.
+pub(crate) struct Engine {
+    exec: Mutex<Executor>,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    poison: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("poison", &*lock(&self.poison)).finish()
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(exec: Executor) -> Arc<Engine> {
+        Arc::new(Engine { exec: Mutex::new(exec), queue: Mutex::new(Queue::default()), cv: Condvar::new(), poison: Mutex::new(None) })
+    }
+
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        lock(&self.poison).clone()
+    }
+
+    pub(crate) fn poison_with(&self, cause: &str) {
+        let mut p = lock(&self.poison);
+        if p.is_none() {
+            *p = Some(cause.to_string());
+        }
+    }
+
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        match lock(&self.poison).as_ref() {
+            Some(cause) => Err(Error::Aborted { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn run_job(&self, job: Job) {
+        let r = self.check_alive().and_then(|()| {
+            let mut exec = lock(&self.exec);
+            let mut info = job.info_template;
+            info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&job.sched) } else { exec.next_seq() };
+            tracing::debug!(rank = exec.rank.0, call = %info.describe(), steps = job.sched.len(), "collective");
+            let r = exec.run(&job.sched, &info, &job.bindings);
+            if let Err(e) = &r {
+                if e.is_fatal() {
+                    self.poison_with(&e.to_string());
+                }
+            }
+            r
+        });
+        job.done.set(r);
+    }
+
+    /// Run `job` now on this thread if the queue is idle, else queue it and wait; in both
+    /// cases return when it finished.
+    pub(crate) fn run_blocking(self: &Arc<Self>, job: Job) -> Result<()> {
+        let done = job.done.clone();
+        {
+            let mut q = lock(&self.queue);
+            if q.jobs.is_empty() && !q.busy {
+                q.busy = true;
+                drop(q);
+                self.run_job(job);
+                let mut q = lock(&self.queue);
+                q.busy = false;
+                drop(q);
+                self.cv.notify_all();
+                return done.take();
+            }
+            q.jobs.push_back(job);
+            self.ensure_worker(&mut q);
+        }
+        self.cv.notify_all();
+        done.wait_until(None);
+        done.take()
+    }
+
+    /// Queue `job` for the progress thread.
+    pub(crate) fn submit(self: &Arc<Self>, job: Job) {
+        let mut q = lock(&self.queue);
+        if q.shutdown {
+            drop(q);
+            job.done.set(Err(Error::Aborted { cause: "communicator destroyed".into() }));
+            return;
+        }
+        q.jobs.push_back(job);
+        self.ensure_worker(&mut q);
+        drop(q);
+        self.cv.notify_all();
+    }
+
+    fn ensure_worker(self: &Arc<Self>, q: &mut Queue) {
+        if q.worker {
+            return;
+        }
+        q.worker = true;
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("devccl-progress".into()).spawn(move || me.worker_loop());
+        if let Err(e) = spawned {
+            q.worker = false;
+            for j in q.jobs.drain(..) {
+                j.done.set(Err(Error::system("spawning the progress thread", std::io::Error::other(e.to_string()))));
+            }
+        }
+    }
+
+    fn worker_loop(self: Arc<Self>) {
+        loop {
+            let job = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if !q.busy {
+                        if let Some(j) = q.jobs.pop_front() {
+                            q.busy = true;
+                            break j;
+                        }
+                        if q.shutdown {
+                            q.worker = false;
+                            return;
+                        }
+                    }
+                    q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            self.run_job(job);
+            lock(&self.queue).busy = false;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Wait until every queued job finished (bounded by `deadline`).
+    pub(crate) fn drain(&self, deadline: Instant) -> bool {
+        let mut q = lock(&self.queue);
+        while !q.jobs.is_empty() || q.busy {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            q = self.cv.wait_timeout(q, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
+    /// Stop the progress thread after the queue drains; later submissions fail.
+    pub(crate) fn shutdown(&self) {
+        lock(&self.queue).shutdown = true;
+        self.cv.notify_all();
+    }
+}
