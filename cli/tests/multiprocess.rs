@@ -109,7 +109,7 @@ fn stalled_rank_times_out_everywhere() {
         spawn(n, &[("WORKER_ITERS", "50"), ("WORKER_STALL_RANK", "1"), ("WORKER_STALL_AT", "3"), ("DEVCCL_TIMEOUT", "2")], |_| vec![]),
         Duration::from_secs(30),
     );
-    for (r, (ok, out, _)) in res.iter().enumerate() {
+    for (r, (ok, out, took)) in res.iter().enumerate() {
         if r == 1 {
             continue; // killed by the harness
         }

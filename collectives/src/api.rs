@@ -13,7 +13,6 @@ use devccl_core::{DType, Element, Error, ReduceOp, Result};
 use crate::algo::{self, Shape};
 use crate::comm::{Call, Communicator};
 use crate::schedule::Builder;
-use crate::select;
 use crate::work::Work;
 
 /// A collective and its parameters.
@@ -220,8 +219,19 @@ impl Communicator {
             }
             Collective::Barrier => 0,
         };
-        let bytes = count * dtype.size();
-        let plan = select::plan(self.config(), c.kind(), n, bytes);
+        let bytes = match c {
+            // The model prices the whole exchanged buffer for the block collectives.
+            Collective::AllGather | Collective::ReduceScatter { .. } | Collective::AllToAll | Collective::Gather { .. } | Collective::Scatter { .. } => {
+                count * dtype.size() * n
+            }
+            _ => count * dtype.size(),
+        };
+        let plan = match c {
+            Collective::AllToAllV { .. } | Collective::Send { .. } | Collective::Recv { .. } => {
+                crate::select::Plan { algo: crate::algo::Algo::Direct, chunk: self.config().chunk.unwrap_or(512 << 10), nchannels: 1, est_us: 0.0, forced: false }
+            }
+            _ => self.plan(c.kind(), bytes),
+        };
         let shape = Shape { rank, n, count, esize: dtype.size(), chunk_bytes: plan.chunk, root: c.root().unwrap_or(0) };
         let tag = match c {
             Collective::Send { tag, .. } | Collective::Recv { tag, .. } => *tag,
@@ -245,8 +255,8 @@ impl Communicator {
                 recv_displs,
                 shape.chunk_bytes,
             ),
-            Collective::Send { peer, .. } => algo::direct::send(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
-            Collective::Recv { peer, .. } => algo::direct::recv(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
+            Collective::Send { peer, .. } => algo::p2p::send(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
+            Collective::Recv { peer, .. } => algo::p2p::recv(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
             _ => algo::build(call.coll, call.algo, b, shape).expect("selection only picks supported algorithms"),
         }
     }

@@ -14,7 +14,9 @@ use devccl_core::transport::{CommContext, Connection, Transport};
 use devccl_core::wire::CollKind;
 use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
 
-use crate::algo::{ring, Algo, Shape};
+use crate::algo::Algo;
+use crate::api::Collective;
+use crate::select::{AlgoOverride, LinkModel, Plan};
 use crate::exec::{AbortSignal, Bindings, CallInfo, Executor};
 use crate::work::{Engine, Job, Work};
 use crate::registry;
@@ -103,6 +105,9 @@ struct Inner {
     abort: Arc<AbortSignal>,
     transports: Vec<Arc<dyn Transport>>,
     peers: Vec<PeerInfo>,
+    forced: AlgoOverride,
+    model: std::sync::Mutex<LinkModel>,
+    logged: std::sync::Mutex<std::collections::HashSet<(CollKind, usize)>>,
     client: Option<RendezvousClient>,
     _watch: Option<WatchHandle>,
     _server: Option<RendezvousServer>,
@@ -263,6 +268,11 @@ impl Communicator {
             tracing::info!(rank = r, peer = p, transport = %kind, "connected");
             conns[p] = Some(conn);
         }
+        let forced = match config.algo.as_deref() {
+            Some(spec) => AlgoOverride::parse(spec).map_err(Error::usage)?,
+            None => AlgoOverride::default(),
+        };
+        let model = LinkModel::from_transports(&transports);
         let exec = Executor::new(rank, world, conns, config.timeout, spin, abort.clone());
         let engine = Engine::new(exec);
         Ok(Communicator {
@@ -276,6 +286,9 @@ impl Communicator {
                 abort,
                 transports,
                 peers: table.peers,
+                forced,
+                model: std::sync::Mutex::new(model),
+                logged: Default::default(),
                 client: None,
                 _watch: None,
                 _server: None,
@@ -389,65 +402,41 @@ impl Communicator {
 
     /// In-place all-reduce: every rank ends with the reduction of every rank's `buf`.
     pub fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf);
-        Region::scoped(bytes, |r| self.all_reduce_regions(r.full(), r.full(), T::DTYPE, op))
+        self.collective_in_place(&Collective::AllReduce { op }, buf)
     }
 
     /// Out-of-place all-reduce: `recv` gets the reduction of every rank's `send`.
     pub fn all_reduce_into<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
-        if send.len() != recv.len() {
-            return Err(Error::usage(format!(
-                "all_reduce: send has {} elements but recv has {}",
-                send.len(),
-                recv.len()
-            )));
-        }
-        Region::scoped_ref(bytemuck::cast_slice(send), |s| {
-            Region::scoped(bytemuck::cast_slice_mut(recv), |d| self.all_reduce_regions(s.full(), d.full(), T::DTYPE, op))
-        })
+        self.collective_into(&Collective::AllReduce { op }, send, recv)
     }
 
     /// Asynchronous in-place all-reduce: takes the buffer, returns it reduced from `wait`.
     pub fn all_reduce_async<T: Element>(&self, buf: Vec<T>, op: ReduceOp) -> Work<Vec<T>> {
-        let r = Region::from_vec(buf);
-        let w = self.all_reduce_regions_async(r.full(), r.full(), T::DTYPE, op);
-        w.map(move |()| r.into_vec::<T>().map_err(|_| Error::Internal("buffer still shared after completion".into())))
+        self.collective_vec_async(&Collective::AllReduce { op }, buf, None)
     }
 
-    /// Asynchronous all-reduce over regions.
-    pub fn all_reduce_regions_async(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Work<()> {
-        match self.all_reduce_plan(&input, &output, dtype, op) {
-            Ok((call, shape)) => self.submit_schedule(call, |b| ring::all_reduce(b, shape), input, output),
-            Err(e) => Work::failed(e),
-        }
-    }
-
-    fn all_reduce_plan(&self, input: &RegionSlice, output: &RegionSlice, dtype: DType, op: ReduceOp) -> Result<(Call, Shape)> {
-        check_sizes("all_reduce", input, output, dtype)?;
-        let count = output.len() / dtype.size();
-        let (rank, n) = (self.rank(), self.world_size());
-        let plan = select::all_reduce(&self.inner.config, n, output.len());
-        let shape = Shape { rank, n, count, esize: dtype.size(), chunk_bytes: plan.chunk, root: 0 };
-        Ok((Call { coll: CollKind::AllReduce, dtype, op: Some(op), root: None, count, algo: plan.algo, tag: 0 }, shape))
-    }
-
-    /// All-reduce over regions (bindings, device memory later). `input` and `output` may be
-    /// the same slice (in place).
+    /// All-reduce over regions. `input` and `output` may be the same slice (in place).
     pub fn all_reduce_regions(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Result<()> {
-        let (call, shape) = self.all_reduce_plan(&input, &output, dtype, op)?;
-        self.run_schedule(call, |b| ring::all_reduce(b, shape), input, output)
+        self.collective(&Collective::AllReduce { op }, dtype, input, output)
     }
-}
 
-fn check_sizes(what: &str, input: &RegionSlice, output: &RegionSlice, dtype: DType) -> Result<()> {
-    if input.len() != output.len() {
-        return Err(Error::usage(format!("{what}: input is {} bytes but output is {}", input.len(), output.len())));
+    /// The plan the cost model (or an override) picks for `coll` over `bytes` (see
+    /// [`select::cost`] for what `bytes` means per collective). Logged at `info` the first
+    /// time each (collective, size) is seen.
+    pub fn plan(&self, coll: CollKind, bytes: usize) -> Plan {
+        let n = self.world_size();
+        let model = *self.inner.model.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = select::plan_with(&self.inner.config, &self.inner.forced, &model, coll, n, bytes);
+        if tracing::enabled!(tracing::Level::INFO) {
+            let mut seen = self.inner.logged.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.insert((coll, bytes)) {
+                let alts: Vec<String> = select::candidates(&model, coll, n, bytes, plan.chunk)
+                    .into_iter()
+                    .map(|(a, t)| format!("{a} {t:.1}us"))
+                    .collect();
+                tracing::info!(rank = self.rank(), "{} {bytes} B on {n} ranks: {plan} [model: {}]", coll.name(), alts.join(", "));
+            }
+        }
+        plan
     }
-    if output.len() % dtype.size() != 0 {
-        return Err(Error::usage(format!("{what}: {} bytes is not a whole number of {dtype} elements", output.len())));
-    }
-    if !input.region.writable() && input.region.same(&output.region) {
-        return Err(Error::usage(format!("{what}: in-place on read-only memory")));
-    }
-    Ok(())
 }

@@ -199,10 +199,45 @@ impl Executor {
         match self.run_inner(sched, call, b) {
             Ok(()) => Ok(()),
             Err(e) => {
+                for c in self.conns.iter_mut().flatten() {
+                    c.cancel();
+                }
+                let e = self.with_root_cause(e);
                 self.fail_all(call.seq, &format!("rank {} failed in {}: {e}", self.rank, call.describe()));
                 Err(e)
             }
         }
+    }
+
+    /// When a peer failed, other peers usually say why (their abort frames name the rank
+    /// that died first). Look briefly for such reports and add them to the error, so every
+    /// survivor names the culprit, not just the neighbour that gave up first.
+    fn with_root_cause(&mut self, e: Error) -> Error {
+        let Error::Remote { peer: Some(first), message } = e else { return e };
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let mut reports: Vec<String> = Vec::new();
+        let mut seen = vec![false; self.world];
+        seen[first.idx()] = !message.contains("closed"); // a closed peer may still have sent why
+        loop {
+            for (p, c) in self.conns.iter_mut().enumerate() {
+                let Some(c) = c else { continue };
+                if seen[p] {
+                    continue;
+                }
+                if let Some(Error::Remote { message: m, .. }) = c.peer_failure() {
+                    seen[p] = true;
+                    if m.contains("aborted") {
+                        reports.push(m);
+                    }
+                }
+            }
+            if !reports.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let message = if reports.is_empty() { message } else { format!("{message}; {}", reports.join("; ")) };
+        Error::Remote { peer: Some(first), message }
     }
 
     /// Tell every peer we are aborting and drop all requests.
@@ -212,6 +247,7 @@ impl Executor {
             c.send_abort(seq, reason);
         }
     }
+
 
     fn ensure_slots(&mut self, n: usize, size: usize) {
         self.staging.retain(|r| r.len() >= size);

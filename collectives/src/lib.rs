@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod algo;
+pub mod api;
 pub mod check;
 pub mod comm;
 pub mod exec;
@@ -22,6 +23,7 @@ pub mod work;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
+pub use api::Collective;
 pub use comm::{Call, Communicator, InitOptions};
 pub use work::Work;
 pub use devccl_core::wire::CollKind;

@@ -253,6 +253,13 @@ pub trait Connection: Send + fmt::Debug {
     fn send_abort(&mut self, seq: Seq, reason: &str);
     /// Forget every pending request (after an error); no buffer is touched afterwards.
     fn cancel(&mut self);
+    /// After a failure, without blocking: has the peer left a reason (an abort frame it sent,
+    /// or a closed connection)? Data frames found on the way are discarded, so call this only
+    /// once the connection's requests were cancelled. Used to name the root cause when a
+    /// failure cascades through several ranks.
+    fn peer_failure(&mut self) -> Option<Error> {
+        None
+    }
 }
 
 /// Block until one of `fds` is ready for its interest or `timeout` passes. Returns whether

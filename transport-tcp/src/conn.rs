@@ -94,6 +94,8 @@ struct Lane {
     /// False once a partially written frame was abandoned: nothing more may be written
     /// (not even an abort frame) because the peer would parse it as payload.
     tx_in_sync: bool,
+    /// False once a partially read frame was abandoned: the stream can no longer be parsed.
+    rx_in_sync: bool,
 }
 
 impl Lane {
@@ -172,6 +174,7 @@ impl TcpConnection {
                 rstart: 0,
                 rend: 0,
                 tx_in_sync: true,
+                rx_in_sync: true,
             });
         }
         if lanes.is_empty() {
@@ -682,6 +685,70 @@ impl Connection for TcpConnection {
         }
     }
 
+    fn peer_failure(&mut self) -> Option<Error> {
+        // Bounded: a failure report must not turn into a long drain of a busy stream.
+        const DISCARD_LIMIT: usize = 16 << 20;
+        for l in 0..self.lanes.len() {
+            if !self.lanes[l].recvq.is_empty() || !self.lanes[l].rx_in_sync {
+                continue; // mid-frame or still in use: we cannot parse from here
+            }
+            let mut discarded = 0usize;
+            while discarded < DISCARD_LIMIT {
+                while self.lanes[l].buffered() < HEADER_LEN {
+                    match self.fill(l) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => return Some(e), // the peer closed or reset
+                    }
+                }
+                let lane = &self.lanes[l];
+                if lane.buffered() < HEADER_LEN {
+                    break;
+                }
+                let Ok(h) = FrameHeader::decode(&lane.rbuf[lane.rstart..lane.rstart + HEADER_LEN]) else {
+                    break;
+                };
+                let len = h.len as usize;
+                if h.frame == FrameType::Abort {
+                    while self.lanes[l].buffered() < HEADER_LEN + len {
+                        match self.fill(l) {
+                            Ok(true) => {}
+                            Ok(false) | Err(_) => break,
+                        }
+                    }
+                    let lane = &self.lanes[l];
+                    let at = lane.rstart + HEADER_LEN;
+                    let end = (at + len).min(lane.rend);
+                    let reason = String::from_utf8_lossy(&lane.rbuf[at..end]).into_owned();
+                    return Some(Error::remote(self.peer, format!("rank {} aborted: {reason}", self.peer)));
+                }
+                // A data frame nobody will read any more: skip it.
+                let mut skip = HEADER_LEN + len;
+                while skip > 0 {
+                    let lane = &mut self.lanes[l];
+                    let n = lane.buffered().min(skip);
+                    lane.rstart += n;
+                    skip -= n;
+                    discarded += n;
+                    if skip > 0 {
+                        match self.fill(l) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                self.lanes[l].rx_in_sync = false;
+                                break;
+                            }
+                            Err(e) => return Some(e),
+                        }
+                    }
+                }
+                if !self.lanes[l].rx_in_sync {
+                    break;
+                }
+            }
+        }
+        None
+    }
+
     fn cancel(&mut self) {
         let mut desync = false;
         for lane in &mut self.lanes {
@@ -699,6 +766,7 @@ impl Connection for TcpConnection {
                 Some(RecvPhase::Payload { .. })
             ) {
                 desync = true;
+                lane.rx_in_sync = false;
             }
             lane.sendq.clear();
             lane.recvq.clear();

@@ -248,6 +248,22 @@ impl Connection for MemConn {
         self.recvs.clear();
         self.done.clear();
     }
+
+    fn peer_failure(&mut self) -> Option<Error> {
+        let mut q = self.rx.frames.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(f) = q.pop_front() {
+            if f.header.frame == FrameType::Abort {
+                return Some(Error::remote(
+                    self.peer,
+                    format!("rank {} aborted: {}", self.peer, String::from_utf8_lossy(&f.payload)),
+                ));
+            }
+        }
+        if self.rx.closed.load(Ordering::SeqCst) {
+            return Some(Error::remote(self.peer, format!("rank {} closed its connection", self.peer)));
+        }
+        None
+    }
 }
 
 impl Drop for MemConn {
