@@ -8,17 +8,19 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use devccl::{Communicator, DType, ReduceOp};
-use devccl_core::config::{parse_size, LaunchEnv};
+use anyhow::{Context, Result, bail};
+use devccl::{Collective, Communicator, DType, ReduceOp};
+use devccl_core::config::{LaunchEnv, parse_size};
 use serde::Serialize;
 
-use crate::launch::{launch, LaunchSpec};
+use crate::launch::{LaunchSpec, launch};
 
 /// Arguments of `devccl bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Collective: all_reduce.
+    /// Collective: all_reduce, broadcast, reduce, all_gather, reduce_scatter, all_to_all,
+    /// all_to_all_v, gather, scatter, sendrecv, barrier (nccl-tests names like
+    /// `all_reduce_perf` work too).
     pub collective: String,
     /// Ranks to start locally (ignored when launched by torchrun/srun/mpirun).
     #[arg(short = 'n', long = "nranks", default_value_t = 2)]
@@ -47,10 +49,20 @@ pub struct BenchArgs {
     /// Reduction op (sum, prod, min, max, avg).
     #[arg(short = 'o', long = "op", default_value = "sum")]
     pub op: String,
+    /// Root rank of rooted collectives (broadcast, reduce, gather, scatter).
+    #[arg(short = 'r', long = "root", default_value_t = 0)]
+    pub root: usize,
     /// Also time every iteration separately (barrier before each; max over ranks) and print
     /// median and minimum latency, like the peers' scripts do.
     #[arg(short = 'I', long = "per-iter")]
     pub per_iter: bool,
+    /// Exact list of sizes instead of -b/-e/-f (e.g. `8,4K,64K,1M,16M,64M`).
+    #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
+    pub sizes: Vec<u64>,
+    /// Print, per row, the algorithm/chunk/channels the tuner chose and the model's estimate
+    /// for every candidate.
+    #[arg(long)]
+    pub explain: bool,
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -131,57 +143,302 @@ struct Report {
     wrong_total: u64,
 }
 
-/// A benchmarkable collective.
-trait Coll {
-    /// busbw / algbw.
-    fn bus_factor(&self, n: usize) -> f64;
-    /// Elements per rank buffer for a row of `size` bytes.
-    fn count(&self, size: u64, esize: usize, n: usize) -> usize;
-    fn op_name(&self, op: ReduceOp) -> String;
-    /// Run once out of place.
-    fn run(&self, c: &Communicator, send: &[u8], recv: &mut [u8]) -> devccl::Result<()>;
-    /// Run once in place.
-    fn run_in_place(&self, c: &Communicator, buf: &mut [u8]) -> devccl::Result<()>;
-    /// Input of rank `r`.
-    fn input(&self, r: usize, count: usize) -> Vec<u8>;
-    /// Expected output on rank `r`.
-    fn expected(&self, r: usize, n: usize, count: usize) -> devccl::Result<Vec<u8>>;
+/// The collectives `devccl bench` knows (nccl-tests names and ours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    AllReduce,
+    Broadcast,
+    Reduce,
+    AllGather,
+    ReduceScatter,
+    AllToAll,
+    AllToAllV,
+    Gather,
+    Scatter,
+    SendRecv,
+    Barrier,
 }
 
-struct AllReduce {
+impl Kind {
+    fn parse(s: &str) -> Option<Kind> {
+        let n = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
+        let n = n.strip_suffix("perf").unwrap_or(&n);
+        Some(match n {
+            "allreduce" => Kind::AllReduce,
+            "broadcast" | "bcast" => Kind::Broadcast,
+            "reduce" => Kind::Reduce,
+            "allgather" => Kind::AllGather,
+            "reducescatter" => Kind::ReduceScatter,
+            "alltoall" => Kind::AllToAll,
+            "alltoallv" => Kind::AllToAllV,
+            "gather" => Kind::Gather,
+            "scatter" => Kind::Scatter,
+            "sendrecv" => Kind::SendRecv,
+            "barrier" => Kind::Barrier,
+            _ => return None,
+        })
+    }
+
+    fn coll_kind(self) -> devccl::CollKind {
+        use devccl::CollKind as C;
+        match self {
+            Kind::AllReduce => C::AllReduce,
+            Kind::Broadcast => C::Broadcast,
+            Kind::Reduce => C::Reduce,
+            Kind::AllGather => C::AllGather,
+            Kind::ReduceScatter => C::ReduceScatter,
+            Kind::AllToAll => C::AllToAll,
+            Kind::AllToAllV => C::AllToAllV,
+            Kind::Gather => C::Gather,
+            Kind::Scatter => C::Scatter,
+            Kind::SendRecv => C::SendRecv,
+            Kind::Barrier => C::Barrier,
+        }
+    }
+
+    /// busbw / algbw (nccl-tests' factors).
+    fn bus_factor(self, n: usize) -> f64 {
+        let nf = n as f64;
+        match self {
+            Kind::AllReduce => 2.0 * (nf - 1.0) / nf,
+            Kind::AllGather
+            | Kind::ReduceScatter
+            | Kind::AllToAll
+            | Kind::AllToAllV
+            | Kind::Gather
+            | Kind::Scatter => (nf - 1.0) / nf,
+            Kind::Broadcast | Kind::Reduce | Kind::SendRecv => 1.0,
+            Kind::Barrier => 0.0,
+        }
+    }
+
+    fn reduces(self) -> bool {
+        matches!(self, Kind::AllReduce | Kind::Reduce | Kind::ReduceScatter)
+    }
+
+    fn rooted(self) -> bool {
+        matches!(
+            self,
+            Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter
+        )
+    }
+}
+
+/// One row's call: buffer sizes (elements), where the input sits for the in-place form, and
+/// how to check results.
+struct Bench {
+    kind: Kind,
     dtype: DType,
     op: ReduceOp,
+    root: usize,
+    rank: usize,
+    n: usize,
+    /// Logical elements of the row (size / element size, rounded to a multiple of n where
+    /// the collective splits by rank).
+    total: usize,
 }
 
-impl Coll for AllReduce {
-    fn bus_factor(&self, n: usize) -> f64 {
-        2.0 * (n as f64 - 1.0) / n as f64
+/// all_to_all_v element count from rank i to rank j (uneven on purpose).
+fn v_count(total: usize, n: usize, i: usize, j: usize) -> usize {
+    let unit = (total / (2 * n * n)).max(1);
+    unit * (1 + (i + 2 * j) % 3)
+}
+
+impl Bench {
+    fn block(&self) -> usize {
+        self.total / self.n
     }
-    fn count(&self, size: u64, esize: usize, _n: usize) -> usize {
-        size as usize / esize
+
+    fn desc(&self) -> Collective {
+        let (op, root) = (self.op, self.root);
+        match self.kind {
+            Kind::AllReduce => Collective::AllReduce { op },
+            Kind::Broadcast => Collective::Broadcast { root },
+            Kind::Reduce => Collective::Reduce { op, root },
+            Kind::AllGather => Collective::AllGather,
+            Kind::ReduceScatter => Collective::ReduceScatter { op },
+            Kind::AllToAll => Collective::AllToAll,
+            Kind::AllToAllV => {
+                let n = self.n;
+                let sc: Vec<usize> = (0..n)
+                    .map(|j| v_count(self.total, n, self.rank, j))
+                    .collect();
+                let rc: Vec<usize> = (0..n)
+                    .map(|i| v_count(self.total, n, i, self.rank))
+                    .collect();
+                Collective::AllToAllV {
+                    send_displs: prefix(&sc),
+                    send_counts: sc,
+                    recv_displs: prefix(&rc),
+                    recv_counts: rc,
+                }
+            }
+            Kind::Gather => Collective::Gather { root },
+            Kind::Scatter => Collective::Scatter { root },
+            Kind::SendRecv | Kind::Barrier => Collective::Barrier,
+        }
     }
-    fn op_name(&self, op: ReduceOp) -> String {
-        op.name().into()
+
+    /// (input elements, output elements).
+    fn lens(&self) -> (usize, usize) {
+        let (t, b) = (self.total, self.block());
+        match self.kind {
+            Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::AllToAll | Kind::SendRecv => {
+                (t, t)
+            }
+            Kind::AllGather | Kind::Gather => (b, t),
+            Kind::ReduceScatter | Kind::Scatter => (t, b),
+            Kind::AllToAllV => {
+                let n = self.n;
+                (
+                    (0..n).map(|j| v_count(t, n, self.rank, j)).sum(),
+                    (0..n).map(|i| v_count(t, n, i, self.rank)).sum(),
+                )
+            }
+            Kind::Barrier => (0, 0),
+        }
     }
-    fn run(&self, c: &Communicator, send: &[u8], recv: &mut [u8]) -> devccl::Result<()> {
+
+    /// Where the input sits inside the output (or the output inside the input: negative
+    /// sense) for the in-place form; `None` when the input is the output itself.
+    fn in_place_offset(&self) -> Option<(bool, usize)> {
+        let b = self.block();
+        match self.kind {
+            Kind::AllGather | Kind::Gather => Some((true, self.rank * b)),
+            Kind::ReduceScatter | Kind::Scatter => Some((false, self.rank * b)),
+            _ => None,
+        }
+    }
+
+    /// This rank's input (logical element numbering as described in `expected`).
+    fn input(&self) -> Vec<u8> {
+        let (ni, _) = self.lens();
+        let first = match self.kind {
+            Kind::AllGather | Kind::Gather => self.rank * self.block(),
+            _ => 0,
+        };
+        devccl::check::input(self.dtype, self.op, self.rank, first, ni)
+    }
+
+    /// Expected output, or `None` where the output is not defined (reduce, gather off the
+    /// root).
+    fn expected(&self) -> devccl::Result<Option<Vec<u8>>> {
+        let (d, op, n, r, b, t) = (
+            self.dtype,
+            self.op,
+            self.n,
+            self.rank,
+            self.block(),
+            self.total,
+        );
+        let inp = |rank: usize, first: usize, count: usize| {
+            devccl::check::input(d, op, rank, first, count)
+        };
+        Ok(Some(match self.kind {
+            Kind::AllReduce => devccl::check::reduced(d, op, n, 0, t)?,
+            Kind::Broadcast => inp(self.root, 0, t),
+            Kind::Reduce if r == self.root => devccl::check::reduced(d, op, n, 0, t)?,
+            Kind::Reduce | Kind::Barrier => return Ok(None),
+            Kind::AllGather => (0..n).flat_map(|i| inp(i, i * b, b)).collect(),
+            Kind::Gather if r == self.root => (0..n).flat_map(|i| inp(i, i * b, b)).collect(),
+            Kind::Gather => return Ok(None),
+            Kind::ReduceScatter => devccl::check::reduced(d, op, n, r * b, b)?,
+            Kind::AllToAll => (0..n).flat_map(|i| inp(i, r * b, b)).collect(),
+            Kind::AllToAllV => (0..n)
+                .flat_map(|i| {
+                    let displ: usize = (0..r).map(|j| v_count(t, n, i, j)).sum();
+                    inp(i, displ, v_count(t, n, i, r))
+                })
+                .collect(),
+            Kind::Scatter => inp(self.root, r * b, b),
+            Kind::SendRecv => inp((r + n - 1) % n, 0, t),
+        }))
+    }
+
+    /// Run once; `in_place` selects the nccl-tests in-place form.
+    fn run(
+        &self,
+        c: &Communicator,
+        input: &[u8],
+        out: &mut [u8],
+        in_place: bool,
+    ) -> devccl::Result<()> {
         use devccl_core::memory::Region;
-        Region::scoped_ref(send, |s| Region::scoped(recv, |d| c.all_reduce_regions(s.full(), d.full(), self.dtype, self.op)))
+        let d = self.dtype;
+        match self.kind {
+            Kind::SendRecv => {
+                let (next, prev) = ((self.rank + 1) % self.n, (self.rank + self.n - 1) % self.n);
+                if self.n == 1 {
+                    out.copy_from_slice(input);
+                    return Ok(());
+                }
+                let send = Region::from_vec(input.to_vec());
+                let w = c.collective_async(
+                    &Collective::Send { peer: next, tag: 0 },
+                    d,
+                    send.full(),
+                    send.full(),
+                );
+                Region::scoped(out, |o| {
+                    c.collective(
+                        &Collective::Recv { peer: prev, tag: 0 },
+                        d,
+                        o.full(),
+                        o.full(),
+                    )
+                })?;
+                w.wait()
+            }
+            Kind::Barrier => c.barrier(),
+            _ if !in_place => Region::scoped_ref(input, |i| {
+                Region::scoped(out, |o| c.collective(&self.desc(), d, i.full(), o.full()))
+            }),
+            _ => match self.in_place_offset() {
+                None => {
+                    out.copy_from_slice(input);
+                    Region::scoped(out, |o| c.collective(&self.desc(), d, o.full(), o.full()))
+                }
+                Some((input_inside_output, at)) => {
+                    let e = d.size();
+                    if input_inside_output {
+                        out[at * e..at * e + input.len()].copy_from_slice(input);
+                        Region::scoped(out, |o| {
+                            c.collective(
+                                &self.desc(),
+                                d,
+                                o.slice(at * e..at * e + input.len()),
+                                o.full(),
+                            )
+                        })
+                    } else {
+                        // The output is this rank's block of the input buffer.
+                        let mut buf = input.to_vec();
+                        let olen = out.len();
+                        let r = Region::scoped(&mut buf, |b| {
+                            c.collective(&self.desc(), d, b.full(), b.slice(at * e..at * e + olen))
+                        });
+                        out.copy_from_slice(&buf[at * e..at * e + olen]);
+                        r
+                    }
+                }
+            },
+        }
     }
-    fn run_in_place(&self, c: &Communicator, buf: &mut [u8]) -> devccl::Result<()> {
-        use devccl_core::memory::Region;
-        Region::scoped(buf, |r| c.all_reduce_regions(r.full(), r.full(), self.dtype, self.op))
-    }
-    fn input(&self, r: usize, count: usize) -> Vec<u8> {
-        devccl::check::input(self.dtype, self.op, r, 0, count)
-    }
-    fn expected(&self, _r: usize, n: usize, count: usize) -> devccl::Result<Vec<u8>> {
-        devccl::check::reduced(self.dtype, self.op, n, 0, count)
-    }
+}
+
+fn prefix(v: &[usize]) -> Vec<usize> {
+    let mut acc = 0;
+    v.iter()
+        .map(|x| {
+            let s = acc;
+            acc += x;
+            s
+        })
+        .collect()
 }
 
 fn barrier(c: &Communicator) -> devccl::Result<()> {
-    let mut x = [0u8; 1];
-    c.all_reduce(&mut x, ReduceOp::Max)
+    c.barrier()
 }
 
 fn max_over_ranks(c: &Communicator, v: &mut [f64]) -> devccl::Result<()> {
@@ -191,7 +448,11 @@ fn max_over_ranks(c: &Communicator, v: &mut [f64]) -> devccl::Result<()> {
     c.all_reduce(v, ReduceOp::Max)
 }
 
-fn time_loop(c: &Communicator, iters: usize, mut f: impl FnMut() -> devccl::Result<()>) -> devccl::Result<f64> {
+fn time_loop(
+    c: &Communicator,
+    iters: usize,
+    mut f: impl FnMut() -> devccl::Result<()>,
+) -> devccl::Result<f64> {
     barrier(c)?;
     let t0 = Instant::now();
     for _ in 0..iters {
@@ -205,80 +466,133 @@ fn time_loop(c: &Communicator, iters: usize, mut f: impl FnMut() -> devccl::Resu
 fn run_rank(args: &BenchArgs) -> Result<i32> {
     let dtype: DType = args.datatype.parse()?;
     let op: ReduceOp = args.op.parse()?;
-    let coll: Box<dyn Coll> = match args.collective.as_str() {
-        "all_reduce" | "allreduce" | "all_reduce_perf" => Box::new(AllReduce { dtype, op }),
-        other => bail!("unknown collective '{other}' (available: all_reduce)"),
-    };
+    let kind = Kind::parse(&args.collective).with_context(|| {
+        format!(
+            "unknown collective '{}' (all_reduce, broadcast, reduce, all_gather, reduce_scatter, all_to_all, all_to_all_v, gather, scatter, sendrecv, barrier)",
+            args.collective
+        )
+    })?;
     let comm = Communicator::init().context("initialising the communicator")?;
     let (rank, n) = (comm.rank(), comm.world_size());
+    if args.root >= n && kind.rooted() {
+        bail!("-r {} is not a rank of this {n}-rank job", args.root);
+    }
     let esize = dtype.size();
     let mut rows = Vec::new();
     if rank == 0 {
         print_header(args, n, dtype);
     }
-    let mut size = args.minbytes;
-    loop {
-        let count = coll.count(size, esize, n);
-        let bytes = count * esize;
-        let input = coll.input(rank, count);
-        let mut recv = vec![0u8; bytes];
-        let mut buf = input.clone();
+    let sizes: Vec<u64> = if args.sizes.is_empty() {
+        let mut v = vec![args.minbytes];
+        while *v.last().expect("non-empty") < args.maxbytes {
+            let next = (v.last().expect("non-empty") * args.stepfactor.max(2)).min(args.maxbytes);
+            v.push(next);
+        }
+        v
+    } else {
+        args.sizes.clone()
+    };
+    let split = !matches!(
+        kind,
+        Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::SendRecv | Kind::Barrier
+    );
+    for &size in &sizes {
+        let mut total = size as usize / esize;
+        if split {
+            total -= total % n;
+        }
+        let b = Bench {
+            kind,
+            dtype,
+            op,
+            root: args.root,
+            rank,
+            n,
+            total,
+        };
+        let bytes = total * esize;
+        let input = b.input();
+        let (_, out_len) = b.lens();
+        let mut out = vec![0u8; out_len * esize];
         let mut wrong = [0u64; 2];
         if args.check > 0 {
-            let want = coll.expected(rank, n, count)?;
+            let want = b.expected()?;
             for _ in 0..args.check {
-                recv.fill(0);
-                coll.run(&comm, &input, &mut recv)?;
-                wrong[0] += devccl::check::count_wrong(dtype, &recv, &want);
-                buf.copy_from_slice(&input);
-                coll.run_in_place(&comm, &mut buf)?;
-                wrong[1] += devccl::check::count_wrong(dtype, &buf, &want);
+                for (k, in_place) in [false, true].into_iter().enumerate() {
+                    out.fill(0);
+                    b.run(&comm, &input, &mut out, in_place)?;
+                    if let Some(w) = &want {
+                        wrong[k] += devccl::check::count_wrong(dtype, &out, w);
+                    }
+                }
             }
             let mut w = [wrong[0] as i64, wrong[1] as i64];
             comm.all_reduce(&mut w, ReduceOp::Sum)?;
             wrong = [w[0] as u64, w[1] as u64];
         }
         for _ in 0..args.warmup {
-            coll.run(&comm, &input, &mut recv)?;
+            b.run(&comm, &input, &mut out, false)?;
         }
-        let t_oop = time_loop(&comm, args.iters, || coll.run(&comm, &input, &mut recv))?;
-        for _ in 0..args.warmup.min(1) {
-            coll.run_in_place(&comm, &mut buf)?;
-        }
-        let t_ip = time_loop(&comm, args.iters, || coll.run_in_place(&comm, &mut buf))?;
+        let t_oop = time_loop(&comm, args.iters, || b.run(&comm, &input, &mut out, false))?;
+        let t_ip = time_loop(&comm, args.iters, || b.run(&comm, &input, &mut out, true))?;
         let per_iter = if args.per_iter {
             let mut ts = Vec::with_capacity(args.iters);
             for _ in 0..args.iters {
                 barrier(&comm)?;
                 let t0 = Instant::now();
-                coll.run(&comm, &input, &mut recv)?;
+                b.run(&comm, &input, &mut out, false)?;
                 ts.push(t0.elapsed().as_secs_f64() * 1e6);
             }
             max_over_ranks(&comm, &mut ts)?;
             ts.sort_by(|a, b| a.total_cmp(b));
-            Some(PerIter { median_us: median(&ts), min_us: ts[0], p90_us: ts[(ts.len() * 9 / 10).min(ts.len() - 1)] })
+            Some(PerIter {
+                median_us: median(&ts),
+                min_us: ts[0],
+                p90_us: ts[(ts.len() * 9 / 10).min(ts.len() - 1)],
+            })
         } else {
             None
         };
-        let f = coll.bus_factor(n);
+        let f = kind.bus_factor(n);
         let mk = |t: f64, w: u64| {
             let alg = if t > 0.0 { bytes as f64 / t / 1e3 } else { 0.0 };
-            Timing { time_us: t, algbw: alg, busbw: alg * f, wrong: if args.check > 0 { w } else { u64::MAX } }
+            Timing {
+                time_us: t,
+                algbw: alg,
+                busbw: alg * f,
+                wrong: if args.check > 0 { w } else { u64::MAX },
+            }
         };
-        let row = Row { size: bytes as u64, count, oop: mk(t_oop, wrong[0]), ip: mk(t_ip, wrong[1]), per_iter };
+        let row = Row {
+            size: bytes as u64,
+            count: total,
+            oop: mk(t_oop, wrong[0]),
+            ip: mk(t_ip, wrong[1]),
+            per_iter,
+        };
         if rank == 0 {
-            print_row(&row, dtype, &coll.op_name(op));
+            let opname = if kind.reduces() { op.name() } else { "none" };
+            let root = if kind.rooted() { args.root as i64 } else { -1 };
+            print_row(&row, dtype, opname, root);
+            if args.explain && !matches!(kind, Kind::SendRecv | Kind::AllToAllV) {
+                println!("#   plan: {}", comm.explain(kind.coll_kind(), bytes));
+            }
         }
         rows.push(row);
-        if size >= args.maxbytes {
-            break;
-        }
-        size = (size * args.stepfactor.max(2)).min(args.maxbytes);
     }
-    let wrong_total: u64 = rows.iter().map(|r| r.oop.wrong.min(1 << 40) + r.ip.wrong.min(1 << 40)).filter(|_| args.check > 0).sum();
-    let avg_busbw = rows.iter().map(|r| r.oop.busbw + r.ip.busbw).sum::<f64>() / (2 * rows.len()).max(1) as f64;
+    let wrong_total: u64 = if args.check > 0 {
+        rows.iter().map(|r| r.oop.wrong + r.ip.wrong).sum()
+    } else {
+        0
+    };
+    let avg_busbw =
+        rows.iter().map(|r| r.oop.busbw + r.ip.busbw).sum::<f64>() / (2 * rows.len()).max(1) as f64;
     if rank == 0 {
-        println!("# Out of bounds values : {} {}", wrong_total, if wrong_total == 0 { "OK" } else { "FAILED" });
+        println!(
+            "# Out of bounds values : {} {}",
+            wrong_total,
+            if wrong_total == 0 { "OK" } else { "FAILED" }
+        );
         println!("# Avg bus bandwidth    : {avg_busbw:.4}");
         println!("#");
         println!("# Collective test concluded: {}", args.collective);
@@ -294,7 +608,8 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
                 avg_busbw,
                 wrong_total,
             };
-            std::fs::write(p, serde_json::to_vec_pretty(&rep)?).with_context(|| format!("writing {}", p.display()))?;
+            std::fs::write(p, serde_json::to_vec_pretty(&rep)?)
+                .with_context(|| format!("writing {}", p.display()))?;
         }
     }
     Ok(if wrong_total == 0 { 0 } else { 3 })
@@ -302,40 +617,91 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
 
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
-    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
 }
 
 fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
     println!(
         "# devccl bench {}: nranks {n}, minbytes {}, maxbytes {}, step x{}, warmup {}, iters {}, check {}, dtype {}, op {}",
-        args.collective, args.minbytes, args.maxbytes, args.stepfactor, args.warmup, args.iters, args.check, dtype, args.op
+        args.collective,
+        args.minbytes,
+        args.maxbytes,
+        args.stepfactor,
+        args.warmup,
+        args.iters,
+        args.check,
+        dtype,
+        args.op
     );
     println!("#");
-    let extra = if args.per_iter { "   per-iteration (out-of-place)" } else { "" };
-    println!("# {:>58} {:>33} {:>33}{extra}", "", "out-of-place", "in-place");
-    let extra = if args.per_iter { "   med(us)   min(us)   p90(us)" } else { "" };
+    let extra = if args.per_iter {
+        "   per-iteration (out-of-place)"
+    } else {
+        ""
+    };
+    println!(
+        "# {:>58} {:>33} {:>33}{extra}",
+        "", "out-of-place", "in-place"
+    );
+    let extra = if args.per_iter {
+        "   med(us)   min(us)   p90(us)"
+    } else {
+        ""
+    };
     println!(
         "# {:>10} {:>12} {:>8} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6}{extra}",
-        "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong"
+        "size",
+        "count",
+        "type",
+        "redop",
+        "root",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong"
     );
     println!(
         "# {:>10} {:>12} {:>8} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6}",
-        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", ""
+        "(B)",
+        "(elements)",
+        "",
+        "",
+        "",
+        "(us)",
+        "(GB/s)",
+        "(GB/s)",
+        "",
+        "(us)",
+        "(GB/s)",
+        "(GB/s)",
+        ""
     );
 }
 
 fn wrong_str(w: u64) -> String {
-    if w == u64::MAX { "N/A".into() } else { w.to_string() }
+    if w == u64::MAX {
+        "N/A".into()
+    } else {
+        w.to_string()
+    }
 }
 
-fn print_row(r: &Row, dtype: DType, op: &str) {
+fn print_row(r: &Row, dtype: DType, op: &str, root: i64) {
     let mut line = format!(
         "  {:>10} {:>12} {:>8} {:>6} {:>6} {:>9.2} {:>7.3} {:>7.3} {:>6} {:>9.2} {:>7.3} {:>7.3} {:>6}",
         r.size,
         r.count,
         dtype.nccl_name(),
         op,
-        -1,
+        root,
         r.oop.time_us,
         r.oop.algbw,
         r.oop.busbw,
@@ -346,7 +712,10 @@ fn print_row(r: &Row, dtype: DType, op: &str) {
         wrong_str(r.ip.wrong)
     );
     if let Some(p) = r.per_iter {
-        line += &format!("   {:>7.1}   {:>7.1}   {:>7.1}", p.median_us, p.min_us, p.p90_us);
+        line += &format!(
+            "   {:>7.1}   {:>7.1}   {:>7.1}",
+            p.median_us, p.min_us, p.p90_us
+        );
     }
     println!("{line}");
 }

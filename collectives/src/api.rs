@@ -154,13 +154,22 @@ impl Communicator {
         let ni = elems(&format!("{name} input"), &input, dtype)?;
         let no = elems(&format!("{name} output"), &output, dtype)?;
         let in_place = same(&input, &output);
-        if !in_place && overlaps(&input, &output) && !matches!(c, Collective::AllGather) {
-            return Err(Error::usage(format!("{name}: input and output overlap without being the same buffer")));
-        }
         if !in_place && !output.region.writable() && no > 0 {
             return Err(Error::usage(format!("{name}: the output is read-only")));
         }
         let mut input = input;
+        // All-reduce, broadcast and reduce run in place natively, and all-gather with the
+        // input as this rank's block of the output. Every other overlap (reduce-scatter with
+        // the output inside the input, in-place all-to-all, gather/scatter with the root's
+        // block in place, ...) works on a private copy of the input taken now, at the call.
+        let native = (in_place && matches!(c, Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::Reduce { .. }))
+            || matches!(c, Collective::AllGather);
+        if overlaps(&input, &output) && !native {
+            if !in_place && !matches!(c, Collective::ReduceScatter { .. } | Collective::Gather { .. } | Collective::Scatter { .. } | Collective::AllToAll | Collective::AllToAllV { .. }) {
+                return Err(Error::usage(format!("{name}: input and output overlap without being the same buffer")));
+            }
+            input = copy_of(&input)?;
+        }
         let count = match c {
             Collective::AllReduce { .. } | Collective::Broadcast { .. } => {
                 need(ni == no, || format!("{name}: input has {ni} elements but output has {no}"))?;
@@ -187,9 +196,6 @@ impl Communicator {
             Collective::AllToAll => {
                 need(ni == no, || format!("all_to_all: input has {ni} elements but output has {no}"))?;
                 need(ni % n == 0, || format!("all_to_all: {ni} elements do not split into {n} equal blocks"))?;
-                if in_place {
-                    input = copy_of(&input)?;
-                }
                 ni / n
             }
             Collective::AllToAllV { send_counts, send_displs, recv_counts, recv_displs } => {
@@ -199,9 +205,6 @@ impl Communicator {
                 for j in 0..n {
                     need(send_displs[j] + send_counts[j] <= ni, || format!("all_to_all_v: the block for rank {j} ends past the input ({ni} elements)"))?;
                     need(recv_displs[j] + recv_counts[j] <= no, || format!("all_to_all_v: the block from rank {j} ends past the output ({no} elements)"))?;
-                }
-                if overlaps(&input, &output) {
-                    input = copy_of(&input)?;
                 }
                 0
             }

@@ -420,6 +420,24 @@ impl Communicator {
         self.collective(&Collective::AllReduce { op }, dtype, input, output)
     }
 
+    /// The plan for `coll` over `bytes` and the model's estimate for every candidate, as one
+    /// line (for `devccl bench --explain`).
+    pub fn explain(&self, coll: CollKind, bytes: usize) -> String {
+        let plan = self.plan(coll, bytes);
+        let model = *self.inner.model.lock().unwrap_or_else(|e| e.into_inner());
+        let alts: Vec<String> = select::candidates(&model, coll, self.world_size(), bytes, plan.chunk)
+            .into_iter()
+            .map(|(a, t)| format!("{a}={t:.1}us"))
+            .collect();
+        format!(
+            "{plan}; candidates: {}; model alpha={:.2}us beta={:.3}ns/B gamma={:.3}ns/B",
+            alts.join(" "),
+            model.alpha_us,
+            model.beta_ns,
+            model.gamma_ns
+        )
+    }
+
     /// The plan the cost model (or an override) picks for `coll` over `bytes` (see
     /// [`select::cost`] for what `bytes` means per collective). Logged at `info` the first
     /// time each (collective, size) is seen.
