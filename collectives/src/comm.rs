@@ -10,7 +10,7 @@ use devccl_core::bootstrap::{
 };
 use devccl_core::config::{Config, LaunchEnv};
 use devccl_core::memory::{Region, RegionSlice};
-use devccl_core::transport::{CommContext, Connection, Transport};
+use devccl_core::transport::{CommContext, Connection, Transport, TransportKind};
 use devccl_core::wire::CollKind;
 use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
 
@@ -108,9 +108,27 @@ struct Inner {
     forced: AlgoOverride,
     model: std::sync::Mutex<LinkModel>,
     logged: std::sync::Mutex<std::collections::HashSet<(CollKind, usize)>>,
-    client: Option<RendezvousClient>,
+    link: Option<RendezvousLink>,
     _watch: Option<WatchHandle>,
-    _server: Option<RendezvousServer>,
+    splits: std::sync::atomic::AtomicU64,
+}
+
+/// How a communicator reaches its rendezvous (shared with the communicators split from it,
+/// which join new groups there; rank 0's server lives as long as any of them).
+#[derive(Debug, Clone)]
+struct RendezvousLink {
+    client: RendezvousClient,
+    /// Held, never read: rank 0's in-process server must outlive every communicator using it.
+    _server: Option<Arc<RendezvousServer>>,
+    toward: Option<SocketAddr>,
+    key: Option<AuthKey>,
+}
+
+impl Inner {
+    /// Prefix for the groups of communicators split from this one: unique per communicator.
+    fn group_base(&self) -> String {
+        format!("{}/{:?}", self.group, self.comm)
+    }
 }
 
 impl Drop for Inner {
@@ -121,8 +139,8 @@ impl Drop for Inner {
         for t in &self.transports {
             t.close();
         }
-        if let Some(c) = &self.client {
-            let _ = c.leave(self.comm, self.rank);
+        if let Some(l) = &self.link {
+            let _ = l.client.leave(self.comm, self.rank);
         }
     }
 }
@@ -157,9 +175,14 @@ fn tune_host(cfg: &Config, local_world: Option<usize>) -> Duration {
 
 /// The transport pair (a < b) uses: the first kind in `a`'s published preference order that
 /// `b` also offers. Both ranks compute the same answer from the peer table.
-fn pair_kind(table: &PeerTable, a: usize, b: usize) -> Option<devccl_core::transport::TransportKind> {
-    let (lo, hi) = (a.min(b), a.max(b));
-    table.peers[lo].endpoints.iter().map(|e| e.kind).find(|k| table.peers[hi].endpoints.iter().any(|e| e.kind == *k))
+fn pair_kind(table: &PeerTable, a: usize, b: usize) -> Option<TransportKind> {
+    let (lo, hi) = (&table.peers[a.min(b)], &table.peers[a.max(b)]);
+    let same_host = lo.host.same_host(&hi.host);
+    lo.endpoints
+        .iter()
+        .map(|e| e.kind)
+        .filter(|k| *k != TransportKind::Shm || same_host)
+        .find(|k| hi.endpoints.iter().any(|e| e.kind == *k))
 }
 
 impl Communicator {
@@ -198,20 +221,34 @@ impl Communicator {
         } else {
             None
         };
-        let offer = registry::offer(&o.config, rank, toward)?;
         let client = RendezvousClient::connect(&o.rendezvous, key.clone(), deadline)?;
+        let link = RendezvousLink { client, _server: server.map(Arc::new), toward, key };
+        Communicator::join(link, rank, o.world, o.local_world, o.group, o.config, deadline)
+    }
+
+    /// Join `group` at the rendezvous (new transports, new connections) and assemble.
+    fn join(
+        link: RendezvousLink,
+        rank: Rank,
+        world: usize,
+        local_world: Option<usize>,
+        group: String,
+        config: Config,
+        deadline: Instant,
+    ) -> Result<Communicator> {
+        let offer = registry::offer(&config, rank, link.toward)?;
         let req = JoinRequest {
-            group: o.group.clone(),
+            group: group.clone(),
             rank,
-            world: o.world,
+            world,
             host: HostIdentity::local(),
             endpoints: offer.transports.iter().map(|t| t.endpoint()).collect(),
         };
-        let table = client.join(req, deadline)?;
+        let table = link.client.join(req, deadline)?;
         let abort = AbortSignal::new()?;
         let watch = {
             let sig = abort.clone();
-            client
+            link.client
                 .watch(
                     table.comm,
                     rank,
@@ -219,14 +256,60 @@ impl Communicator {
                 )
                 .ok()
         };
-        let spin = tune_host(&o.config, o.local_world);
-        let mut comm = Communicator::assemble(rank, o.world, table, offer.transports, o.config, key, abort, spin, deadline)?;
+        let spin = tune_host(&config, local_world);
+        let key = link.key.clone();
+        let mut comm = Communicator::assemble(rank, world, table, offer.transports, config, key, abort, spin, deadline)?;
         let inner = Arc::get_mut(&mut comm.inner).expect("fresh communicator is unshared");
-        inner.client = Some(client);
         inner._watch = watch;
-        inner._server = server;
-        inner.group = o.group;
+        inner.link = Some(link);
+        inner.group = group;
         Ok(comm)
+    }
+
+    /// Split into sub-communicators (like `ncclCommSplit` / `MPI_Comm_split`): every rank of
+    /// this communicator must call it; ranks with the same `color` form a new communicator,
+    /// ordered by `key` (ties by current rank). `color: None` takes part without joining a
+    /// new one (returns `Ok(None)`).
+    pub fn split(&self, color: Option<u32>, key: i64) -> Result<Option<Communicator>> {
+        let link = self.inner.link.as_ref().ok_or_else(|| Error::Unsupported {
+            reason: "split needs a rendezvous (this communicator was assembled without one)".into(),
+        })?;
+        let (rank, n) = (self.rank(), self.world_size());
+        // All-gather (color, key) through an all-reduce of a vector that is zero outside
+        // this rank's slot.
+        let mut v = vec![0i64; 2 * n];
+        v[2 * rank] = color.map_or(-1, i64::from);
+        v[2 * rank + 1] = key;
+        self.all_reduce(&mut v, ReduceOp::Sum)?;
+        let seq = self.inner.splits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let Some(color) = color else { return Ok(None) };
+        let mut members: Vec<(i64, usize)> =
+            (0..n).filter(|&r| v[2 * r] == i64::from(color)).map(|r| (v[2 * r + 1], r)).collect();
+        members.sort_unstable();
+        let new_rank = members.iter().position(|&(_, r)| r == rank).expect("this rank has its own color");
+        let me = &self.inner.peers[rank].host;
+        let local = members.iter().filter(|&&(_, r)| self.inner.peers[r].host.same_host(me)).count();
+        let group = format!("{}/split{seq}/color{color}", self.inner.group_base());
+        let deadline = Instant::now() + self.inner.config.init_timeout;
+        tracing::info!(rank, new_rank, size = members.len(), %group, "split");
+        Communicator::join(link.clone(), Rank::from(new_rank), members.len(), Some(local), group, self.inner.config.clone(), deadline).map(Some)
+    }
+
+    /// New communicator of the given ranks (in that order), like `torch.distributed.new_group`.
+    /// Every rank of this communicator must call it with the same list; ranks outside the
+    /// list get `Ok(None)`.
+    pub fn split_ranks(&self, ranks: &[usize]) -> Result<Option<Communicator>> {
+        let n = self.world_size();
+        let mut seen = vec![false; n];
+        for &r in ranks {
+            if r >= n || std::mem::replace(&mut seen[r], true) {
+                return Err(Error::usage(format!("split_ranks: {ranks:?} must be distinct ranks below {n}")));
+            }
+        }
+        match ranks.iter().position(|&r| r == self.rank()) {
+            Some(pos) => self.split(Some(0), pos as i64),
+            None => self.split(None, 0),
+        }
     }
 
     /// Build a communicator from a finished rendezvous and activated-to-be transports
@@ -289,9 +372,9 @@ impl Communicator {
                 forced,
                 model: std::sync::Mutex::new(model),
                 logged: Default::default(),
-                client: None,
+                link: None,
                 _watch: None,
-                _server: None,
+                splits: Default::default(),
             }),
         })
     }
@@ -347,8 +430,8 @@ impl Communicator {
         let why = format!("rank {} called abort: {reason}", self.inner.rank);
         self.inner.engine.poison_with(&why);
         self.inner.abort.raise(why.clone());
-        if let Some(c) = &self.inner.client {
-            let _ = c.abort(self.inner.comm, self.inner.rank, reason);
+        if let Some(l) = &self.inner.link {
+            let _ = l.client.abort(self.inner.comm, self.inner.rank, reason);
         }
     }
 

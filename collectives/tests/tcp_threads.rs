@@ -1,0 +1,187 @@
+//! Communicators over real TCP and a real rendezvous, ranks as threads of this process:
+//! split, abort while a collective is stuck, several communicators used concurrently,
+//! destroy with work outstanding, every collective through the typed API.
+
+use std::time::{Duration, Instant};
+
+use devccl::{Communicator, Error, InitOptions, ReduceOp};
+use devccl_core::config::Config;
+use devccl_core::transport::TransportKind;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn cfg() -> Config {
+    Config {
+        transports: vec![TransportKind::Tcp],
+        init_timeout: Duration::from_secs(20),
+        timeout: Duration::from_secs(10),
+        ..Config::default()
+    }
+}
+
+/// Start `n` ranks as threads; each runs `f` on its communicator.
+fn with_ranks<R: Send>(n: usize, f: impl Fn(Communicator) -> R + Sync) -> Vec<R> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|rank| {
+                let f = &f;
+                s.spawn(move || {
+                    let comm = Communicator::init_with(InitOptions {
+                        rank,
+                        world: n,
+                        local_world: Some(n),
+                        rendezvous: format!("127.0.0.1:{port}"),
+                        host_rendezvous: rank == 0,
+                        group: "world".into(),
+                        config: cfg(),
+                    })
+                    .expect("init");
+                    f(comm)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    })
+}
+
+#[test]
+fn split_by_color_and_by_rank_list() {
+    let out = with_ranks(4, |c| {
+        let r = c.rank();
+        // Even and odd ranks, reversed order inside each group.
+        let sub = c.split(Some((r % 2) as u32), -(r as i64)).unwrap().expect("member");
+        assert_eq!(sub.world_size(), 2);
+        let mut v = vec![r as i32];
+        sub.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        let mut who = vec![0i32; 2];
+        who[sub.rank()] = r as i32;
+        sub.all_reduce(&mut who, ReduceOp::Sum).unwrap();
+        // Rank list {3, 1}: rank 3 becomes 0.
+        let pair = c.split_ranks(&[3, 1]).unwrap();
+        let pair_rank = pair.as_ref().map(|p| p.rank());
+        if let Some(p) = &pair {
+            let mut x = vec![1u8; 3];
+            p.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+            assert_eq!(x, vec![2; 3]);
+        }
+        // A color of None takes part but joins nothing.
+        let none = c.split(if r == 0 { None } else { Some(7) }, 0).unwrap();
+        assert_eq!(none.is_none(), r == 0);
+        (v[0], who, pair_rank)
+    });
+    assert_eq!(out[0].0, 2);
+    assert_eq!(out[1].0, 4);
+    assert_eq!(out[0].1, vec![2, 0], "key -r orders rank 2 before rank 0");
+    assert_eq!(out[1].1, vec![3, 1]);
+    assert_eq!(out[3].2, Some(0));
+    assert_eq!(out[1].2, Some(1));
+    assert_eq!(out[0].2, None);
+}
+
+#[test]
+fn abort_reaches_ranks_stuck_in_a_collective() {
+    let out = with_ranks(3, |c| {
+        if c.rank() == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+            c.abort("giving up on purpose");
+            let again = c.barrier().unwrap_err();
+            assert!(matches!(again, Error::Aborted { .. }), "{again}");
+            return (Duration::ZERO, again.to_string());
+        }
+        let t = Instant::now();
+        let mut v = vec![1f32; 1000];
+        let e = c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err();
+        (t.elapsed(), e.to_string())
+    });
+    for (r, (took, msg)) in out.iter().enumerate().skip(1) {
+        assert!(msg.contains("giving up on purpose") && msg.contains("rank 0"), "rank {r}: {msg}");
+        assert!(*took < Duration::from_secs(5), "rank {r} took {took:?} (timeout is 10 s)");
+    }
+}
+
+#[test]
+fn two_communicators_used_concurrently_and_destroy_waits_for_work() {
+    let out = with_ranks(3, |c| {
+        let sub = c.split(Some(0), c.rank() as i64).unwrap().unwrap();
+        let r = c.rank() as i64;
+        let (a, b) = std::thread::scope(|s| {
+            let h1 = s.spawn(|| {
+                let mut acc = 0;
+                for k in 0..50 {
+                    let mut v = vec![r + k; 100];
+                    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    acc += v[0];
+                }
+                acc
+            });
+            let h2 = s.spawn(|| {
+                let mut acc = 0;
+                for _ in 0..50 {
+                    let mut v = vec![1i64; 5000];
+                    sub.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    acc += v[4999];
+                }
+                acc
+            });
+            (h1.join().unwrap(), h2.join().unwrap())
+        });
+        let works: Vec<_> = (0..5).map(|_| sub.all_reduce_async(vec![1u8; 64], ReduceOp::Sum)).collect();
+        sub.clone().destroy().unwrap();
+        assert!(works.iter().all(|w| w.test()), "destroy waited for queued work");
+        (a, b)
+    });
+    for (a, b) in out {
+        assert_eq!(a, (0..50).map(|k| 3 + 3 * k).sum::<i64>());
+        assert_eq!(b, 150);
+    }
+}
+
+#[test]
+fn every_collective_through_the_typed_api() {
+    with_ranks(3, |c| {
+        let (r, n) = (c.rank(), c.world_size());
+        let mut b = vec![r as i32; 4];
+        c.broadcast(&mut b, 2).unwrap();
+        assert_eq!(b, vec![2; 4]);
+        let mut red = vec![0f64; 4];
+        c.reduce_into(&[r as f64; 4], &mut red, ReduceOp::Max, 1).unwrap();
+        assert_eq!(red, if r == 1 { vec![2.0; 4] } else { vec![0.0; 4] });
+        let mut ag = vec![0i32; 2 * n];
+        c.all_gather_into(&[r as i32, 10 + r as i32], &mut ag).unwrap();
+        assert_eq!(ag, vec![0, 10, 1, 11, 2, 12]);
+        let mut rs = vec![0i64; 2];
+        c.reduce_scatter_into(&(0..6).map(|i| i as i64).collect::<Vec<_>>(), &mut rs, ReduceOp::Sum).unwrap();
+        assert_eq!(rs, vec![6 * r as i64, 6 * r as i64 + 3]);
+        let mut a2a = vec![0u8; n];
+        c.all_to_all_into(&[10 * r as u8, 10 * r as u8 + 1, 10 * r as u8 + 2], &mut a2a).unwrap();
+        assert_eq!(a2a, (0..n).map(|i| (10 * i + r) as u8).collect::<Vec<_>>());
+        let mut g = vec![0i32; if r == 0 { n } else { 0 }];
+        c.gather_into(&[r as i32 + 5], &mut g, 0).unwrap();
+        if r == 0 {
+            assert_eq!(g, vec![5, 6, 7]);
+        }
+        let src: Vec<i8> = if r == 2 { vec![-1, -2, -3] } else { vec![] };
+        let mut sc = vec![0i8; 1];
+        c.scatter_into(&src, &mut sc, 2).unwrap();
+        assert_eq!(sc, vec![-(r as i8) - 1]);
+        if r == 0 {
+            c.send(&[42i64, 43], 1, 7).unwrap();
+        } else if r == 1 {
+            let mut got = [0i64; 2];
+            c.recv(&mut got, 0, 7).unwrap();
+            assert_eq!(got, [42, 43]);
+        }
+        c.barrier().unwrap();
+        // A bad argument is the caller's error and leaves the communicator usable.
+        let e = c.all_gather_into(&[1u8], &mut [0u8; 2]).unwrap_err();
+        assert!(matches!(e, Error::InvalidUsage(_)), "{e}");
+        c.barrier().unwrap();
+        let v = c.all_gather_async(vec![r as u8]).wait().unwrap();
+        assert_eq!(v, vec![0, 1, 2]);
+        let co = c.all_reduce_coalesced_async(vec![vec![1i32; 3], vec![2i32; 1]], ReduceOp::Sum).wait().unwrap();
+        assert_eq!(co, vec![vec![3; 3], vec![6]]);
+    });
+}
