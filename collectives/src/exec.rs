@@ -159,6 +159,11 @@ struct Run<'a> {
     arrived: Vec<bool>,
     slot_of: Vec<Option<usize>>,
     free_slots: Vec<usize>,
+    /// Staging slots each peer holds, and the most it may: a fast peer must not take every
+    /// slot with receives whose reductions wait on a slow peer's data (which would then find
+    /// no slot to arrive in).
+    slots_used: Vec<usize>,
+    slot_quota: usize,
     ready: Vec<StepId>,
     done: usize,
     peers: Vec<PeerQueue>,
@@ -260,12 +265,14 @@ impl Executor {
         let n = sched.len();
         let mut peers: Vec<PeerQueue> = (0..self.world).map(|_| PeerQueue::default()).collect();
         let mut staged_steps = 0usize;
+        let mut staged_from = vec![false; self.world];
         for (i, s) in sched.steps.iter().enumerate() {
             match s {
                 StepKind::Send { peer, .. } => peers[peer.idx()].sends.push(i as StepId),
                 StepKind::Recv { peer, .. } => peers[peer.idx()].recvs.push(i as StepId),
                 StepKind::RecvReduce { peer, .. } => {
                     staged_steps += 1;
+                    staged_from[peer.idx()] = true;
                     peers[peer.idx()].recvs.push(i as StepId)
                 }
                 _ => {}
@@ -278,8 +285,10 @@ impl Executor {
             }
         }
         // Enough staging for every connection to keep its receive queue full.
-        let nslots = staged_steps.min(64.max(16 * peer_list.len()));
+        let staged_peers = staged_from.iter().filter(|&&x| x).count().max(1);
+        let nslots = staged_steps.min(64.max(16 * staged_peers));
         self.ensure_slots(nslots, sched.max_staged());
+        let slot_quota = (nslots / staged_peers).max(1);
         let mut run = Run {
             sched,
             call,
@@ -288,6 +297,8 @@ impl Executor {
             arrived: vec![false; n],
             slot_of: vec![None; n],
             free_slots: (0..nslots).rev().collect(),
+            slots_used: vec![0; self.world],
+            slot_quota,
             ready: Vec::new(),
             done: 0,
             peers,
@@ -372,7 +383,11 @@ impl Executor {
                         (run.b.slice(dst, len), None)
                     }
                     StepKind::RecvReduce { len, .. } => {
+                        if run.slots_used[p] >= run.slot_quota {
+                            break;
+                        }
                         let Some(slot) = run.free_slots.pop() else { break };
+                        run.slots_used[p] += 1;
                         (self.staging[slot].slice(0..len), Some(slot))
                     }
                     _ => unreachable!(),
@@ -391,6 +406,7 @@ impl Executor {
                     None => {
                         if let Some(slot) = slot {
                             run.free_slots.push(slot);
+                            run.slots_used[p] -= 1;
                         }
                         break;
                     }
@@ -468,7 +484,7 @@ impl Executor {
         let world = self.world;
         let avg = op == ReduceOp::Avg;
         match run.sched.steps[s as usize].clone() {
-            StepKind::RecvReduce { dst, base, len, finish, .. } => {
+            StepKind::RecvReduce { peer, dst, base, len, finish } => {
                 let slot = run.slot_of[s as usize].take().expect("staged receive has a slot");
                 let staged = self.staging[slot].slice(0..len);
                 let d = run.b.slice(dst, len);
@@ -485,6 +501,7 @@ impl Executor {
                     })??;
                 }
                 run.free_slots.push(slot);
+                run.slots_used[peer.idx()] -= 1;
             }
             StepKind::Copy { src, dst, len } => {
                 if !same_place(run.b, src, dst) {

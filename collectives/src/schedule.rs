@@ -1,7 +1,7 @@
 //! Schedules: what an algorithm asks the executor to do, as a DAG of primitive steps.
 //!
 //! An algorithm (see [`crate::algo`]) describes one collective on one rank as a list of
-//! [`Step`]s with explicit dependencies — "send this chunk to the next rank once it has been
+//! [`StepKind`]s with explicit dependencies — "send this chunk to the next rank once it has been
 //! reduced", "receive into a staging slot and reduce into the output", "copy". The executor
 //! ([`crate::exec`]) runs them with as many steps in flight as the transports allow, so the
 //! chunks of a ring pipeline through the steps on their own.

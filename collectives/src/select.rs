@@ -190,7 +190,8 @@ pub fn cost(m: &LinkModel, coll: CollKind, algo: Algo, n: usize, bytes: usize, c
             (nf - 1.0 + chunks(s) - 1.0) * a + s * b + if coll == CollKind::Reduce { s * g } else { 0.0 }
         }
         (CollKind::Broadcast | CollKind::Reduce, Algo::Tree) => {
-            (log2c(n + 1) + chunks(s / 2.0) - 1.0) * a + 2.0 * s * b + if coll == CollKind::Reduce { s * g } else { 0.0 }
+            // Each rank forwards about S (1.5 S at an odd root).
+            (log2c(n + 1) + chunks(s / 2.0) - 1.0) * a + 1.5 * s * b + if coll == CollKind::Reduce { s * g } else { 0.0 }
         }
         (CollKind::Broadcast | CollKind::Reduce, Algo::Direct) => {
             (nf - 1.0) * (a * 0.5 + s * b) + a + if coll == CollKind::Reduce { (nf - 1.0) * s * g } else { 0.0 }

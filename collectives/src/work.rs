@@ -26,12 +26,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Completion {
     result: Mutex<Option<Result<()>>>,
     cv: Condvar,
+    /// When the collective started and finished executing (for overlap accounting).
+    span: Mutex<Option<(Instant, Instant)>>,
 }
 
 impl Completion {
     fn set(&self, r: Result<()>) {
         *lock(&self.result) = Some(r);
         self.cv.notify_all();
+    }
+
+    fn set_timed(&self, r: Result<()>, started: Instant) {
+        *lock(&self.span) = Some((started, Instant::now()));
+        self.set(r);
     }
 
     fn is_set(&self) -> bool {
@@ -96,6 +103,13 @@ impl<T> Work<T> {
     /// bounded by `DEVCCL_TIMEOUT` (no progress) whatever the caller waits.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.done.wait_until(Some(Instant::now() + timeout))
+    }
+
+    /// How long the collective executed (from leaving the queue to completion), once
+    /// finished. With [`Work::wait`]'s own blocking time this tells how much communication
+    /// was hidden behind the caller's computation.
+    pub fn execution_time(&self) -> Option<Duration> {
+        lock(&self.done.span).map(|(a, b)| b - a)
     }
 
     /// Wait for completion and return the output.
@@ -175,12 +189,14 @@ impl Engine {
     }
 
     fn run_job(&self, job: Job) {
+        let started = Instant::now();
+        let Job { sched, info_template, bindings, done } = job;
         let r = self.check_alive().and_then(|()| {
             let mut exec = lock(&self.exec);
-            let mut info = job.info_template;
-            info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&job.sched) } else { exec.next_seq() };
-            tracing::debug!(rank = exec.rank.0, call = %info.describe(), steps = job.sched.len(), "collective");
-            let r = exec.run(&job.sched, &info, &job.bindings);
+            let mut info = info_template;
+            info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&sched) } else { exec.next_seq() };
+            tracing::debug!(rank = exec.rank.0, call = %info.describe(), steps = sched.len(), "collective");
+            let r = exec.run(&sched, &info, &bindings);
             if let Err(e) = &r {
                 if e.is_fatal() {
                     self.poison_with(&e.to_string());
@@ -188,7 +204,9 @@ impl Engine {
             }
             r
         });
-        job.done.set(r);
+        // Release the buffers before announcing completion: the waiter takes them back.
+        drop(bindings);
+        done.set_timed(r, started);
     }
 
     /// Run `job` now on this thread if the queue is idle, else queue it and wait; in both
