@@ -41,6 +41,13 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<OsString>,
     },
+    /// What devmem TCP needs on this host and what is missing, per interface, plus the
+    /// dma-buf sources found (CUDA devices with DMA_BUF_SUPPORTED, udmabuf).
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a standalone rendezvous server for multi-node jobs (ranks then set
     /// DEVCCL_RENDEZVOUS=host:port and DEVCCL_RENDEZVOUS_EXTERNAL=1).
     Rendezvous {
@@ -54,6 +61,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Like other Unix tools: `devccl doctor | head` ends quietly instead of panicking on a
+    // closed stdout. Data sockets are unaffected (they send with MSG_NOSIGNAL).
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
+    }
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(c) => c,
@@ -81,6 +94,15 @@ fn run(cli: Cli) -> Result<i32> {
             prefix_rank0_stdout: true,
             env: vec![],
         }),
+        Cmd::Doctor { json } => {
+            let report = devccl_transport_devmem::doctor::report();
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{report}");
+            }
+            Ok(0)
+        }
         Cmd::Rendezvous { listen, world } => {
             let cfg = Config::from_env()?;
             let key = cfg.secret.as_deref().map(AuthKey::from_secret);

@@ -44,6 +44,9 @@ pub fn resolve(addr: &str) -> Result<SocketAddr> {
 /// the default interface.
 pub fn offer(cfg: &Config, rank: Rank, toward: Option<SocketAddr>) -> Result<Offer> {
     let mut out = Offer::default();
+    let probe_iface = || -> String {
+        select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, toward).map(|(_, i)| i).unwrap_or_else(|_| "lo".into())
+    };
     for &kind in &cfg.transports {
         match kind {
             TransportKind::Tcp => {
@@ -58,10 +61,18 @@ pub fn offer(cfg: &Config, rank: Rank, toward: Option<SocketAddr>) -> Result<Off
                 tracing::info!(rank = rank.0, interface = %ifname, endpoint = %t.endpoint().address, "tcp transport listening");
                 out.transports.push(Arc::new(t));
             }
-            TransportKind::Devmem => out.declined.push(Decline {
-                kind,
-                reason: "the devmem data path is not built yet (kernel layer only); see `devccl doctor` for this host's devmem readiness".into(),
-            }),
+            TransportKind::Devmem => {
+                // Ask the kernel whether devmem could work on the interface our data would use,
+                // so the reason logged is this host's real one (and its fix).
+                let ifname = probe_iface();
+                let report = devccl_transport_devmem::probe::probe_interface(&ifname);
+                let reason = if report.is_usable() {
+                    format!("{ifname} passes the devmem probe, but this build has no devmem data path yet (kernel layer only); using the next transport")
+                } else {
+                    format!("{ifname}: {} (fix: {})", report.reason(), report.fix())
+                };
+                out.declined.push(Decline { kind, reason })
+            }
             TransportKind::Shm => out.declined.push(Decline {
                 kind,
                 reason: "the shared-memory transport is not built yet".into(),
