@@ -14,7 +14,7 @@ use devccl_core::transport::{CommContext, Connection, Transport, TransportKind};
 use devccl_core::wire::CollKind;
 use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
 
-use crate::algo::Algo;
+use crate::algo::{Algo, Shape};
 use crate::api::Collective;
 use crate::select::{AlgoOverride, LinkModel, Plan};
 use crate::exec::{AbortSignal, Bindings, CallInfo, Executor};
@@ -264,7 +264,73 @@ impl Communicator {
         inner._watch = watch;
         inner.link = Some(link);
         inner.group = group;
+        comm.calibrate()?;
         Ok(comm)
+    }
+
+    /// Measure the links and the reduction speed on this communicator and agree on the
+    /// numbers (max over ranks), so the cost model reflects this machine and every rank
+    /// derives the same plans. Takes a few milliseconds; fixed algorithms, so it cannot
+    /// itself depend on the model.
+    fn calibrate(&self) -> Result<()> {
+        let n = self.world_size();
+        if n < 2 || self.inner.config.algo.is_some() {
+            return Ok(());
+        }
+        let rank = self.rank();
+        let fixed = |coll: CollKind, algo: Algo, count: usize, chunk: usize| -> (Call, Shape) {
+            let shape = Shape { rank, n, count, esize: 4, chunk_bytes: chunk, root: 0 };
+            (Call { coll, dtype: DType::F32, op: Some(ReduceOp::Sum).filter(|_| coll == CollKind::AllReduce), root: None, count, algo, tag: 0 }, shape)
+        };
+        let empty = Region::alloc(0);
+        let barrier = |times: usize| -> Result<Duration> {
+            let t = Instant::now();
+            for _ in 0..times {
+                let (call, shape) = fixed(CollKind::Barrier, Algo::Dissemination, 0, 64 << 10);
+                self.run_schedule(call, |b| crate::algo::build(CollKind::Barrier, Algo::Dissemination, b, shape).expect("barrier"), empty.full(), empty.full())?;
+            }
+            Ok(t.elapsed())
+        };
+        barrier(2)?; // warm up connections
+        let rounds = (n as f64).log2().ceil().max(1.0);
+        let alpha = barrier(10)?.as_secs_f64() * 1e6 / 10.0 / rounds;
+        let count = 256 << 10; // 1 MiB of f32
+        let buf = Region::alloc(count * 4);
+        let mut best = f64::INFINITY;
+        for _ in 0..2 {
+            let (call, shape) = fixed(CollKind::AllReduce, Algo::Ring, count, 256 << 10);
+            let t = Instant::now();
+            self.run_schedule(call, |b| crate::algo::ring::all_reduce(b, shape), buf.full(), buf.full())?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let gamma = {
+            let mut a = vec![1f32; count];
+            let b = vec![2f32; count];
+            let t = Instant::now();
+            devccl_core::op::reduce_in_place(DType::F32, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut a), bytemuck::cast_slice(&b))?;
+            t.elapsed().as_secs_f64() * 1e9 / (count * 4) as f64
+        };
+        let (s, nf) = ((count * 4) as f64, n as f64);
+        let wire = 2.0 * (nf - 1.0) / nf * s;
+        let beta = ((best - 2.0 * (nf - 1.0) * alpha) * 1e3 - (nf - 1.0) / nf * s * gamma) / wire;
+        let mut v = [alpha.clamp(0.5, 5000.0), beta.clamp(0.02, 100.0), gamma.clamp(0.01, 10.0)];
+        self.all_reduce_fixed_max(&mut v)?;
+        let mut m = self.inner.model.lock().unwrap_or_else(|e| e.into_inner());
+        m.alpha_us = v[0];
+        m.beta_ns = v[1];
+        m.gamma_ns = v[2];
+        tracing::info!(rank, alpha_us = v[0], beta_ns = v[1], gamma_ns = v[2], "calibrated cost model");
+        Ok(())
+    }
+
+    /// Max over ranks of a few f64s with a fixed algorithm (recursive doubling).
+    fn all_reduce_fixed_max(&self, v: &mut [f64]) -> Result<()> {
+        let (rank, n) = (self.rank(), self.world_size());
+        let shape = Shape { rank, n, count: v.len(), esize: 8, chunk_bytes: 64 << 10, root: 0 };
+        let call = Call { coll: CollKind::AllReduce, dtype: DType::F64, op: Some(ReduceOp::Max), root: None, count: v.len(), algo: Algo::RecursiveDoubling, tag: 0 };
+        Region::scoped(bytemuck::cast_slice_mut(v), |r| {
+            self.run_schedule(call, |b| crate::algo::rd::all_reduce(b, shape), r.full(), r.full())
+        })
     }
 
     /// Split into sub-communicators (like `ncclCommSplit` / `MPI_Comm_split`): every rank of
