@@ -390,7 +390,8 @@ impl Bench {
                 w.wait()
             }
             Kind::Barrier => c.barrier(),
-            _ if !in_place => Region::scoped_ref(input, |i| {
+            // Per-peer counts differ, so there is no in-place form: the column repeats out-of-place.
+            _ if !in_place || self.kind == Kind::AllToAllV => Region::scoped_ref(input, |i| {
                 Region::scoped(out, |o| c.collective(&self.desc(), d, i.full(), o.full()))
             }),
             _ => match self.in_place_offset() {

@@ -61,12 +61,6 @@ enum Cmd {
 }
 
 fn main() {
-    // Like other Unix tools: `devccl doctor | head` ends quietly instead of panicking on a
-    // closed stdout. Data sockets are unaffected (they send with MSG_NOSIGNAL).
-    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid disposition.
-    unsafe {
-        let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
-    }
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(c) => c,
@@ -95,12 +89,12 @@ fn run(cli: Cli) -> Result<i32> {
             env: vec![],
         }),
         Cmd::Doctor { json } => {
+            use std::io::Write;
             let report = devccl_transport_devmem::doctor::report();
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{report}");
-            }
+            let text = if json { report.to_json() + "\n" } else { report.to_string() };
+            // A closed stdout (`devccl doctor | head`) is not an error worth a panic. (SIGPIPE
+            // stays ignored, as the Rust runtime sets it: the gRPC stack relies on that.)
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
             Ok(0)
         }
         Cmd::Rendezvous { listen, world } => {

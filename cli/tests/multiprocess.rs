@@ -376,3 +376,72 @@ fn launch_prefixes_ranks_and_stops_all_on_failure() {
     );
     assert!(String::from_utf8_lossy(&bad.stderr).contains("rank 1 failed"));
 }
+
+/// Run `devccl bench` and return its stdout; panics with the output on failure.
+fn bench(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(DEVCCL).arg("bench").args(args).envs(env.iter().copied()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "devccl bench {args:?} {env:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for row in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let c: Vec<&str> = row.split_whitespace().collect();
+        assert!(c[8] == "0" && c[12] == "0", "#wrong in {args:?} {env:?}: {row}");
+    }
+    assert!(text.contains("# Out of bounds values : 0 OK"), "{text}");
+    text
+}
+
+const COLLECTIVES: [&str; 11] = [
+    "all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_all_v", "gather", "scatter",
+    "sendrecv", "barrier",
+];
+
+#[test]
+fn every_collective_over_loopback_with_3_and_4_ranks() {
+    for n in ["3", "4"] {
+        for coll in COLLECTIVES {
+            bench(&[coll, "-n", n, "--sizes", "8,4K,1M", "-w", "0", "-i", "2", "-c", "1", "-r", "1"], &[]);
+        }
+    }
+}
+
+#[test]
+fn every_algorithm_forced_by_env() {
+    // (collective, algorithms it has): from devccl::algo::supported.
+    let table: &[(&str, &[&str])] = &[
+        ("all_reduce", &["ring", "tree", "halving_doubling", "recursive_doubling"]),
+        ("reduce_scatter", &["ring", "halving_doubling", "direct"]),
+        ("all_gather", &["ring", "recursive_doubling", "direct"]),
+        ("broadcast", &["ring", "tree", "direct"]),
+        ("reduce", &["ring", "tree", "direct"]),
+        ("gather", &["direct", "tree"]),
+        ("scatter", &["direct", "tree"]),
+        ("all_to_all", &["direct"]),
+        ("barrier", &["dissemination"]),
+    ];
+    for (coll, algos) in table {
+        for algo in *algos {
+            let spec = format!("{}:{algo}", coll.replace('_', ""));
+            let text = bench(
+                &[coll, "-n", "3", "--sizes", "4K,1M", "-w", "0", "-i", "1", "-c", "1", "-r", "2", "--explain"],
+                &[("DEVCCL_ALGO", &spec), ("DEVCCL_CHUNK", "64K")],
+            );
+            let plans: Vec<&str> = text.lines().filter(|l| l.starts_with("#   plan:")).collect();
+            assert!(!plans.is_empty(), "{text}");
+            for p in plans {
+                assert!(p.contains(&format!("plan: {algo} ")) && p.contains("forced"), "{coll} with {spec}: {p}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unknown_forced_algorithm_is_a_clear_error() {
+    let out = Command::new(DEVCCL)
+        .args(["bench", "all_reduce", "-n", "2", "-b", "8", "-e", "8", "-c", "0", "-i", "1", "-w", "0"])
+        .env("DEVCCL_ALGO", "allreduce:direct")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("all_reduce has no 'direct' algorithm"), "{err}");
+}

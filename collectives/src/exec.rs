@@ -218,11 +218,19 @@ impl Executor {
     /// that died first). Look briefly for such reports and add them to the error, so every
     /// survivor names the culprit, not just the neighbour that gave up first.
     fn with_root_cause(&mut self, e: Error) -> Error {
-        let Error::Remote { peer: Some(first), message } = e else { return e };
-        let deadline = Instant::now() + Duration::from_millis(50);
+        // A peer that closed may still have sent why; a timeout usually means a rank further
+        // along is stuck, and the neighbours of that rank will time out too and say so.
+        let (first, grace) = match &e {
+            Error::Remote { peer: Some(p), message } => (Some(*p).filter(|_| !message.contains("closed")), Duration::from_millis(50)),
+            Error::Timeout { .. } => (None, (self.timeout / 10).min(Duration::from_millis(500))),
+            _ => return e,
+        };
+        let deadline = Instant::now() + grace;
         let mut reports: Vec<String> = Vec::new();
         let mut seen = vec![false; self.world];
-        seen[first.idx()] = !message.contains("closed"); // a closed peer may still have sent why
+        if let Some(p) = first {
+            seen[p.idx()] = true;
+        }
         loop {
             for (p, c) in self.conns.iter_mut().enumerate() {
                 let Some(c) = c else { continue };
@@ -241,8 +249,15 @@ impl Executor {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let message = if reports.is_empty() { message } else { format!("{message}; {}", reports.join("; ")) };
-        Error::Remote { peer: Some(first), message }
+        if reports.is_empty() {
+            return e;
+        }
+        let extra = reports.join("; ");
+        match e {
+            Error::Remote { peer, message } => Error::Remote { peer, message: format!("{message}; {extra}") },
+            Error::Timeout { what, after } => Error::Timeout { what: format!("{what}; {extra}"), after },
+            e => e,
+        }
     }
 
     /// Tell every peer we are aborting and drop all requests.
