@@ -158,21 +158,21 @@ fn stalled_rank_times_out_everywhere() {
             ],
             |_| vec![],
         ),
-        Duration::from_secs(30),
+        Duration::from_secs(14),
     );
+    // A live but stalled rank cannot be told apart from a slow one: the ranks that wait for
+    // it name it; the others name the rank they wait for, plus any reports that reached
+    // them in time (usually the neighbour's, which names rank 1).
+    let mut named = 0;
     for (r, (ok, out, took)) in res.iter().enumerate() {
         if r == 1 {
             continue; // killed by the harness
         }
-        assert!(
-            !ok && out.contains("rank 1"),
-            "rank {r} must fail naming rank 1: {out}"
-        );
-        assert!(
-            *took < Duration::from_secs(15),
-            "rank {r} must give up on its own (took {took:?})"
-        );
+        assert!(!ok && out.contains("timed out"), "rank {r} must time out: {out}");
+        named += usize::from(out.contains("rank 1"));
+        assert!(*took < Duration::from_secs(12), "rank {r} must give up on its own (took {took:?})");
     }
+    assert!(named >= 1, "someone names the stalled rank: {res:?}");
 }
 
 #[test]
@@ -248,6 +248,7 @@ fn garbage_on_a_data_port_does_not_harm_the_communicator() {
             ("WORKER_ITERS", "30"),
             ("WORKER_SLEEP_MS", "50"),
             ("WORKER_COUNT", "1000"),
+            ("DEVCCL_TRANSPORTS", "tcp"),
         ],
         |_| vec![],
     );

@@ -178,12 +178,13 @@ fn tune_host(cfg: &Config, local_world: Option<usize>) -> Duration {
 /// `b` also offers. Both ranks compute the same answer from the peer table.
 fn pair_kind(table: &PeerTable, a: usize, b: usize) -> Option<TransportKind> {
     let (lo, hi) = (&table.peers[a.min(b)], &table.peers[a.max(b)]);
-    let same_host = lo.host.same_host(&hi.host);
-    lo.endpoints
-        .iter()
-        .map(|e| e.kind)
-        .filter(|k| *k != TransportKind::Shm || same_host)
-        .find(|k| hi.endpoints.iter().any(|e| e.kind == *k))
+    lo.endpoints.iter().find_map(|mine| {
+        let theirs = hi.endpoints.iter().find(|e| e.kind == mine.kind)?;
+        // Shared memory needs one kernel and one network namespace (abstract Unix socket
+        // names are per namespace): compare what both published.
+        let local = ["host", "boot_id", "netns"].iter().all(|k| mine.cap(k).is_some() && mine.cap(k) == theirs.cap(k));
+        (mine.kind != TransportKind::Shm || (local && lo.host.same_host(&hi.host))).then_some(mine.kind)
+    })
 }
 
 impl Communicator {
@@ -223,8 +224,19 @@ impl Communicator {
             None
         };
         let client = RendezvousClient::connect(&o.rendezvous, key.clone(), deadline)?;
-        let link = RendezvousLink { client, _server: server.map(Arc::new), toward, key };
-        Communicator::join(link, rank, o.world, o.local_world, o.group, o.config, deadline)
+        let server = server.map(Arc::new);
+        let link = RendezvousLink { client, _server: server.clone(), toward, key };
+        let group = o.group.clone();
+        let r = Communicator::join(link, rank, o.world, o.local_world, o.group, o.config, deadline);
+        if r.is_err() {
+            // Rank 0 hosts the rendezvous: if the group failed (wrong secret, duplicate rank,
+            // ...) stay until the other ranks have been told why, rather than vanishing and
+            // leaving them a closed port.
+            if let Some(s) = &server {
+                s.settle(&group, deadline.min(Instant::now() + Duration::from_secs(10)));
+            }
+        }
+        r
     }
 
     /// Join `group` at the rendezvous (new transports, new connections) and assemble.
@@ -237,7 +249,7 @@ impl Communicator {
         config: Config,
         deadline: Instant,
     ) -> Result<Communicator> {
-        let offer = registry::offer(&config, rank, link.toward)?;
+        let offer = registry::offer(&config, rank, world, link.toward)?;
         let req = JoinRequest {
             group: group.clone(),
             rank,

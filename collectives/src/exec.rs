@@ -222,7 +222,7 @@ impl Executor {
         // along is stuck, and the neighbours of that rank will time out too and say so.
         let (first, grace) = match &e {
             Error::Remote { peer: Some(p), message } => (Some(*p).filter(|_| !message.contains("closed")), Duration::from_millis(50)),
-            Error::Timeout { .. } => (None, (self.timeout / 10).min(Duration::from_millis(500))),
+            Error::Timeout { .. } => (None, (self.timeout / 2).min(Duration::from_secs(5))),
             _ => return e,
         };
         let deadline = Instant::now() + grace;

@@ -8,10 +8,10 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use devccl_core::bootstrap::PeerInfo;
 use devccl_core::config::Config;
 use devccl_core::transport::{Transport, TransportKind};
 use devccl_core::{Error, Rank, Result};
+use devccl_transport_shm::{ring_for_world, ShmOptions, ShmTransport, DEFAULT_RING_BYTES};
 use devccl_transport_tcp::{select_address, TcpOptions, TcpTransport};
 
 /// A transport that was not created, and why.
@@ -42,7 +42,7 @@ pub fn resolve(addr: &str) -> Result<SocketAddr> {
 
 /// Create the transports `cfg` allows. `toward` is the rendezvous address, whose route picks
 /// the default interface.
-pub fn offer(cfg: &Config, rank: Rank, toward: Option<SocketAddr>) -> Result<Offer> {
+pub fn offer(cfg: &Config, rank: Rank, world: usize, toward: Option<SocketAddr>) -> Result<Offer> {
     let mut out = Offer::default();
     let probe_iface = || -> String {
         select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, toward).map(|(_, i)| i).unwrap_or_else(|_| "lo".into())
@@ -73,10 +73,16 @@ pub fn offer(cfg: &Config, rank: Rank, toward: Option<SocketAddr>) -> Result<Off
                 };
                 out.declined.push(Decline { kind, reason })
             }
-            TransportKind::Shm => out.declined.push(Decline {
-                kind,
-                reason: "the shared-memory transport is not built yet".into(),
-            }),
+            TransportKind::Shm => {
+                let opts = ShmOptions { ring_bytes: ring_for_world(DEFAULT_RING_BYTES, world), ..ShmOptions::from_config(cfg, rank) };
+                match ShmTransport::new(opts) {
+                    Ok(t) => {
+                        tracing::info!(rank = rank.0, endpoint = %t.endpoint().address, "shm transport listening");
+                        out.transports.push(Arc::new(t));
+                    }
+                    Err(e) => out.declined.push(Decline { kind, reason: e.to_string() }),
+                }
+            }
             TransportKind::Mem => out.declined.push(Decline { kind, reason: "in-memory transport exists only in tests".into() }),
         }
     }
@@ -88,20 +94,4 @@ pub fn offer(cfg: &Config, rank: Rank, toward: Option<SocketAddr>) -> Result<Off
         return Err(Error::Unsupported { reason: format!("no usable transport ({})", why.join("; ")) });
     }
     Ok(out)
-}
-
-/// Pick the transport for `peer`: the first of ours that the peer also published.
-pub fn choose(me: Rank, ours: &[Arc<dyn Transport>], peer: &PeerInfo) -> Result<(usize, usize)> {
-    for (i, t) in ours.iter().enumerate() {
-        if let Some(j) = peer.endpoints.iter().position(|e| e.kind == t.kind()) {
-            tracing::info!(rank = me.0, peer = peer.rank.0, transport = %t.kind(), remote = %peer.endpoints[j].address, "transport chosen");
-            return Ok((i, j));
-        }
-    }
-    let theirs: Vec<&str> = peer.endpoints.iter().map(|e| e.kind.name()).collect();
-    let mine: Vec<&str> = ours.iter().map(|t| t.kind().name()).collect();
-    Err(Error::usage(format!(
-        "rank {me} and rank {} share no transport (ours: {mine:?}, theirs: {theirs:?}); check DEVCCL_TRANSPORTS on both",
-        peer.rank
-    )))
 }

@@ -146,6 +146,22 @@ impl RendezvousServer {
         self.local
     }
 
+    /// After `group` failed: wait (at most until `deadline`) until every rank has been told
+    /// why, so the process hosting the server can exit without leaving the others to find a
+    /// closed port instead of the reason. Returns at once when the group is not failed.
+    pub fn settle(&self, group: &str, deadline: Instant) {
+        loop {
+            let pending = {
+                let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                matches!(st.groups.get(group), Some(Group::Failed(f)) if f.expires > Instant::now())
+            };
+            if !pending || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stop serving: groups still forming fail with "the server is shutting down", watch
     /// streams end, the listening socket closes. Waits at most a quarter second for open
     /// connections to close.
