@@ -119,6 +119,21 @@ impl AbortSignal {
     }
 }
 
+/// Messages up to this size make a call "small" for [`Spin::budget_small`].
+const SMALL_MESSAGE: usize = 64 << 10;
+
+/// How to wait briefly before sleeping in `poll(2)` when nothing moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spin {
+    /// How long to keep polling after the last progress.
+    pub budget: Duration,
+    /// The budget for calls whose messages are all small (latency-bound: a wake-up from
+    /// `poll` would dominate them).
+    pub budget_small: Duration,
+    /// Yield the CPU between polls (when ranks outnumber cores) instead of busy-spinning.
+    pub yield_cpu: bool,
+}
+
 /// Runs schedules; owns the connections (index = peer rank) and the staging pool.
 #[derive(Debug)]
 pub struct Executor {
@@ -131,7 +146,7 @@ pub struct Executor {
     /// No-progress deadline.
     pub timeout: Duration,
     /// Busy-poll budget before sleeping.
-    pub spin: Duration,
+    pub spin: Spin,
     /// Abort signal.
     pub abort: Arc<AbortSignal>,
     staging: Vec<Region>,
@@ -172,7 +187,7 @@ struct Run<'a> {
 
 impl Executor {
     /// An executor over `conns`.
-    pub fn new(rank: Rank, world: usize, conns: Vec<Option<Box<dyn Connection>>>, timeout: Duration, spin: Duration, abort: Arc<AbortSignal>) -> Executor {
+    pub fn new(rank: Rank, world: usize, conns: Vec<Option<Box<dyn Connection>>>, timeout: Duration, spin: Spin, abort: Arc<AbortSignal>) -> Executor {
         Executor { rank, world, conns, timeout, spin, abort, staging: Vec::new(), seq: 0, p2p_tx: vec![0; world], p2p_rx: vec![0; world] }
     }
 
@@ -324,6 +339,9 @@ impl Executor {
                 run.ready.push(i as StepId);
             }
         }
+        // Latency-bound calls (every message small) may poll longer before sleeping.
+        let small = sched.steps.iter().all(|s| s.len() <= SMALL_MESSAGE);
+        let spin_budget = if small { self.spin.budget_small } else { self.spin.budget };
         let mut last_progress = Instant::now();
         loop {
             if let Some(r) = self.abort.reason() {
@@ -346,8 +364,14 @@ impl Executor {
             if idle >= self.timeout {
                 return Err(self.stall_error(&run));
             }
-            if idle < self.spin {
-                std::hint::spin_loop();
+            if idle < spin_budget {
+                if self.spin.yield_cpu {
+                    // More ranks than cores: let the rank we wait for run on this core now
+                    // instead of paying an idle-core wake-up later.
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             let mut fds = Vec::with_capacity(run.peer_list.len() * 2 + 1);

@@ -43,7 +43,7 @@ pub fn mesh_comms(n: usize, cfg: &Config) -> Vec<Communicator> {
                         cfg,
                         None,
                         AbortSignal::new().expect("eventfd"),
-                        Duration::ZERO,
+                        crate::exec::Spin::default(),
                         deadline,
                     )
                     .expect("mesh communicator")
