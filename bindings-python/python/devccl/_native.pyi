@@ -1,0 +1,152 @@
+"""Type stubs of the native module ``devccl._native`` (Rust, PyO3, abi3 ≥ 3.11).
+
+Use the ``devccl`` package rather than this module directly: it adds one typed method per
+collective and torch tensor support on top of :meth:`Communicator.collective`.
+"""
+
+from typing import Any, Literal, final
+
+__version__: str
+
+CollectiveKind = Literal[
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "all_to_all_v",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "barrier",
+]
+
+def dtypes() -> list[str]:
+    """The element types devccl supports (float32 float64 float16 bfloat16 int8 uint8 int32 int64)."""
+
+def reduce_ops() -> list[str]:
+    """The reduction operators (sum prod min max avg)."""
+
+class DevcclError(RuntimeError):
+    """Base class of every error devccl raises."""
+
+class InvalidUsageError(DevcclError, ValueError):
+    """The caller passed something invalid; nothing was sent, the communicator stays usable."""
+
+class DTypeError(InvalidUsageError, TypeError):
+    """An element type devccl does not support, or operands of different types."""
+
+class RemoteError(DevcclError):
+    """A peer failed, closed its connection, or sent something invalid."""
+
+class MismatchError(RemoteError):
+    """Ranks called different collectives, sizes, dtypes, ops or roots."""
+
+class DevcclTimeoutError(DevcclError):
+    """No progress within DEVCCL_TIMEOUT (collectives) or DEVCCL_INIT_TIMEOUT (init)."""
+
+class AbortedError(DevcclError):
+    """The communicator was aborted (by any rank) or poisoned by an earlier failure."""
+
+class UnsupportedError(DevcclError):
+    """The request cannot be served here (e.g. CUDA tensors)."""
+
+class DevcclSystemError(DevcclError):
+    """An operating-system call failed."""
+
+class InternalError(DevcclError):
+    """A bug in devccl."""
+
+@final
+class Work:
+    """An asynchronous collective."""
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block (GIL released) until finished; return the output buffer or raise the
+        collective's error. With ``timeout`` seconds, raise the built-in TimeoutError if it
+        has not finished by then (the work keeps running)."""
+
+    def is_completed(self) -> bool:
+        """True once finished (successfully or not). Never blocks."""
+
+    def is_success(self) -> bool:
+        """True when finished without error. Never blocks."""
+
+@final
+class Communicator:
+    """A devccl communicator (see ``devccl.Communicator`` for the typed API)."""
+
+    def __new__(
+        cls,
+        rank: int,
+        world_size: int,
+        rendezvous: str,
+        *,
+        host_rendezvous: bool = False,
+        group: str = "world",
+        local_world_size: int | None = None,
+        timeout: float | None = None,
+        init_timeout: float | None = None,
+    ) -> Communicator: ...
+    @staticmethod
+    def from_env() -> Communicator:
+        """Join the communicator the launcher's environment describes."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def comm_id(self) -> str: ...
+    @property
+    def poisoned(self) -> str | None: ...
+    @property
+    def destroyed(self) -> bool: ...
+    def collective(
+        self,
+        kind: CollectiveKind,
+        input: Any = None,
+        output: Any = None,
+        *,
+        op: str = "sum",
+        root: int = 0,
+        peer: int = 0,
+        tag: int = 0,
+        send_counts: list[int] | None = None,
+        send_displs: list[int] | None = None,
+        recv_counts: list[int] | None = None,
+        recv_displs: list[int] | None = None,
+        dtype: str | None = None,
+        async_op: bool = False,
+    ) -> Any:
+        """Run one collective on buffer-protocol objects. Blocking: returns the output object
+        (or the in-place buffer, or None). ``async_op=True``: returns a :class:`Work`."""
+
+    def abort(self, reason: str = "aborted from Python") -> None:
+        """Fail the collective in progress on every rank; later calls raise AbortedError."""
+
+    def destroy(self) -> None:
+        """Wait for queued collectives, then leave the rendezvous and close connections."""
+
+@final
+class RendezvousServer:
+    """A rendezvous server hosted by this process."""
+
+    def __new__(
+        cls,
+        listen: str = "127.0.0.1:0",
+        *,
+        world: int | None = None,
+        secret: str | None = None,
+        group_timeout: float = 120.0,
+    ) -> RendezvousServer: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    def shutdown(self) -> None:
+        """Stop serving. Idempotent."""

@@ -1,0 +1,744 @@
+"""The torch.distributed backend ``"devccl"``.
+
+Importing this module registers the backend::
+
+    import devccl.torch  # noqa: F401  (registers "devccl")
+    import torch.distributed as dist
+
+    dist.init_process_group("devccl")      # env:// under torchrun, or any init_method
+    model = torch.nn.parallel.DistributedDataParallel(model)
+
+The backend is a pure-Python ``ProcessGroup`` subclass (torch uses it as the group itself),
+one devccl communicator per group: rank 0 of each group (the world and every
+``dist.new_group``) starts a rendezvous server on a free port, publishes its address in the
+group's c10d store, and every member joins it. Blocking calls (``async_op=False``) run inline
+with the GIL released and raise devccl's exception directly. Asynchronous ones are queued on
+devccl's progress thread and return a Work that a helper thread completes: for ``dist.*``
+callers a Python Work whose ``wait()`` raises devccl's exception; for C++ callers (DDP's
+reducer, functional collectives) a C++ Work made with ``_create_work_from_future``, whose
+future resolves to the tensors or fails with devccl's message (C++ keeps no Python object).
+
+Served by devccl (every call is counted in ``ProcessGroupDevccl.calls``): allreduce,
+allreduce_coalesced, broadcast, reduce, allgather, allgather_coalesced, _allgather_base,
+allgather_into_tensor_coalesced, reduce_scatter, _reduce_scatter_base,
+reduce_scatter_tensor_coalesced, gather, scatter, alltoall, alltoall_base, send, recv, barrier.
+Reductions: SUM, AVG, PRODUCT, MIN, MAX. Refused with a clear error: PREMUL_SUM and the
+bitwise ops (BAND, BOR, BXOR), ``recv`` from any source, CUDA tensors (devccl does not move
+device memory yet), non-contiguous tensors, unsupported dtypes.
+
+Timeouts: the group's ``timeout`` becomes devccl's no-progress timeout (DEVCCL_TIMEOUT) and
+init timeout (DEVCCL_INIT_TIMEOUT) unless those variables are set.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import os
+import queue
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
+from torch.distributed import ReduceOp
+
+from . import Communicator, DevcclTimeoutError, InvalidUsageError, RemoteError, RendezvousServer, UnsupportedError
+from . import Work as DevcclWork
+from ._buffers import check_tensor, tensor_dtype
+
+__all__ = ["BACKEND", "ProcessGroupDevccl", "TESTED_TORCH_VERSIONS", "reduce_op_name"]
+
+#: The backend name given to ``dist.init_process_group``.
+BACKEND = "devccl"
+
+#: torch versions this backend was tested with.
+TESTED_TORCH_VERSIONS = ("2.11.0",)
+
+#: The c10d store key (inside the group's own prefix) holding "host:port nonce".
+_STORE_KEY = "devccl/rendezvous"
+
+_OPS = {
+    ReduceOp.RedOpType.SUM: "sum",
+    ReduceOp.RedOpType.AVG: "avg",
+    ReduceOp.RedOpType.PRODUCT: "prod",
+    ReduceOp.RedOpType.MIN: "min",
+    ReduceOp.RedOpType.MAX: "max",
+}
+
+
+def reduce_op_name(op: Any) -> str:
+    """The devccl name of a torch ``ReduceOp`` (or ``ReduceOp.RedOpType``).
+
+    PREMUL_SUM is refused: the scale factor it carries is not reachable from Python, so it
+    cannot be applied faithfully; pre-scale the tensor and use SUM instead. Bitwise ops are
+    not reductions devccl implements.
+    """
+    kind = getattr(op, "op", op)
+    name = _OPS.get(kind)
+    if name is None:
+        label = getattr(kind, "name", str(kind))
+        hint = "; scale the tensor first and use SUM" if label == "PREMUL_SUM" else ""
+        raise UnsupportedError(
+            f"devccl does not support ReduceOp.{label} (supported: SUM, AVG, PRODUCT, MIN, MAX){hint}"
+        )
+    return name
+
+
+def _target_host(store: Any) -> str | None:
+    """The host other ranks reach rank 0's machine through: MASTER_ADDR, else the TCPStore's."""
+    host = os.environ.get("MASTER_ADDR")
+    if host:
+        return host
+    s = store
+    while s is not None:
+        if isinstance(s, dist.TCPStore):
+            return s.host
+        s = getattr(s, "underlying_store", None)
+    return None
+
+
+def _advertised_host(store: Any) -> str:
+    """This machine's address on the route toward the rendezvous host (loopback stays
+    loopback), which the other ranks use to reach the server rank 0 starts."""
+    target = _target_host(store)
+    if target is None:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    if target == "localhost":
+        return "127.0.0.1"
+    family, _, _, _, sockaddr = socket.getaddrinfo(target, 9, type=socket.SOCK_DGRAM)[0]
+    ip = ipaddress.ip_address(sockaddr[0])
+    if ip.is_loopback:
+        return str(ip)
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)  # UDP: no packet is sent; only picks the outgoing interface
+        return s.getsockname()[0]
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _env_set(name: str) -> bool:
+    return bool(os.environ.get(name, "").strip())
+
+
+def _env_seconds(name: str) -> float | None:
+    """A DEVCCL_* number of seconds, or None when unset or malformed (the native config
+    reports a malformed value with the variable's name)."""
+    try:
+        return float(os.environ[name]) if _env_set(name) else None
+    except ValueError:
+        return None
+
+
+def _start_rendezvous(store: Any, init_secs: float | None) -> RendezvousServer:
+    """Rank 0: start the group's rendezvous server and publish its address in the store. On
+    failure the error is published instead, so the other ranks fail at once with it rather
+    than waiting for the store's timeout."""
+    try:
+        target = _target_host(store)
+        try:
+            host = _advertised_host(store)
+        except OSError as e:
+            raise InvalidUsageError(f"devccl: cannot find this host's address toward {target!r} (MASTER_ADDR): {e}") from e
+        if ipaddress.ip_address(host).is_loopback:
+            listen = _join_host_port(host, 0)
+        else:
+            listen = "[::]:0" if ":" in host else "0.0.0.0:0"
+        server = RendezvousServer(
+            listen,
+            secret=os.environ.get("DEVCCL_SECRET") or None,
+            group_timeout=_env_seconds("DEVCCL_INIT_TIMEOUT") or init_secs or 120.0,
+        )
+    except BaseException as e:
+        store.set(_STORE_KEY, f"error {type(e).__name__}: {e}")
+        raise
+    store.set(_STORE_KEY, f"{_join_host_port(host, server.port)} {uuid.uuid4().hex}")
+    return server
+
+
+def _connect(store: Any, rank: int, size: int, timeout: timedelta | None) -> tuple[RendezvousServer | None, Communicator]:
+    secs = timeout.total_seconds() if timeout is not None and timeout.total_seconds() > 0 else None
+    # DEVCCL_* set explicitly win; otherwise the group's timeout applies to both.
+    coll_timeout = None if _env_set("DEVCCL_TIMEOUT") else secs
+    init_timeout = None if _env_set("DEVCCL_INIT_TIMEOUT") else secs
+    server = _start_rendezvous(store, secs) if rank == 0 else None
+    value = store.get(_STORE_KEY).decode()
+    if value.startswith("error "):
+        raise RemoteError(f"rank 0 of this process group could not start the devccl rendezvous: {value[6:]}")
+    addr, nonce = value.split()
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    comm = Communicator(
+        rank,
+        size,
+        addr,
+        group=f"torch-{nonce}",
+        local_world_size=int(local) if local and local.isdigit() and int(local) <= size else None,
+        timeout=coll_timeout,
+        init_timeout=init_timeout,
+    )
+    return server, comm
+
+
+_C10D_PY = dist.distributed_c10d.__file__
+
+
+def _called_from_c10d_python() -> bool:
+    """True when the process-group method running two frames up was called by Python's
+    ``torch.distributed`` functions (``dist.all_reduce`` ...), False when C++ called it
+    (DDP's reducer, functional collectives, ``_broadcast_coalesced``), whose innermost
+    Python frame is elsewhere (or absent, on a thread without Python frames)."""
+    try:
+        frame = sys._getframe(3)  # this <- _launch <- the PG method <- its caller
+    except ValueError:
+        return False
+    return frame.f_code.co_filename == _C10D_PY
+
+
+def _unwrap(fut: torch.futures.Future) -> Any:
+    """Turn a failure delivered as a value into a real error of the chained future, so C++
+    waiters (DDP's reducer, ``get_future().wait()``) see it as an error."""
+    v = fut.value()
+    if isinstance(v, BaseException):
+        raise v
+    return v
+
+
+class _FutureSink:
+    """Completion target of a call made by C++ (DDP's reducer, functional collectives): the
+    returned Work is a C++ ``FutureWrappingWork`` (``_create_work_from_future``), so nothing
+    C++ keeps (torch's registry of unwaited functional collectives is process-global) holds
+    a Python object that would have to be released after the interpreter finalized. Its
+    future resolves to the call's tensors, or fails with devccl's message."""
+
+    __slots__ = ("_result", "_source")
+
+    def __init__(self, result: Any) -> None:
+        self._result = result
+        self._source: torch.futures.Future = torch.futures.Future()
+
+    def work(self) -> dist.Work:
+        return _create_work_from_future(self._source.then(_unwrap))
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._source.set_result(error if error is not None else self._result)
+
+
+class _Work(dist.Work):
+    """The c10d Work of one devccl call made from Python (``dist.*`` functions).
+
+    ``wait()`` raises the devccl exception itself (MismatchError, AbortedError, ...), unlike
+    a Work built with ``_create_work_from_future``, whose ``wait()`` ignores errors.
+    ``get_future()`` resolves to the call's tensors, or fails with the error. The process
+    group's completer holds it until it finished.
+    """
+
+    def __init__(self, result: Any, done: bool = False) -> None:
+        super().__init__()
+        self._result = result
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._source: torch.futures.Future | None = None
+        self._fut: torch.futures.Future | None = None
+        if done:
+            self._done.set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._error = error
+            self._done.set()
+            src = self._source
+        if src is not None:
+            src.set_result(error if error is not None else self._result)
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        secs = timeout.total_seconds() if isinstance(timeout, timedelta) and timeout.total_seconds() > 0 else None
+        if not self._done.wait(secs):
+            raise DevcclTimeoutError(f"devccl work did not finish within {secs} s (it keeps running)")
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        with self._lock:
+            if self._fut is None:
+                self._source = torch.futures.Future()
+                self._fut = self._source.then(_unwrap)
+                if self._done.is_set():
+                    src, err = self._source, self._error
+                else:
+                    src, err = None, None
+            else:
+                src, err = None, None
+        if src is not None:
+            src.set_result(err if err is not None else self._result)
+        return self._fut
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def result(self) -> Any:
+        self.wait()
+        return self._result
+
+
+class _Completer:
+    """Finishes the Work of asynchronous calls, in issue order (devccl finishes a
+    communicator's collectives in that order), on one daemon thread per process group."""
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue[tuple[list[DevcclWork], _Work | _FutureSink, Callable[[], None] | None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def put(self, works: list[DevcclWork], work: _Work | _FutureSink, post: Callable[[], None] | None) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+        self._q.put((works, work, post))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            works, work, post = item
+            error: BaseException | None = None
+            try:
+                for w in works:
+                    w.wait()
+                if post is not None:
+                    post()
+            except BaseException as e:  # noqa: BLE001 - every failure goes to the waiter
+                error = e
+            work._finish(error)
+
+    def stop(self) -> None:
+        """Let queued completions finish, then end the thread."""
+        with self._lock:
+            t, self._thread = self._thread, None
+        if t is not None:
+            self._q.put(None)
+            t.join()
+
+
+def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+    if len(tensors) != 1:
+        raise InvalidUsageError(f"devccl {what}: expected exactly one tensor per call, got {len(tensors)}")
+    return tensors[0]
+
+
+def _same_dtype(tensors: Sequence[torch.Tensor], what: str) -> torch.dtype:
+    dt = tensors[0].dtype
+    for t in tensors:
+        if t.dtype != dt:
+            raise InvalidUsageError(f"devccl {what}: all tensors must have one dtype, got {dt} and {t.dtype}")
+    return dt
+
+
+def _check_all(tensors: Sequence[torch.Tensor], what: str) -> None:
+    for i, t in enumerate(tensors):
+        check_tensor(t, f"{what}[{i}]")
+        tensor_dtype(t, f"{what}[{i}]")
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    at = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[at : at + n].view_as(t))
+        at += n
+
+
+class ProcessGroupDevccl(dist.ProcessGroup):
+    """A torch.distributed process group whose collectives run on a devccl communicator.
+
+    ``calls`` counts the calls each method served (used by the tests to prove devccl, not a
+    fallback, served every op).
+    """
+
+    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta | None = None) -> None:
+        super().__init__(rank, size)
+        self._group_name = ""
+        self._group_desc = ""
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._server, self._comm = _connect(store, rank, size, timeout)
+        self._completer = _Completer(f"devccl-torch-{self._comm.comm_id[:8]}")
+
+    # -- identity (overridable through the C++ trampoline since torch 2.6) ---------------------
+
+    def getBackendName(self) -> str:  # noqa: N802 - c10d's name
+        return BACKEND
+
+    def getGroupName(self) -> str:  # noqa: N802
+        return self._group_name
+
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._group_name = name
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._group_desc
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._group_desc = desc
+
+    @property
+    def communicator(self) -> Communicator:
+        """The devccl communicator serving this group."""
+        return self._comm
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _launch(
+        self,
+        what: str,
+        async_op: bool,
+        calls: Sequence[Callable[[bool], Any]],
+        result: Any,
+        post: Callable[[], None] | None = None,
+    ) -> dist.Work:
+        """Run ``calls`` (each issues one devccl collective, blocking or async) and return a
+        Work that completes with ``result`` after ``post`` ran.
+
+        Blocking calls (``async_op=False``: only Python's ``dist.*`` asks for them) run inline
+        and raise devccl's exception directly. Asynchronous calls from Python's ``dist.*``
+        get a :class:`_Work` (its ``wait()`` raises devccl's exception); calls from C++ get a
+        pure C++ Work (see :class:`_FutureSink`)."""
+        self.calls[what] += 1
+        if async_op:
+            works = [c(True) for c in calls]
+            if _called_from_c10d_python():
+                work = _Work(result)
+                self._completer.put(works, work, post)
+                return work
+            sink = _FutureSink(result)
+            self._completer.put(works, sink, post)
+            return sink.work()
+        for c in calls:
+            c(False)
+        if post is not None:
+            post()
+        return _Work(result, done=True)
+
+    @staticmethod
+    def _async(opts: Any) -> bool:
+        return bool(getattr(opts, "asyncOp", True))
+
+    # -- collectives ----------------------------------------------------------------------------
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        if isinstance(opts, (ReduceOp, ReduceOp.RedOpType)):
+            op, opts = opts, None
+        else:
+            op = opts.reduceOp if opts is not None else ReduceOp.SUM
+        name = reduce_op_name(op)
+        t = _one(tensors, "allreduce")
+        return self._launch(
+            "allreduce",
+            self._async(opts),
+            [lambda a: self._comm.all_reduce(t, name, async_op=a)],
+            tensors,
+        )
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        if not tensors:
+            return self._launch("allreduce_coalesced", False, [], tensors)
+        _check_all(tensors, "tensors")
+        _same_dtype(tensors, "allreduce_coalesced")
+        flat = _flat(tensors)
+        return self._launch(
+            "allreduce_coalesced",
+            self._async(opts),
+            [lambda a: self._comm.all_reduce(flat, name, async_op=a)],
+            tensors,
+            lambda: _unflatten_into(flat, tensors),
+        )
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        root = opts.rootRank if opts is not None else 0
+        if opts is not None and opts.rootTensor != 0:
+            raise InvalidUsageError(f"devccl broadcast: rootTensor must be 0, got {opts.rootTensor}")
+        t = _one(tensors, "broadcast")
+        return self._launch(
+            "broadcast", self._async(opts), [lambda a: self._comm.broadcast(t, root, async_op=a)], tensors
+        )
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        root = opts.rootRank if opts is not None else 0
+        name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        t = _one(tensors, "reduce")
+        return self._launch(
+            "reduce", self._async(opts), [lambda a: self._comm.reduce(t, root, name, async_op=a)], tensors
+        )
+
+    def _gather_list(self, what: str, outs: list[torch.Tensor], inp: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A packed buffer for an all_gather into a list, and the copy-out step."""
+        n = self.size()
+        if len(outs) != n:
+            raise InvalidUsageError(f"devccl {what}: expected {n} output tensors, got {len(outs)}")
+        _check_all(outs, "output_tensors")
+        for i, o in enumerate(outs):
+            if o.numel() != inp.numel() or o.dtype != inp.dtype:
+                raise InvalidUsageError(
+                    f"devccl {what}: output_tensors[{i}] has {o.numel()} {o.dtype} elements, the input "
+                    f"{inp.numel()} {inp.dtype}"
+                )
+        flat = torch.empty(n * inp.numel(), dtype=inp.dtype)
+        return flat, lambda: _unflatten_into(flat, outs)
+
+    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        inp = _one(input_tensors, "allgather")
+        outs = _one(output_tensors, "allgather")
+        flat, post = self._gather_list("allgather", outs, inp)
+        return self._launch(
+            "allgather",
+            self._async(opts),
+            [lambda a: self._comm.all_gather(flat, inp, async_op=a)],
+            output_tensors,
+            post,
+        )
+
+    def allgather_coalesced(
+        self, output_lists: list[list[torch.Tensor]], input_list: list[torch.Tensor], opts: Any = None
+    ) -> dist.Work:
+        if len(output_lists) != len(input_list):
+            raise InvalidUsageError(
+                f"devccl allgather_coalesced: {len(output_lists)} output lists for {len(input_list)} inputs"
+            )
+        calls, posts = [], []
+        for outs, inp in zip(output_lists, input_list, strict=True):
+            flat, post = self._gather_list("allgather_coalesced", outs, inp)
+            calls.append(lambda a, flat=flat, inp=inp: self._comm.all_gather(flat, inp, async_op=a))
+            posts.append(post)
+
+        def post_all() -> None:
+            for p in posts:
+                p()
+
+        return self._launch("allgather_coalesced", self._async(opts), calls, output_lists, post_all)
+
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
+        return self._launch(
+            "_allgather_base", self._async(opts), [lambda a: self._comm.all_gather(output, input, async_op=a)], [output]
+        )
+
+    def allgather_into_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> dist.Work:
+        if len(outputs) != len(inputs):
+            raise InvalidUsageError(f"devccl allgather_into_tensor_coalesced: {len(outputs)} outputs for {len(inputs)} inputs")
+        calls = [
+            lambda a, o=o, i=i: self._comm.all_gather(o, i, async_op=a) for o, i in zip(outputs, inputs, strict=True)
+        ]
+        return self._launch("allgather_into_tensor_coalesced", self._async(opts), calls, outputs)
+
+    def reduce_scatter(
+        self, output_tensors: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
+    ) -> dist.Work:
+        name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        out = _one(output_tensors, "reduce_scatter")
+        ins = _one(input_lists, "reduce_scatter")
+        n = self.size()
+        if len(ins) != n:
+            raise InvalidUsageError(f"devccl reduce_scatter: expected {n} input tensors, got {len(ins)}")
+        _check_all(ins, "input_list")
+        for i, t in enumerate(ins):
+            if t.numel() != out.numel() or t.dtype != out.dtype:
+                raise InvalidUsageError(
+                    f"devccl reduce_scatter: input_list[{i}] has {t.numel()} {t.dtype} elements, the output "
+                    f"{out.numel()} {out.dtype}"
+                )
+        flat = _flat(ins)
+        return self._launch(
+            "reduce_scatter",
+            self._async(opts),
+            [lambda a: self._comm.reduce_scatter(out, flat, name, async_op=a)],
+            output_tensors,
+        )
+
+    def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
+        name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        return self._launch(
+            "_reduce_scatter_base",
+            self._async(opts),
+            [lambda a: self._comm.reduce_scatter(output, input, name, async_op=a)],
+            [output],
+        )
+
+    def reduce_scatter_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> dist.Work:
+        name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        if len(outputs) != len(inputs):
+            raise InvalidUsageError(f"devccl reduce_scatter_tensor_coalesced: {len(outputs)} outputs for {len(inputs)} inputs")
+        calls = [
+            lambda a, o=o, i=i: self._comm.reduce_scatter(o, i, name, async_op=a)
+            for o, i in zip(outputs, inputs, strict=True)
+        ]
+        return self._launch("reduce_scatter_tensor_coalesced", self._async(opts), calls, outputs)
+
+    def gather(self, output_lists: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        root = opts.rootRank if opts is not None else 0
+        inp = _one(input_tensors, "gather")
+        if self.rank() == root:
+            flat, post = self._gather_list("gather", _one(output_lists, "gather"), inp)
+        else:
+            if output_lists and any(output_lists):
+                raise InvalidUsageError("devccl gather: only the root passes output tensors")
+            flat, post = None, None
+        return self._launch(
+            "gather",
+            self._async(opts),
+            [lambda a: self._comm.gather(inp, flat, root, async_op=a)],
+            output_lists,
+            post,
+        )
+
+    def scatter(self, output_tensors: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
+        root = opts.rootRank if opts is not None else 0
+        out = _one(output_tensors, "scatter")
+        flat = None
+        if self.rank() == root:
+            ins = _one(input_lists, "scatter")
+            n = self.size()
+            if len(ins) != n:
+                raise InvalidUsageError(f"devccl scatter: expected {n} input tensors on the root, got {len(ins)}")
+            _check_all(ins, "input_list")
+            for i, t in enumerate(ins):
+                if t.numel() != out.numel() or t.dtype != out.dtype:
+                    raise InvalidUsageError(
+                        f"devccl scatter: input_list[{i}] has {t.numel()} {t.dtype} elements, the output "
+                        f"{out.numel()} {out.dtype}"
+                    )
+            flat = _flat(ins)
+        elif input_lists and any(input_lists):
+            raise InvalidUsageError("devccl scatter: only the root passes input tensors")
+        return self._launch(
+            "scatter", self._async(opts), [lambda a: self._comm.scatter(out, flat, root, async_op=a)], output_tensors
+        )
+
+    @staticmethod
+    def _split_counts(t: torch.Tensor, splits: Sequence[int], n: int, what: str) -> list[int]:
+        """Element counts per rank for splits along dim 0 (equal split when empty)."""
+        rows = t.shape[0] if t.dim() > 0 else t.numel()
+        per_row = t.numel() // rows if rows else 0
+        if not splits:
+            if rows % n:
+                raise InvalidUsageError(f"devccl alltoall_base: {what} has {rows} rows, which do not split into {n} equal parts")
+            return [rows // n * per_row] * n
+        if len(splits) != n or sum(splits) != rows or any(s < 0 for s in splits):
+            raise InvalidUsageError(
+                f"devccl alltoall_base: {what}_split_sizes {list(splits)} must be {n} non-negative sizes summing to {rows}"
+            )
+        return [s * per_row for s in splits]
+
+    def alltoall_base(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Sequence[int],
+        input_split_sizes: Sequence[int],
+        opts: Any = None,
+    ) -> dist.Work:
+        n = self.size()
+        if not output_split_sizes and not input_split_sizes and output.numel() == input.numel():
+            call = lambda a: self._comm.all_to_all(output, input, async_op=a)  # noqa: E731
+        else:
+            oc = self._split_counts(output, output_split_sizes, n, "output")
+            ic = self._split_counts(input, input_split_sizes, n, "input")
+            call = lambda a: self._comm.all_to_all_v(output, input, oc, ic, async_op=a)  # noqa: E731
+        return self._launch("alltoall_base", self._async(opts), [call], [output])
+
+    def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        n = self.size()
+        if len(output_tensors) != n or len(input_tensors) != n:
+            raise InvalidUsageError(
+                f"devccl alltoall: expected {n} input and {n} output tensors, got {len(input_tensors)} and {len(output_tensors)}"
+            )
+        _check_all(input_tensors, "input_tensors")
+        _check_all(output_tensors, "output_tensors")
+        dt = _same_dtype([*input_tensors, *output_tensors], "alltoall")
+        flat_in = _flat(input_tensors)
+        flat_out = torch.empty(sum(t.numel() for t in output_tensors), dtype=dt)
+        ic = [t.numel() for t in input_tensors]
+        oc = [t.numel() for t in output_tensors]
+        return self._launch(
+            "alltoall",
+            self._async(opts),
+            [lambda a: self._comm.all_to_all_v(flat_out, flat_in, oc, ic, async_op=a)],
+            output_tensors,
+            lambda: _unflatten_into(flat_out, output_tensors),
+        )
+
+    @staticmethod
+    def _tag(tag: int) -> int:
+        if not 0 <= tag < 2**32:
+            raise InvalidUsageError(f"devccl send/recv: tag must be in 0..2**32-1, got {tag}")
+        return tag
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
+        t = _one(tensors, "send")
+        tag = self._tag(tag)
+        return self._launch("send", True, [lambda a: self._comm.send(t, dst, tag, async_op=a)], tensors)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
+        t = _one(tensors, "recv")
+        tag = self._tag(tag)
+        return self._launch("recv", True, [lambda a: self._comm.recv(t, src, tag, async_op=a)], tensors)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> dist.Work:
+        raise UnsupportedError("devccl does not support recv from any source; pass src=")
+
+    def barrier(self, opts: Any = None) -> dist.Work:
+        return self._launch("barrier", self._async(opts), [lambda a: self._comm.barrier(async_op=a)], [])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Fail collectives in progress on every member and poison the communicator."""
+        self.calls["abort"] += 1
+        self._comm.abort("torch ProcessGroup.abort()")
+
+    def shutdown(self) -> None:
+        """Finish queued work, then close the communicator and the rendezvous server."""
+        self.calls["shutdown"] += 1
+        self._completer.stop()
+        try:
+            self._comm.destroy()
+        finally:
+            if self._server is not None:
+                self._server.shutdown()
+
+
+def _create(store: Any, rank: int, size: int, timeout: timedelta) -> ProcessGroupDevccl:
+    return ProcessGroupDevccl(store, rank, size, timeout)
+
+
+if BACKEND.upper() not in dist.Backend._plugins:
+    dist.Backend.register_backend(BACKEND, _create, devices=["cpu", "cuda"])

@@ -1,0 +1,388 @@
+//! `devccl._native.Communicator`: a devccl communicator driven from Python.
+//!
+//! Every collective goes through one method, [`PyCommunicator::collective`], which names the
+//! collective by string and takes buffer-protocol objects (numpy arrays, `bytearray`,
+//! `memoryview`, `array.array`). The `devccl` package wraps it with one typed method per
+//! collective that also accepts torch tensors. Blocking calls release the GIL for the whole
+//! collective; asynchronous calls return a [`PyWork`].
+
+use std::str::FromStr;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use devccl::{Collective, Communicator, DType, InitOptions, ReduceOp};
+use devccl_core::config::Config;
+use pyo3::prelude::*;
+use pyo3::types::PyString;
+
+use crate::buffer::{self, Lifetime, Operands};
+use crate::errors::{Kind, err, to_py};
+use crate::work::PyWork;
+
+/// A devccl communicator: a group of ranks that run collectives together.
+///
+/// Build it with `Communicator.from_env()` under a launcher (torchrun, `devccl launch`, srun,
+/// mpirun), or `Communicator(rank, world_size, rendezvous, ...)` explicitly. Initialisation
+/// blocks (without the GIL) until every rank joined, bounded by DEVCCL_INIT_TIMEOUT.
+#[derive(Debug)]
+#[pyclass(frozen, name = "Communicator", module = "devccl._native")]
+pub struct PyCommunicator {
+    comm: RwLock<Option<Communicator>>,
+}
+
+fn seconds(py: Python<'_>, what: &str, v: Option<f64>) -> PyResult<Option<Duration>> {
+    match v {
+        None => Ok(None),
+        Some(s) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(err(
+            py,
+            Kind::Usage,
+            format!("{what} must be a positive number of seconds, got {s}"),
+        )),
+    }
+}
+
+/// Parse a dtype name (`f32`, `float32`, `bf16`, ...).
+pub(crate) fn parse_dtype(py: Python<'_>, s: &str) -> PyResult<DType> {
+    DType::from_str(s).map_err(|e| match e {
+        devccl::Error::InvalidUsage(m) => err(py, Kind::DType, m),
+        e => to_py(py, e),
+    })
+}
+
+fn parse_op(py: Python<'_>, s: &str) -> PyResult<ReduceOp> {
+    ReduceOp::from_str(s).map_err(|e| to_py(py, e))
+}
+
+fn counts(py: Python<'_>, name: &str, v: Option<Vec<usize>>) -> PyResult<Vec<usize>> {
+    v.ok_or_else(|| err(py, Kind::Usage, format!("all_to_all_v needs {name}")))
+}
+
+/// Which collective a kind string names, with its parameters.
+#[allow(clippy::too_many_arguments)]
+fn describe(
+    py: Python<'_>,
+    kind: &str,
+    op: &str,
+    root: usize,
+    peer: usize,
+    tag: u32,
+    send_counts: Option<Vec<usize>>,
+    send_displs: Option<Vec<usize>>,
+    recv_counts: Option<Vec<usize>>,
+    recv_displs: Option<Vec<usize>>,
+) -> PyResult<Collective> {
+    Ok(match kind {
+        "all_reduce" => Collective::AllReduce {
+            op: parse_op(py, op)?,
+        },
+        "broadcast" => Collective::Broadcast { root },
+        "reduce" => Collective::Reduce {
+            op: parse_op(py, op)?,
+            root,
+        },
+        "all_gather" => Collective::AllGather,
+        "reduce_scatter" => Collective::ReduceScatter {
+            op: parse_op(py, op)?,
+        },
+        "all_to_all" => Collective::AllToAll,
+        "all_to_all_v" => Collective::AllToAllV {
+            send_counts: counts(py, "send_counts", send_counts)?,
+            send_displs: counts(py, "send_displs", send_displs)?,
+            recv_counts: counts(py, "recv_counts", recv_counts)?,
+            recv_displs: counts(py, "recv_displs", recv_displs)?,
+        },
+        "gather" => Collective::Gather { root },
+        "scatter" => Collective::Scatter { root },
+        "send" => Collective::Send { peer, tag },
+        "recv" => Collective::Recv { peer, tag },
+        "barrier" => Collective::Barrier,
+        other => {
+            return Err(err(
+                py,
+                Kind::Usage,
+                format!(
+                    "unknown collective '{other}' (all_reduce broadcast reduce all_gather reduce_scatter all_to_all \
+                     all_to_all_v gather scatter send recv barrier)"
+                ),
+            ));
+        }
+    })
+}
+
+impl PyCommunicator {
+    fn handle(&self, py: Python<'_>) -> PyResult<Communicator> {
+        self.comm
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| err(py, Kind::Usage, "the communicator was destroyed"))
+    }
+
+    fn wrap(py: Python<'_>, o: InitOptions) -> PyResult<PyCommunicator> {
+        let c = py
+            .detach(move || Communicator::init_with(o))
+            .map_err(|e| to_py(py, e))?;
+        Ok(PyCommunicator {
+            comm: RwLock::new(Some(c)),
+        })
+    }
+}
+
+impl Drop for PyCommunicator {
+    fn drop(&mut self) {
+        if let Some(c) = self
+            .comm
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            // Dropping the last handle drains queued work and closes connections; finishing
+            // work may need the GIL (to release buffer exports), so never hold it meanwhile.
+            // If the interpreter cannot be attached (it is shutting down), the closure is
+            // dropped unrun and the handle with it.
+            let _ = Python::try_attach(move |py| py.detach(move || drop(c)));
+        }
+    }
+}
+
+#[pymethods]
+impl PyCommunicator {
+    /// Join a communicator of `world_size` ranks through the rendezvous at `rendezvous`
+    /// (`host:port`). With `host_rendezvous=True` this process also runs the rendezvous server
+    /// there (rank 0 usually does). `group` names the communicator on the rendezvous (several
+    /// may share one server). `timeout` / `init_timeout` (seconds) override DEVCCL_TIMEOUT /
+    /// DEVCCL_INIT_TIMEOUT; everything else comes from the DEVCCL_* environment.
+    #[new]
+    #[pyo3(signature = (rank, world_size, rendezvous, *, host_rendezvous=false, group="world".to_string(), local_world_size=None, timeout=None, init_timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        rank: usize,
+        world_size: usize,
+        rendezvous: String,
+        host_rendezvous: bool,
+        group: String,
+        local_world_size: Option<usize>,
+        timeout: Option<f64>,
+        init_timeout: Option<f64>,
+    ) -> PyResult<PyCommunicator> {
+        let mut config = Config::from_env().map_err(|e| to_py(py, e))?;
+        if let Some(t) = seconds(py, "timeout", timeout)? {
+            config.timeout = t;
+        }
+        if let Some(t) = seconds(py, "init_timeout", init_timeout)? {
+            config.init_timeout = t;
+        }
+        let o = InitOptions {
+            rank,
+            world: world_size,
+            local_world: local_world_size,
+            rendezvous,
+            host_rendezvous,
+            group,
+            config,
+        };
+        PyCommunicator::wrap(py, o)
+    }
+
+    /// Join the communicator the launcher describes (RANK, WORLD_SIZE, MASTER_ADDR,
+    /// MASTER_PORT under torchrun and `devccl launch`; SLURM_* under srun; OMPI_* under
+    /// mpirun). Rank 0 hosts the rendezvous unless DEVCCL_RENDEZVOUS_EXTERNAL=1.
+    #[staticmethod]
+    fn from_env(py: Python<'_>) -> PyResult<PyCommunicator> {
+        let o = InitOptions::from_env().map_err(|e| to_py(py, e))?;
+        PyCommunicator::wrap(py, o)
+    }
+
+    /// This process's rank.
+    #[getter]
+    fn rank(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.handle(py)?.rank())
+    }
+
+    /// Number of ranks.
+    #[getter]
+    fn world_size(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.handle(py)?.world_size())
+    }
+
+    /// The rendezvous group name.
+    #[getter]
+    fn group(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self.handle(py)?.group().to_string())
+    }
+
+    /// The communicator's id (the same on every rank), as hex.
+    #[getter]
+    fn comm_id(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self
+            .handle(py)?
+            .comm_id()
+            .0
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// Why the communicator is unusable (aborted, or poisoned by a failure), or None.
+    #[getter]
+    fn poisoned(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        Ok(self.handle(py)?.poisoned())
+    }
+
+    /// True once `destroy()` was called.
+    #[getter]
+    fn destroyed(&self) -> bool {
+        self.comm
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    /// Run one collective. `kind` is one of all_reduce, broadcast, reduce, all_gather,
+    /// reduce_scatter, all_to_all, all_to_all_v, gather, scatter, send, recv, barrier;
+    /// `input` / `output` are C-contiguous buffers (see the `devccl` package for the size
+    /// rules of each). A missing `output` means in place for all_reduce, broadcast,
+    /// all_to_all and (on the root) reduce, and "no output" otherwise. `dtype` names the
+    /// element type when the buffers' format does not (e.g. 'bf16' for a 2-byte view).
+    ///
+    /// Blocking (default): returns the output object (or the in-place buffer, or None) once
+    /// the collective finished on this rank, with the GIL released meanwhile. With
+    /// `async_op=True`: returns a `Work` at once.
+    #[pyo3(signature = (kind, input=None, output=None, *, op="sum", root=0, peer=0, tag=0, send_counts=None, send_displs=None, recv_counts=None, recv_displs=None, dtype=None, async_op=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn collective<'py>(
+        &self,
+        py: Python<'py>,
+        kind: &str,
+        input: Option<Bound<'py, PyAny>>,
+        output: Option<Bound<'py, PyAny>>,
+        op: &str,
+        root: usize,
+        peer: usize,
+        tag: u32,
+        send_counts: Option<Vec<usize>>,
+        send_displs: Option<Vec<usize>>,
+        recv_counts: Option<Vec<usize>>,
+        recv_displs: Option<Vec<usize>>,
+        dtype: Option<&str>,
+        async_op: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let comm = self.handle(py)?;
+        let c = describe(
+            py,
+            kind,
+            op,
+            root,
+            peer,
+            tag,
+            send_counts,
+            send_displs,
+            recv_counts,
+            recv_displs,
+        )?;
+        let want = dtype.map(|d| parse_dtype(py, d)).transpose()?;
+        let in_place_default = match &c {
+            Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::AllToAll => {
+                true
+            }
+            Collective::Reduce { root, .. } => *root == comm.rank(),
+            _ => false,
+        };
+        let (ops, result, dt) = match (input, output) {
+            (Some(i), None) if in_place_default => {
+                let e = buffer::export(&i, "buffer", true)?;
+                let dt = e.dtype(py, "buffer", want)?;
+                (Operands::InPlace(e), i.unbind(), dt)
+            }
+            (i, o) => {
+                let ei = i
+                    .as_ref()
+                    .map(|i| buffer::export(i, "input", false))
+                    .transpose()?;
+                let eo = o
+                    .as_ref()
+                    .map(|o| buffer::export(o, "output", true))
+                    .transpose()?;
+                let di = ei
+                    .as_ref()
+                    .map(|e| e.dtype(py, "input", want))
+                    .transpose()?;
+                let d_o = eo
+                    .as_ref()
+                    .map(|e| e.dtype(py, "output", want))
+                    .transpose()?;
+                let dt = match (di, d_o) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(err(
+                            py,
+                            Kind::DType,
+                            format!(
+                                "input holds {} elements but output holds {}",
+                                a.nccl_name(),
+                                b.nccl_name()
+                            ),
+                        ));
+                    }
+                    (Some(a), _) | (None, Some(a)) => a,
+                    (None, None) => want.unwrap_or(DType::U8),
+                };
+                let result = match (o, i) {
+                    (Some(o), _) => o.unbind(),
+                    (None, Some(i)) if matches!(c, Collective::Reduce { .. }) => i.unbind(),
+                    _ => py.None(),
+                };
+                (Operands::Separate(ei, eo), result, dt)
+            }
+        };
+        if async_op {
+            let b = buffer::bind(py, ops, Lifetime::Work)?;
+            let w = comm.collective_async(&c, dt, b.input, b.output);
+            let work = Bound::new(py, PyWork::new(w, result))?;
+            Ok(work.into_any().unbind())
+        } else {
+            let b = buffer::bind(py, ops, Lifetime::Call)?;
+            let (i, o, guard) = (b.input, b.output, b.guard);
+            let r = py.detach(move || comm.collective(&c, dt, i, o));
+            drop(guard);
+            r.map_err(|e| to_py(py, e))?;
+            Ok(result)
+        }
+    }
+
+    /// Abort: fail the collective in progress on every rank (through the rendezvous and the
+    /// data connections) and make every later call raise AbortedError. Never blocks on the
+    /// collective in progress. Does nothing after `destroy()`.
+    #[pyo3(signature = (reason="aborted from Python"))]
+    fn abort(&self, py: Python<'_>, reason: &str) {
+        let comm = self.comm.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(comm) = comm {
+            let reason = reason.to_string();
+            py.detach(move || comm.abort(&reason));
+        }
+    }
+
+    /// Wait for queued collectives, then leave the rendezvous and close connections. Later
+    /// calls raise InvalidUsageError. Idempotent.
+    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
+        let comm = self.comm.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(c) = comm {
+            py.detach(move || c.destroy()).map_err(|e| to_py(py, e))?;
+        }
+        Ok(())
+    }
+
+    fn __repr__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        let s = match self.comm.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(c) => format!(
+                "<devccl Communicator group={:?} rank={} world_size={}>",
+                c.group(),
+                c.rank(),
+                c.world_size()
+            ),
+            None => "<devccl Communicator (destroyed)>".to_string(),
+        };
+        Ok(PyString::new(py, &s))
+    }
+}
