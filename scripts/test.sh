@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Every test of the project: Rust unit, conformance, mesh, multi-process and live-kernel
-# tests, then the Python bindings and the PyTorch backend. Installs what it needs (Debian
-# packages, a Python venv with the pinned torch) on a fresh machine. CI runs exactly this.
+# Every test of the project: Rust unit, golden-bytes, conformance, mesh, multi-process and
+# live-kernel tests, then the Python bindings and the PyTorch backend. Installs what it needs
+# on a fresh machine (a Python venv with the pinned torch; see scripts/setup_python.sh).
+# CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 log() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
-log "rust: build and test the workspace (one dev profile)"
+log "python environment (torch 2.11.0, numpy, pytest, maturin): needed by the bindings crate and its tests"
+./scripts/setup_python.sh
+export DEVCCL_VENV=${DEVCCL_VENV:-$(pwd)/.venv}
+# pyo3's build script looks for the interpreter; use the venv's (Python >= 3.11).
+export PYO3_PYTHON=${PYO3_PYTHON:-$DEVCCL_VENV/bin/python}
+
+log "rust: build and test the whole workspace (one dev profile)"
 cargo test --workspace --locked --no-fail-fast
+
+log "python: build the extension (dev profile) and run the bindings' and torch backend's tests"
+./bindings-python/run_tests.sh
+
+log "all tests passed"

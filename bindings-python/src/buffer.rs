@@ -135,11 +135,7 @@ pub(crate) fn export(obj: &Bound<'_, PyAny>, what: &str, write: bool) -> PyResul
         ));
     }
     if write && buf.readonly() {
-        return Err(err(
-            py,
-            Kind::Usage,
-            format!("{what} is read-only, but devccl must write into it"),
-        ));
+        return Err(err(py, Kind::Usage, format!("{what} is read-only, but devccl must write into it")));
     }
     let format = buf.format().to_string_lossy().into_owned();
     let item_size = buf.item_size();
@@ -210,9 +206,7 @@ impl Maker {
     fn region(&mut self, span: (usize, usize), writable: bool, owned: Vec<Exported>) -> Region {
         let (addr, len) = span;
         let keeper: Option<Box<dyn Any + Send>> = match self.life {
-            Lifetime::Work => Some(Box::new(
-                owned.into_iter().map(|e| e.buf).collect::<Vec<_>>(),
-            )),
+            Lifetime::Work => Some(Box::new(owned.into_iter().map(|e| e.buf).collect::<Vec<_>>())),
             Lifetime::Call => {
                 self.exports.extend(owned.into_iter().map(|e| e.buf));
                 None
@@ -235,17 +229,10 @@ impl Maker {
 
     fn finish(self, input: RegionSlice, output: RegionSlice) -> Regions {
         let guard = match self.life {
-            Lifetime::Call => Some(CallGuard {
-                regions: self.regions,
-                _exports: self.exports,
-            }),
+            Lifetime::Call => Some(CallGuard { regions: self.regions, _exports: self.exports }),
             Lifetime::Work => None,
         };
-        Regions {
-            input,
-            output,
-            guard,
-        }
+        Regions { input, output, guard }
     }
 }
 
@@ -254,11 +241,7 @@ impl Maker {
 /// ranges are an in-place call, an input inside the output (in-place all_gather) becomes a
 /// slice of the output's region, and partial overlaps are refused.
 pub(crate) fn bind(py: Python<'_>, ops: Operands, life: Lifetime) -> PyResult<Regions> {
-    let mut mk = Maker {
-        life,
-        regions: Vec::new(),
-        exports: Vec::new(),
-    };
+    let mut mk = Maker { life, regions: Vec::new(), exports: Vec::new() };
     let empty = || Region::alloc(0).full();
     match ops {
         Operands::InPlace(e) => {

@@ -34,11 +34,7 @@ fn seconds(py: Python<'_>, what: &str, v: Option<f64>) -> PyResult<Option<Durati
     match v {
         None => Ok(None),
         Some(s) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(err(
-            py,
-            Kind::Usage,
-            format!("{what} must be a positive number of seconds, got {s}"),
-        )),
+        Some(s) => Err(err(py, Kind::Usage, format!("{what} must be a positive number of seconds, got {s}"))),
     }
 }
 
@@ -73,18 +69,11 @@ fn describe(
     recv_displs: Option<Vec<usize>>,
 ) -> PyResult<Collective> {
     Ok(match kind {
-        "all_reduce" => Collective::AllReduce {
-            op: parse_op(py, op)?,
-        },
+        "all_reduce" => Collective::AllReduce { op: parse_op(py, op)? },
         "broadcast" => Collective::Broadcast { root },
-        "reduce" => Collective::Reduce {
-            op: parse_op(py, op)?,
-            root,
-        },
+        "reduce" => Collective::Reduce { op: parse_op(py, op)?, root },
         "all_gather" => Collective::AllGather,
-        "reduce_scatter" => Collective::ReduceScatter {
-            op: parse_op(py, op)?,
-        },
+        "reduce_scatter" => Collective::ReduceScatter { op: parse_op(py, op)? },
         "all_to_all" => Collective::AllToAll,
         "all_to_all_v" => Collective::AllToAllV {
             send_counts: counts(py, "send_counts", send_counts)?,
@@ -120,23 +109,14 @@ impl PyCommunicator {
     }
 
     fn wrap(py: Python<'_>, o: InitOptions) -> PyResult<PyCommunicator> {
-        let c = py
-            .detach(move || Communicator::init_with(o))
-            .map_err(|e| to_py(py, e))?;
-        Ok(PyCommunicator {
-            comm: RwLock::new(Some(c)),
-        })
+        let c = py.detach(move || Communicator::init_with(o)).map_err(|e| to_py(py, e))?;
+        Ok(PyCommunicator { comm: RwLock::new(Some(c)) })
     }
 }
 
 impl Drop for PyCommunicator {
     fn drop(&mut self) {
-        if let Some(c) = self
-            .comm
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(c) = self.comm.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             // Dropping the last handle drains queued work and closes connections; finishing
             // work may need the GIL (to release buffer exports), so never hold it meanwhile.
             // If the interpreter cannot be attached (it is shutting down), the closure is
@@ -216,13 +196,7 @@ impl PyCommunicator {
     /// The communicator's id (the same on every rank), as hex.
     #[getter]
     fn comm_id(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(self
-            .handle(py)?
-            .comm_id()
-            .0
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        Ok(self.handle(py)?.comm_id().0.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Why the communicator is unusable (aborted, or poisoned by a failure), or None.
@@ -234,10 +208,7 @@ impl PyCommunicator {
     /// True once `destroy()` was called.
     #[getter]
     fn destroyed(&self) -> bool {
-        self.comm
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        self.comm.read().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// Run one collective. `kind` is one of all_reduce, broadcast, reduce, all_gather,
@@ -270,23 +241,10 @@ impl PyCommunicator {
         async_op: bool,
     ) -> PyResult<Py<PyAny>> {
         let comm = self.handle(py)?;
-        let c = describe(
-            py,
-            kind,
-            op,
-            root,
-            peer,
-            tag,
-            send_counts,
-            send_displs,
-            recv_counts,
-            recv_displs,
-        )?;
+        let c = describe(py, kind, op, root, peer, tag, send_counts, send_displs, recv_counts, recv_displs)?;
         let want = dtype.map(|d| parse_dtype(py, d)).transpose()?;
         let in_place_default = match &c {
-            Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::AllToAll => {
-                true
-            }
+            Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::AllToAll => true,
             Collective::Reduce { root, .. } => *root == comm.rank(),
             _ => false,
         };
@@ -297,32 +255,16 @@ impl PyCommunicator {
                 (Operands::InPlace(e), i.unbind(), dt)
             }
             (i, o) => {
-                let ei = i
-                    .as_ref()
-                    .map(|i| buffer::export(i, "input", false))
-                    .transpose()?;
-                let eo = o
-                    .as_ref()
-                    .map(|o| buffer::export(o, "output", true))
-                    .transpose()?;
-                let di = ei
-                    .as_ref()
-                    .map(|e| e.dtype(py, "input", want))
-                    .transpose()?;
-                let d_o = eo
-                    .as_ref()
-                    .map(|e| e.dtype(py, "output", want))
-                    .transpose()?;
+                let ei = i.as_ref().map(|i| buffer::export(i, "input", false)).transpose()?;
+                let eo = o.as_ref().map(|o| buffer::export(o, "output", true)).transpose()?;
+                let di = ei.as_ref().map(|e| e.dtype(py, "input", want)).transpose()?;
+                let d_o = eo.as_ref().map(|e| e.dtype(py, "output", want)).transpose()?;
                 let dt = match (di, d_o) {
                     (Some(a), Some(b)) if a != b => {
                         return Err(err(
                             py,
                             Kind::DType,
-                            format!(
-                                "input holds {} elements but output holds {}",
-                                a.nccl_name(),
-                                b.nccl_name()
-                            ),
+                            format!("input holds {} elements but output holds {}", a.nccl_name(), b.nccl_name()),
                         ));
                     }
                     (Some(a), _) | (None, Some(a)) => a,
@@ -375,12 +317,9 @@ impl PyCommunicator {
 
     fn __repr__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
         let s = match self.comm.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            Some(c) => format!(
-                "<devccl Communicator group={:?} rank={} world_size={}>",
-                c.group(),
-                c.rank(),
-                c.world_size()
-            ),
+            Some(c) => {
+                format!("<devccl Communicator group={:?} rank={} world_size={}>", c.group(), c.rank(), c.world_size())
+            }
             None => "<devccl Communicator (destroyed)>".to_string(),
         };
         Ok(PyString::new(py, &s))

@@ -39,12 +39,7 @@ struct Classes {
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
 
-fn make<'py>(
-    py: Python<'py>,
-    name: &str,
-    bases: &[&Bound<'py, PyType>],
-    doc: &str,
-) -> PyResult<Py<PyType>> {
+fn make<'py>(py: Python<'py>, name: &str, bases: &[&Bound<'py, PyType>], doc: &str) -> PyResult<Py<PyType>> {
     let ns = PyDict::new(py);
     ns.set_item("__module__", "devccl")?;
     ns.set_item("__doc__", doc)?;
@@ -57,12 +52,7 @@ fn create(py: Python<'_>) -> PyResult<Classes> {
     let rt = py.get_type::<PyRuntimeError>();
     let ve = py.get_type::<PyValueError>();
     let te = py.get_type::<PyTypeError>();
-    let base = make(
-        py,
-        "DevcclError",
-        &[&rt],
-        "Base class of every error devccl raises.",
-    )?;
+    let base = make(py, "DevcclError", &[&rt], "Base class of every error devccl raises.")?;
     let b = base.bind(py);
     let usage = make(
         py,
@@ -77,67 +67,29 @@ fn create(py: Python<'_>) -> PyResult<Classes> {
         &[usage.bind(py), &te],
         "An element type devccl does not support, or input and output of different types.",
     )?;
-    let remote = make(
-        py,
-        "RemoteError",
-        &[b],
-        "A peer failed, closed its connection, or sent something invalid.",
-    )?;
+    let remote = make(py, "RemoteError", &[b], "A peer failed, closed its connection, or sent something invalid.")?;
     let mismatch = make(
         py,
         "MismatchError",
         &[remote.bind(py)],
         "Ranks called different collectives, or the same one with different sizes, dtypes, ops or roots.",
     )?;
-    let timeout = make(
-        py,
-        "DevcclTimeoutError",
-        &[b],
-        "A collective or init made no progress within its deadline.",
-    )?;
+    let timeout = make(py, "DevcclTimeoutError", &[b], "A collective or init made no progress within its deadline.")?;
     let aborted = make(
         py,
         "AbortedError",
         &[b],
         "The communicator was aborted (by any rank) or poisoned by an earlier failure; every later call raises this.",
     )?;
-    let unsupported = make(
-        py,
-        "UnsupportedError",
-        &[b],
-        "The request cannot be served here (e.g. CUDA tensors).",
-    )?;
-    let system = make(
-        py,
-        "DevcclSystemError",
-        &[b],
-        "An operating-system call failed.",
-    )?;
-    let internal = make(
-        py,
-        "InternalError",
-        &[b],
-        "A bug in devccl; please report it with the message.",
-    )?;
-    Ok(Classes {
-        base,
-        usage,
-        dtype,
-        remote,
-        mismatch,
-        timeout,
-        aborted,
-        unsupported,
-        system,
-        internal,
-    })
+    let unsupported = make(py, "UnsupportedError", &[b], "The request cannot be served here (e.g. CUDA tensors).")?;
+    let system = make(py, "DevcclSystemError", &[b], "An operating-system call failed.")?;
+    let internal = make(py, "InternalError", &[b], "A bug in devccl; please report it with the message.")?;
+    Ok(Classes { base, usage, dtype, remote, mismatch, timeout, aborted, unsupported, system, internal })
 }
 
 fn classes(py: Python<'_>) -> &Classes {
     // Created in `register` at import; this cannot fail afterwards.
-    CLASSES.get_or_init(py, || {
-        create(py).expect("creating devccl's exception classes")
-    })
+    CLASSES.get_or_init(py, || create(py).expect("creating devccl's exception classes"))
 }
 
 /// Create the classes and add them to the module.

@@ -45,14 +45,9 @@ impl PyRendezvousServer {
             group_timeout: Duration::from_secs_f64(group_timeout),
         };
         let listen = listen.to_string();
-        let s = py
-            .detach(move || RendezvousServer::start(&listen, opts))
-            .map_err(|e| to_py(py, e))?;
+        let s = py.detach(move || RendezvousServer::start(&listen, opts)).map_err(|e| to_py(py, e))?;
         let addr = s.local_addr();
-        Ok(PyRendezvousServer {
-            server: Mutex::new(Some(s)),
-            addr,
-        })
+        Ok(PyRendezvousServer { server: Mutex::new(Some(s)), addr })
     }
 
     /// The address it listens on, as `host:port` (IPv6 in brackets).
@@ -76,27 +71,14 @@ impl PyRendezvousServer {
     }
 
     fn __repr__(&self) -> String {
-        let live = self
-            .server
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
-        format!(
-            "<devccl RendezvousServer {} {}>",
-            self.addr,
-            if live { "serving" } else { "stopped" }
-        )
+        let live = self.server.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        format!("<devccl RendezvousServer {} {}>", self.addr, if live { "serving" } else { "stopped" })
     }
 }
 
 impl Drop for PyRendezvousServer {
     fn drop(&mut self) {
-        if let Some(s) = self
-            .server
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(s) = self.server.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             // Shutting down waits briefly for connections to close; do not hold the GIL.
             let _ = Python::try_attach(move |py| py.detach(move || s.shutdown()));
         }

@@ -35,10 +35,7 @@ pub struct PyWork {
 
 impl PyWork {
     pub(crate) fn new(work: devccl::Work<()>, result: Py<PyAny>) -> PyWork {
-        PyWork {
-            state: Mutex::new(State::Pending(work)),
-            result,
-        }
+        PyWork { state: Mutex::new(State::Pending(work)), result }
     }
 
     /// Wait until finished or `deadline`; true when finished.
@@ -92,13 +89,9 @@ impl PyWork {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let deadline = match timeout {
-            Some(t) if t.is_finite() && t >= 0.0 => {
-                Some(Instant::now() + Duration::from_secs_f64(t.min(1e9)))
-            }
+            Some(t) if t.is_finite() && t >= 0.0 => Some(Instant::now() + Duration::from_secs_f64(t.min(1e9))),
             Some(t) if t.is_nan() || t < 0.0 => {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "timeout must be >= 0, got {t}"
-                )));
+                return Err(pyo3::exceptions::PyValueError::new_err(format!("timeout must be >= 0, got {t}")));
             }
             _ => None,
         };
@@ -135,13 +128,6 @@ impl PyWork {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<devccl Work {}>",
-            if self.is_completed() {
-                "completed"
-            } else {
-                "pending"
-            }
-        )
+        format!("<devccl Work {}>", if self.is_completed() { "completed" } else { "pending" })
     }
 }

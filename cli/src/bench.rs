@@ -201,12 +201,9 @@ impl Kind {
         let nf = n as f64;
         match self {
             Kind::AllReduce => 2.0 * (nf - 1.0) / nf,
-            Kind::AllGather
-            | Kind::ReduceScatter
-            | Kind::AllToAll
-            | Kind::AllToAllV
-            | Kind::Gather
-            | Kind::Scatter => (nf - 1.0) / nf,
+            Kind::AllGather | Kind::ReduceScatter | Kind::AllToAll | Kind::AllToAllV | Kind::Gather | Kind::Scatter => {
+                (nf - 1.0) / nf
+            }
             Kind::Broadcast | Kind::Reduce | Kind::SendRecv => 1.0,
             Kind::Barrier => 0.0,
         }
@@ -217,10 +214,7 @@ impl Kind {
     }
 
     fn rooted(self) -> bool {
-        matches!(
-            self,
-            Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter
-        )
+        matches!(self, Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter)
     }
 }
 
@@ -260,12 +254,8 @@ impl Bench {
             Kind::AllToAll => Collective::AllToAll,
             Kind::AllToAllV => {
                 let n = self.n;
-                let sc: Vec<usize> = (0..n)
-                    .map(|j| v_count(self.total, n, self.rank, j))
-                    .collect();
-                let rc: Vec<usize> = (0..n)
-                    .map(|i| v_count(self.total, n, i, self.rank))
-                    .collect();
+                let sc: Vec<usize> = (0..n).map(|j| v_count(self.total, n, self.rank, j)).collect();
+                let rc: Vec<usize> = (0..n).map(|i| v_count(self.total, n, i, self.rank)).collect();
                 Collective::AllToAllV {
                     send_displs: prefix(&sc),
                     send_counts: sc,
@@ -283,17 +273,12 @@ impl Bench {
     fn lens(&self) -> (usize, usize) {
         let (t, b) = (self.total, self.block());
         match self.kind {
-            Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::AllToAll | Kind::SendRecv => {
-                (t, t)
-            }
+            Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::AllToAll | Kind::SendRecv => (t, t),
             Kind::AllGather | Kind::Gather => (b, t),
             Kind::ReduceScatter | Kind::Scatter => (t, b),
             Kind::AllToAllV => {
                 let n = self.n;
-                (
-                    (0..n).map(|j| v_count(t, n, self.rank, j)).sum(),
-                    (0..n).map(|i| v_count(t, n, i, self.rank)).sum(),
-                )
+                ((0..n).map(|j| v_count(t, n, self.rank, j)).sum(), (0..n).map(|i| v_count(t, n, i, self.rank)).sum())
             }
             Kind::Barrier => (0, 0),
         }
@@ -323,17 +308,8 @@ impl Bench {
     /// Expected output, or `None` where the output is not defined (reduce, gather off the
     /// root).
     fn expected(&self) -> devccl::Result<Option<Vec<u8>>> {
-        let (d, op, n, r, b, t) = (
-            self.dtype,
-            self.op,
-            self.n,
-            self.rank,
-            self.block(),
-            self.total,
-        );
-        let inp = |rank: usize, first: usize, count: usize| {
-            devccl::check::input(d, op, rank, first, count)
-        };
+        let (d, op, n, r, b, t) = (self.dtype, self.op, self.n, self.rank, self.block(), self.total);
+        let inp = |rank: usize, first: usize, count: usize| devccl::check::input(d, op, rank, first, count);
         Ok(Some(match self.kind {
             Kind::AllReduce => devccl::check::reduced(d, op, n, 0, t)?,
             Kind::Broadcast => inp(self.root, 0, t),
@@ -356,13 +332,7 @@ impl Bench {
     }
 
     /// Run once; `in_place` selects the nccl-tests in-place form.
-    fn run(
-        &self,
-        c: &Communicator,
-        input: &[u8],
-        out: &mut [u8],
-        in_place: bool,
-    ) -> devccl::Result<()> {
+    fn run(&self, c: &Communicator, input: &[u8], out: &mut [u8], in_place: bool) -> devccl::Result<()> {
         use devccl_core::memory::Region;
         let d = self.dtype;
         match self.kind {
@@ -373,20 +343,8 @@ impl Bench {
                     return Ok(());
                 }
                 let send = Region::from_vec(input.to_vec());
-                let w = c.collective_async(
-                    &Collective::Send { peer: next, tag: 0 },
-                    d,
-                    send.full(),
-                    send.full(),
-                );
-                Region::scoped(out, |o| {
-                    c.collective(
-                        &Collective::Recv { peer: prev, tag: 0 },
-                        d,
-                        o.full(),
-                        o.full(),
-                    )
-                })?;
+                let w = c.collective_async(&Collective::Send { peer: next, tag: 0 }, d, send.full(), send.full());
+                Region::scoped(out, |o| c.collective(&Collective::Recv { peer: prev, tag: 0 }, d, o.full(), o.full()))?;
                 w.wait()
             }
             Kind::Barrier => c.barrier(),
@@ -404,12 +362,7 @@ impl Bench {
                     if input_inside_output {
                         out[at * e..at * e + input.len()].copy_from_slice(input);
                         Region::scoped(out, |o| {
-                            c.collective(
-                                &self.desc(),
-                                d,
-                                o.slice(at * e..at * e + input.len()),
-                                o.full(),
-                            )
+                            c.collective(&self.desc(), d, o.slice(at * e..at * e + input.len()), o.full())
                         })
                     } else {
                         // The output is this rank's block of the input buffer.
@@ -449,11 +402,7 @@ fn max_over_ranks(c: &Communicator, v: &mut [f64]) -> devccl::Result<()> {
     c.all_reduce(v, ReduceOp::Max)
 }
 
-fn time_loop(
-    c: &Communicator,
-    iters: usize,
-    mut f: impl FnMut() -> devccl::Result<()>,
-) -> devccl::Result<f64> {
+fn time_loop(c: &Communicator, iters: usize, mut f: impl FnMut() -> devccl::Result<()>) -> devccl::Result<f64> {
     barrier(c)?;
     let t0 = Instant::now();
     for _ in 0..iters {
@@ -493,24 +442,13 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
     } else {
         args.sizes.clone()
     };
-    let split = !matches!(
-        kind,
-        Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::SendRecv | Kind::Barrier
-    );
+    let split = !matches!(kind, Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::SendRecv | Kind::Barrier);
     for &size in &sizes {
         let mut total = size as usize / esize;
         if split {
             total -= total % n;
         }
-        let b = Bench {
-            kind,
-            dtype,
-            op,
-            root: args.root,
-            rank,
-            n,
-            total,
-        };
+        let b = Bench { kind, dtype, op, root: args.root, rank, n, total };
         let bytes = total * esize;
         let input = b.input();
         let (_, out_len) = b.lens();
@@ -546,31 +484,16 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
             }
             max_over_ranks(&comm, &mut ts)?;
             ts.sort_by(|a, b| a.total_cmp(b));
-            Some(PerIter {
-                median_us: median(&ts),
-                min_us: ts[0],
-                p90_us: ts[(ts.len() * 9 / 10).min(ts.len() - 1)],
-            })
+            Some(PerIter { median_us: median(&ts), min_us: ts[0], p90_us: ts[(ts.len() * 9 / 10).min(ts.len() - 1)] })
         } else {
             None
         };
         let f = kind.bus_factor(n);
         let mk = |t: f64, w: u64| {
             let alg = if t > 0.0 { bytes as f64 / t / 1e3 } else { 0.0 };
-            Timing {
-                time_us: t,
-                algbw: alg,
-                busbw: alg * f,
-                wrong: if args.check > 0 { w } else { u64::MAX },
-            }
+            Timing { time_us: t, algbw: alg, busbw: alg * f, wrong: if args.check > 0 { w } else { u64::MAX } }
         };
-        let row = Row {
-            size: bytes as u64,
-            count: total,
-            oop: mk(t_oop, wrong[0]),
-            ip: mk(t_ip, wrong[1]),
-            per_iter,
-        };
+        let row = Row { size: bytes as u64, count: total, oop: mk(t_oop, wrong[0]), ip: mk(t_ip, wrong[1]), per_iter };
         if rank == 0 {
             let opname = if kind.reduces() { op.name() } else { "none" };
             let root = if kind.rooted() { args.root as i64 } else { -1 };
@@ -581,19 +504,10 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
         }
         rows.push(row);
     }
-    let wrong_total: u64 = if args.check > 0 {
-        rows.iter().map(|r| r.oop.wrong + r.ip.wrong).sum()
-    } else {
-        0
-    };
-    let avg_busbw =
-        rows.iter().map(|r| r.oop.busbw + r.ip.busbw).sum::<f64>() / (2 * rows.len()).max(1) as f64;
+    let wrong_total: u64 = if args.check > 0 { rows.iter().map(|r| r.oop.wrong + r.ip.wrong).sum() } else { 0 };
+    let avg_busbw = rows.iter().map(|r| r.oop.busbw + r.ip.busbw).sum::<f64>() / (2 * rows.len()).max(1) as f64;
     if rank == 0 {
-        println!(
-            "# Out of bounds values : {} {}",
-            wrong_total,
-            if wrong_total == 0 { "OK" } else { "FAILED" }
-        );
+        println!("# Out of bounds values : {} {}", wrong_total, if wrong_total == 0 { "OK" } else { "FAILED" });
         println!("# Avg bus bandwidth    : {avg_busbw:.4}");
         println!("#");
         println!("# Collective test concluded: {}", args.collective);
@@ -609,8 +523,7 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
                 avg_busbw,
                 wrong_total,
             };
-            std::fs::write(p, serde_json::to_vec_pretty(&rep)?)
-                .with_context(|| format!("writing {}", p.display()))?;
+            std::fs::write(p, serde_json::to_vec_pretty(&rep)?).with_context(|| format!("writing {}", p.display()))?;
         }
     }
     Ok(if wrong_total == 0 { 0 } else { 3 })
@@ -618,11 +531,7 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
 
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
 }
 
 fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
@@ -639,20 +548,9 @@ fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
         args.op
     );
     println!("#");
-    let extra = if args.per_iter {
-        "   per-iteration (out-of-place)"
-    } else {
-        ""
-    };
-    println!(
-        "# {:>58} {:>33} {:>33}{extra}",
-        "", "out-of-place", "in-place"
-    );
-    let extra = if args.per_iter {
-        "   med(us)   min(us)   p90(us)"
-    } else {
-        ""
-    };
+    let extra = if args.per_iter { "   per-iteration (out-of-place)" } else { "" };
+    println!("# {:>58} {:>33} {:>33}{extra}", "", "out-of-place", "in-place");
+    let extra = if args.per_iter { "   med(us)   min(us)   p90(us)" } else { "" };
     println!(
         "# {:>10} {:>12} {:>8} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6}{extra}",
         "size",
@@ -671,28 +569,12 @@ fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
     );
     println!(
         "# {:>10} {:>12} {:>8} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6}",
-        "(B)",
-        "(elements)",
-        "",
-        "",
-        "",
-        "(us)",
-        "(GB/s)",
-        "(GB/s)",
-        "",
-        "(us)",
-        "(GB/s)",
-        "(GB/s)",
-        ""
+        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", ""
     );
 }
 
 fn wrong_str(w: u64) -> String {
-    if w == u64::MAX {
-        "N/A".into()
-    } else {
-        w.to_string()
-    }
+    if w == u64::MAX { "N/A".into() } else { w.to_string() }
 }
 
 fn print_row(r: &Row, dtype: DType, op: &str, root: i64) {
@@ -713,10 +595,7 @@ fn print_row(r: &Row, dtype: DType, op: &str, root: i64) {
         wrong_str(r.ip.wrong)
     );
     if let Some(p) = r.per_iter {
-        line += &format!(
-            "   {:>7.1}   {:>7.1}   {:>7.1}",
-            p.median_us, p.min_us, p.p90_us
-        );
+        line += &format!("   {:>7.1}   {:>7.1}   {:>7.1}", p.median_us, p.min_us, p.p90_us);
     }
     println!("{line}");
 }

@@ -50,20 +50,13 @@ fn pump(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    let pre = if prefix {
-                        format!("[{rank}] ")
-                    } else {
-                        String::new()
-                    };
+                    let pre = if prefix { format!("[{rank}] ") } else { String::new() };
                     if to_stderr {
                         let mut e = std::io::stderr().lock();
                         let _ = e.write_all(pre.as_bytes()).and_then(|_| e.write_all(&line));
                     } else {
                         let mut o = std::io::stdout().lock();
-                        let _ = o
-                            .write_all(pre.as_bytes())
-                            .and_then(|_| o.write_all(&line))
-                            .and_then(|_| o.flush());
+                        let _ = o.write_all(pre.as_bytes()).and_then(|_| o.write_all(&line)).and_then(|_| o.flush());
                     }
                 }
             }
@@ -101,14 +94,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32> {
     if spec.nranks == 0 {
         bail!("-n must be at least 1");
     }
-    let Some((prog, args)) = spec.cmd.split_first() else {
-        bail!("nothing to launch: give a command after --")
-    };
-    let port = if spec.master_port == 0 {
-        free_port()?
-    } else {
-        spec.master_port
-    };
+    let Some((prog, args)) = spec.cmd.split_first() else { bail!("nothing to launch: give a command after --") };
+    let port = if spec.master_port == 0 { free_port()? } else { spec.master_port };
     let lock = Arc::new(Mutex::new(()));
     let mut children: Vec<Option<Child>> = Vec::new();
     let mut pumps = Vec::new();
@@ -131,27 +118,19 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32> {
         // kill the child if the launcher dies, so no rank outlives a killed launcher.
         unsafe {
             cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 stop(&mut children);
-                return Err(e)
-                    .with_context(|| format!("starting rank {rank}: {}", prog.to_string_lossy()));
+                return Err(e).with_context(|| format!("starting rank {rank}: {}", prog.to_string_lossy()));
             }
         };
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
-        pumps.push(pump(
-            out,
-            rank,
-            false,
-            rank != 0 || spec.prefix_rank0_stdout,
-            lock.clone(),
-        ));
+        pumps.push(pump(out, rank, false, rank != 0 || spec.prefix_rank0_stdout, lock.clone()));
         pumps.push(pump(err, rank, true, true, lock.clone()));
         children.push(Some(child));
     }

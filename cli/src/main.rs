@@ -75,12 +75,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Bench(a) => bench::run(a),
-        Cmd::Launch {
-            nranks,
-            master_addr,
-            master_port,
-            cmd,
-        } => launch::launch(&launch::LaunchSpec {
+        Cmd::Launch { nranks, master_addr, master_port, cmd } => launch::launch(&launch::LaunchSpec {
             nranks,
             cmd,
             master_addr,
@@ -102,17 +97,10 @@ fn run(cli: Cli) -> Result<i32> {
             let key = cfg.secret.as_deref().map(AuthKey::from_secret);
             let server = RendezvousServer::start(
                 &listen,
-                ServerOptions {
-                    world: Some(world),
-                    key,
-                    group_timeout: cfg.init_timeout.max(Duration::from_secs(1)),
-                },
+                ServerOptions { world: Some(world), key, group_timeout: cfg.init_timeout.max(Duration::from_secs(1)) },
             )
             .with_context(|| format!("starting the rendezvous on {listen}"))?;
-            eprintln!(
-                "devccl rendezvous: listening on {} for {world} ranks",
-                server.local_addr()
-            );
+            eprintln!("devccl rendezvous: listening on {} for {world} ranks", server.local_addr());
             server.serve_forever()?;
             Ok(0)
         }

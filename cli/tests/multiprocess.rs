@@ -10,22 +10,14 @@ const WORKER: &str = env!("CARGO_BIN_EXE_devccl-testworker");
 const DEVCCL: &str = env!("CARGO_BIN_EXE_devccl");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Rank {
     child: Child,
 }
 
-fn spawn(
-    n: usize,
-    common: &[(&str, &str)],
-    per_rank: impl Fn(usize) -> Vec<(String, String)>,
-) -> Vec<Rank> {
+fn spawn(n: usize, common: &[(&str, &str)], per_rank: impl Fn(usize) -> Vec<(String, String)>) -> Vec<Rank> {
     let port = free_port().to_string();
     (0..n)
         .map(|r| {
@@ -42,9 +34,7 @@ fn spawn(
                 .envs(per_rank(r))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            Rank {
-                child: c.spawn().expect("spawn worker"),
-            }
+            Rank { child: c.spawn().expect("spawn worker") }
         })
         .collect()
 }
@@ -75,19 +65,9 @@ fn finish(mut ranks: Vec<Rank>, limit: Duration) -> Vec<(bool, String, Duration)
         .map(|(mut r, st)| {
             let (ok, took) = st.expect("every rank finished");
             let mut s = String::new();
-            r.child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut s)
-                .unwrap();
+            r.child.stdout.take().unwrap().read_to_string(&mut s).unwrap();
             let mut e = String::new();
-            r.child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut e)
-                .unwrap();
+            r.child.stderr.take().unwrap().read_to_string(&mut e).unwrap();
             (ok, format!("{s}{e}"), took)
         })
         .collect()
@@ -96,14 +76,8 @@ fn finish(mut ranks: Vec<Rank>, limit: Duration) -> Vec<(bool, String, Duration)
 #[test]
 fn all_reduce_over_loopback_with_2_3_4_ranks() {
     for n in [2, 3, 4] {
-        let res = finish(
-            spawn(
-                n,
-                &[("WORKER_ITERS", "10"), ("WORKER_COUNT", "70001")],
-                |_| vec![],
-            ),
-            Duration::from_secs(60),
-        );
+        let res =
+            finish(spawn(n, &[("WORKER_ITERS", "10"), ("WORKER_COUNT", "70001")], |_| vec![]), Duration::from_secs(60));
         for (r, (ok, out, _)) in res.iter().enumerate() {
             assert!(*ok && out.contains("ok 10"), "n={n} rank {r}: {out}");
         }
@@ -116,12 +90,7 @@ fn killed_rank_is_named_by_every_survivor() {
     let res = finish(
         spawn(
             n,
-            &[
-                ("WORKER_ITERS", "200"),
-                ("WORKER_DIE_RANK", "2"),
-                ("WORKER_DIE_AT", "5"),
-                ("DEVCCL_TIMEOUT", "8"),
-            ],
+            &[("WORKER_ITERS", "200"), ("WORKER_DIE_RANK", "2"), ("WORKER_DIE_AT", "5"), ("DEVCCL_TIMEOUT", "8")],
             |_| vec![],
         ),
         Duration::from_secs(40),
@@ -132,14 +101,8 @@ fn killed_rank_is_named_by_every_survivor() {
             continue;
         }
         assert!(!ok, "rank {r} must fail: {out}");
-        assert!(
-            out.contains("error:") && out.contains("rank 2"),
-            "rank {r} must name rank 2: {out}"
-        );
-        assert!(
-            out.contains("after: communicator aborted"),
-            "rank {r}: a later call fails fast: {out}"
-        );
+        assert!(out.contains("error:") && out.contains("rank 2"), "rank {r} must name rank 2: {out}");
+        assert!(out.contains("after: communicator aborted"), "rank {r}: a later call fails fast: {out}");
         assert!(*took < Duration::from_secs(20), "rank {r} took {took:?}");
     }
 }
@@ -150,12 +113,7 @@ fn stalled_rank_times_out_everywhere() {
     let res = finish(
         spawn(
             n,
-            &[
-                ("WORKER_ITERS", "50"),
-                ("WORKER_STALL_RANK", "1"),
-                ("WORKER_STALL_AT", "3"),
-                ("DEVCCL_TIMEOUT", "2"),
-            ],
+            &[("WORKER_ITERS", "50"), ("WORKER_STALL_RANK", "1"), ("WORKER_STALL_AT", "3"), ("DEVCCL_TIMEOUT", "2")],
             |_| vec![],
         ),
         Duration::from_secs(14),
@@ -179,33 +137,17 @@ fn stalled_rank_times_out_everywhere() {
 fn mismatched_count_and_dtype_fail_on_every_rank() {
     for kind in ["count", "dtype"] {
         let res = finish(
-            spawn(
-                3,
-                &[
-                    ("WORKER_ITERS", "3"),
-                    ("WORKER_MISMATCH_RANK", "1"),
-                    ("WORKER_MISMATCH", kind),
-                ],
-                |_| vec![],
-            ),
+            spawn(3, &[("WORKER_ITERS", "3"), ("WORKER_MISMATCH_RANK", "1"), ("WORKER_MISMATCH", kind)], |_| vec![]),
             Duration::from_secs(30),
         );
         for (r, (ok, out, _)) in res.iter().enumerate() {
             assert!(!ok, "{kind}: rank {r} must fail: {out}");
-            assert!(
-                out.contains("mismatch") || out.contains("aborted"),
-                "{kind}: rank {r}: {out}"
-            );
+            assert!(out.contains("mismatch") || out.contains("aborted"), "{kind}: rank {r}: {out}");
         }
-        let detectors = res
-            .iter()
-            .filter(|(_, o, _)| o.contains("collective mismatch: rank"))
-            .count();
+        let detectors = res.iter().filter(|(_, o, _)| o.contains("collective mismatch: rank")).count();
         assert!(detectors >= 1, "{kind}: someone names both calls: {res:?}");
         assert!(
-            res.iter().any(|(_, o, _)| o.contains("count=70001")
-                || o.contains("int32")
-                || o.contains("count=100001")),
+            res.iter().any(|(_, o, _)| o.contains("count=70001") || o.contains("int32") || o.contains("count=100001")),
             "{kind}: the differing call is shown: {res:?}"
         );
     }
@@ -214,28 +156,14 @@ fn mismatched_count_and_dtype_fail_on_every_rank() {
 #[test]
 fn wrong_secret_is_refused_on_every_rank() {
     let res = finish(
-        spawn(
-            3,
-            &[("WORKER_ITERS", "2"), ("DEVCCL_INIT_TIMEOUT", "10")],
-            |r| {
-                vec![(
-                    "DEVCCL_SECRET".into(),
-                    if r == 2 {
-                        "wrong".into()
-                    } else {
-                        "right".into()
-                    },
-                )]
-            },
-        ),
+        spawn(3, &[("WORKER_ITERS", "2"), ("DEVCCL_INIT_TIMEOUT", "10")], |r| {
+            vec![("DEVCCL_SECRET".into(), if r == 2 { "wrong".into() } else { "right".into() })]
+        }),
         Duration::from_secs(30),
     );
     for (r, (ok, out, took)) in res.iter().enumerate() {
         assert!(!ok, "rank {r} must fail: {out}");
-        assert!(
-            out.to_lowercase().contains("secret"),
-            "rank {r} must say why: {out}"
-        );
+        assert!(out.to_lowercase().contains("secret"), "rank {r} must say why: {out}");
         assert!(*took < Duration::from_secs(15), "rank {r} took {took:?}");
     }
 }
@@ -244,28 +172,16 @@ fn wrong_secret_is_refused_on_every_rank() {
 fn garbage_on_a_data_port_does_not_harm_the_communicator() {
     let mut ranks = spawn(
         2,
-        &[
-            ("WORKER_ITERS", "30"),
-            ("WORKER_SLEEP_MS", "50"),
-            ("WORKER_COUNT", "1000"),
-            ("DEVCCL_TRANSPORTS", "tcp"),
-        ],
+        &[("WORKER_ITERS", "30"), ("WORKER_SLEEP_MS", "50"), ("WORKER_COUNT", "1000"), ("DEVCCL_TRANSPORTS", "tcp")],
         |_| vec![],
     );
     // Rank 1 prints its data endpoint first; attack it while the ranks keep working.
     let mut stdout = BufReader::new(ranks[1].child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("endpoint tcp ")
-        .unwrap_or_else(|| panic!("endpoint line: {line:?}"))
-        .to_string();
-    for payload in [
-        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-        &[0xffu8; 200][..],
-        b"DVCH\x01\x02short",
-    ] {
+    let addr =
+        line.trim().strip_prefix("endpoint tcp ").unwrap_or_else(|| panic!("endpoint line: {line:?}")).to_string();
+    for payload in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xffu8; 200][..], b"DVCH\x01\x02short"] {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         let _ = s.write_all(payload);
         let mut buf = [0u8; 64];
@@ -277,16 +193,9 @@ fn garbage_on_a_data_port_does_not_harm_the_communicator() {
     ranks[1].child.stdout = None;
     let st = ranks[1].child.wait().unwrap();
     assert!(st.success() && rest.contains("ok 30"), "rank 1: {rest}");
-    assert!(
-        rest.contains("tcp.rejected_handshakes=3"),
-        "rank 1 counted the garbage: {rest}"
-    );
+    assert!(rest.contains("tcp.rejected_handshakes=3"), "rank 1 counted the garbage: {rest}");
     let res = finish(vec![ranks.remove(0)], Duration::from_secs(30));
-    assert!(
-        res[0].0 && res[0].1.contains("ok 30"),
-        "rank 0: {}",
-        res[0].1
-    );
+    assert!(res[0].0 && res[0].1.contains("ok 30"), "rank 0: {}", res[0].1);
 }
 
 #[test]
@@ -314,20 +223,9 @@ fn bench_prints_nccl_tests_table_with_no_wrong_results() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .collect();
-    assert_eq!(
-        rows.len(),
-        7,
-        "8, 64, 512, 4K, 32K, 256K, then capped at 1M: {text}"
-    );
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+    assert_eq!(rows.len(), 7, "8, 64, 512, 4K, 32K, 256K, then capped at 1M: {text}");
     for r in rows {
         let cols: Vec<&str> = r.split_whitespace().collect();
         assert_eq!(cols[2], "float");
@@ -340,41 +238,19 @@ fn bench_prints_nccl_tests_table_with_no_wrong_results() {
 #[test]
 fn launch_prefixes_ranks_and_stops_all_on_failure() {
     let ok = Command::new(DEVCCL)
-        .args([
-            "launch",
-            "-n",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "echo hello $RANK of $WORLD_SIZE",
-        ])
+        .args(["launch", "-n", "2", "--", "sh", "-c", "echo hello $RANK of $WORLD_SIZE"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success());
-    assert!(
-        text.contains("[0] hello 0 of 2") && text.contains("[1] hello 1 of 2"),
-        "{text}"
-    );
+    assert!(text.contains("[0] hello 0 of 2") && text.contains("[1] hello 1 of 2"), "{text}");
     let t0 = Instant::now();
     let bad = Command::new(DEVCCL)
-        .args([
-            "launch",
-            "-n",
-            "3",
-            "--",
-            "sh",
-            "-c",
-            "if [ $RANK = 1 ]; then exit 7; fi; sleep 60",
-        ])
+        .args(["launch", "-n", "3", "--", "sh", "-c", "if [ $RANK = 1 ]; then exit 7; fi; sleep 60"])
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(7));
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "others were stopped"
-    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "others were stopped");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("rank 1 failed"));
 }
 
@@ -382,7 +258,11 @@ fn launch_prefixes_ranks_and_stops_all_on_failure() {
 fn bench(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new(DEVCCL).arg("bench").args(args).envs(env.iter().copied()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "devccl bench {args:?} {env:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "devccl bench {args:?} {env:?} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for row in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let c: Vec<&str> = row.split_whitespace().collect();
         assert!(c[8] == "0" && c[12] == "0", "#wrong in {args:?} {env:?}: {row}");
@@ -392,8 +272,17 @@ fn bench(args: &[&str], env: &[(&str, &str)]) -> String {
 }
 
 const COLLECTIVES: [&str; 11] = [
-    "all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_all_v", "gather", "scatter",
-    "sendrecv", "barrier",
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "all_to_all_v",
+    "gather",
+    "scatter",
+    "sendrecv",
+    "barrier",
 ];
 
 #[test]

@@ -103,7 +103,8 @@ fn fnv(bytes: &[u8]) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let steps: usize = std::env::args().skip_while(|a| a != "--steps").nth(1).map(|s| s.parse()).transpose()?.unwrap_or(60);
+    let steps: usize =
+        std::env::args().skip_while(|a| a != "--steps").nth(1).map(|s| s.parse()).transpose()?.unwrap_or(60);
     let comm = Communicator::init()?;
     let (rank, n) = (comm.rank(), comm.world_size());
     let mut model = Model::new();
@@ -113,16 +114,17 @@ fn main() -> anyhow::Result<()> {
     let mut first_loss = None;
     let mut last_loss = 0.0;
     let t0 = Instant::now();
-    let finish = |w: Work<Vec<f32>>, model: &mut Model, blocked: &mut Duration, executed: &mut Duration| -> anyhow::Result<()> {
-        let tw = Instant::now();
-        let done = w.wait_timeout(Duration::from_secs(600));
-        *blocked += tw.elapsed();
-        anyhow::ensure!(done, "gradient all-reduce did not finish");
-        *executed += w.execution_time().unwrap_or_default();
-        let avg = w.wait()?;
-        model.apply(&avg, lr);
-        Ok(())
-    };
+    let finish =
+        |w: Work<Vec<f32>>, model: &mut Model, blocked: &mut Duration, executed: &mut Duration| -> anyhow::Result<()> {
+            let tw = Instant::now();
+            let done = w.wait_timeout(Duration::from_secs(600));
+            *blocked += tw.elapsed();
+            anyhow::ensure!(done, "gradient all-reduce did not finish");
+            *executed += w.execution_time().unwrap_or_default();
+            let avg = w.wait()?;
+            model.apply(&avg, lr);
+            Ok(())
+        };
     for step in 0..steps {
         let tc = Instant::now();
         let (xs, ys) = batch(rank, step);
@@ -150,7 +152,10 @@ fn main() -> anyhow::Result<()> {
     comm.all_reduce(&mut t, ReduceOp::Avg)?;
     if rank == 0 {
         let hidden = if t[1] > 0.0 { (1.0 - t[0] / t[1]).clamp(0.0, 1.0) } else { 0.0 };
-        println!("train_loop: {n} ranks, {steps} steps, {NPARAM} parameters ({} KiB of gradients per step)", NPARAM * 4 / 1024);
+        println!(
+            "train_loop: {n} ranks, {steps} steps, {NPARAM} parameters ({} KiB of gradients per step)",
+            NPARAM * 4 / 1024
+        );
         println!("loss: {:.5} -> {:.5}", losses[0], losses[1]);
         println!(
             "per rank (mean): compute {:.1} ms, all-reduce executing {:.1} ms, blocked waiting {:.1} ms, wall {:.1} ms",

@@ -103,14 +103,19 @@ impl Collective {
 
     fn op(&self) -> Option<ReduceOp> {
         match self {
-            Collective::AllReduce { op } | Collective::Reduce { op, .. } | Collective::ReduceScatter { op } => Some(*op),
+            Collective::AllReduce { op } | Collective::Reduce { op, .. } | Collective::ReduceScatter { op } => {
+                Some(*op)
+            }
             _ => None,
         }
     }
 
     fn root(&self) -> Option<usize> {
         match self {
-            Collective::Broadcast { root } | Collective::Reduce { root, .. } | Collective::Gather { root } | Collective::Scatter { root } => Some(*root),
+            Collective::Broadcast { root }
+            | Collective::Reduce { root, .. }
+            | Collective::Gather { root }
+            | Collective::Scatter { root } => Some(*root),
             _ => None,
         }
     }
@@ -162,10 +167,20 @@ impl Communicator {
         // input as this rank's block of the output. Every other overlap (reduce-scatter with
         // the output inside the input, in-place all-to-all, gather/scatter with the root's
         // block in place, ...) works on a private copy of the input taken now, at the call.
-        let native = (in_place && matches!(c, Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::Reduce { .. }))
+        let native = (in_place
+            && matches!(c, Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::Reduce { .. }))
             || matches!(c, Collective::AllGather);
         if overlaps(&input, &output) && !native {
-            if !in_place && !matches!(c, Collective::ReduceScatter { .. } | Collective::Gather { .. } | Collective::Scatter { .. } | Collective::AllToAll | Collective::AllToAllV { .. }) {
+            if !in_place
+                && !matches!(
+                    c,
+                    Collective::ReduceScatter { .. }
+                        | Collective::Gather { .. }
+                        | Collective::Scatter { .. }
+                        | Collective::AllToAll
+                        | Collective::AllToAllV { .. }
+                )
+            {
                 return Err(Error::usage(format!("{name}: input and output overlap without being the same buffer")));
             }
             input = copy_of(&input)?;
@@ -176,7 +191,9 @@ impl Communicator {
                 no
             }
             Collective::Reduce { root, .. } => {
-                need(rank != *root || ni == no, || format!("reduce: the root's input has {ni} elements but its output has {no}"))?;
+                need(rank != *root || ni == no, || {
+                    format!("reduce: the root's input has {ni} elements but its output has {no}")
+                })?;
                 ni
             }
             Collective::AllGather => {
@@ -190,7 +207,9 @@ impl Communicator {
                 ni
             }
             Collective::ReduceScatter { .. } => {
-                need(ni == n * no, || format!("reduce_scatter: input has {ni} elements, needs {n} × {no} = {}", n * no))?;
+                need(ni == n * no, || {
+                    format!("reduce_scatter: input has {ni} elements, needs {n} × {no} = {}", n * no)
+                })?;
                 no
             }
             Collective::AllToAll => {
@@ -199,40 +218,64 @@ impl Communicator {
                 ni / n
             }
             Collective::AllToAllV { send_counts, send_displs, recv_counts, recv_displs } => {
-                for (what, v) in [("send_counts", send_counts), ("send_displs", send_displs), ("recv_counts", recv_counts), ("recv_displs", recv_displs)] {
+                for (what, v) in [
+                    ("send_counts", send_counts),
+                    ("send_displs", send_displs),
+                    ("recv_counts", recv_counts),
+                    ("recv_displs", recv_displs),
+                ] {
                     need(v.len() == n, || format!("all_to_all_v: {what} has {} entries for {n} ranks", v.len()))?;
                 }
                 for j in 0..n {
-                    need(send_displs[j] + send_counts[j] <= ni, || format!("all_to_all_v: the block for rank {j} ends past the input ({ni} elements)"))?;
-                    need(recv_displs[j] + recv_counts[j] <= no, || format!("all_to_all_v: the block from rank {j} ends past the output ({no} elements)"))?;
+                    need(send_displs[j] + send_counts[j] <= ni, || {
+                        format!("all_to_all_v: the block for rank {j} ends past the input ({ni} elements)")
+                    })?;
+                    need(recv_displs[j] + recv_counts[j] <= no, || {
+                        format!("all_to_all_v: the block from rank {j} ends past the output ({no} elements)")
+                    })?;
                 }
                 0
             }
             Collective::Gather { root } => {
-                need(rank != *root || no == n * ni, || format!("gather: the root's output has {no} elements, needs {n} × {ni}"))?;
+                need(rank != *root || no == n * ni, || {
+                    format!("gather: the root's output has {no} elements, needs {n} × {ni}")
+                })?;
                 ni
             }
             Collective::Scatter { root } => {
-                need(rank != *root || ni == n * no, || format!("scatter: the root's input has {ni} elements, needs {n} × {no}"))?;
+                need(rank != *root || ni == n * no, || {
+                    format!("scatter: the root's input has {ni} elements, needs {n} × {no}")
+                })?;
                 no
             }
             Collective::Send { peer, .. } | Collective::Recv { peer, .. } => {
-                need(*peer < n && *peer != rank, || format!("{}: peer {peer} is not another rank of this {n}-rank communicator", if matches!(c, Collective::Send { .. }) { "send" } else { "recv" }))?;
+                need(*peer < n && *peer != rank, || {
+                    format!(
+                        "{}: peer {peer} is not another rank of this {n}-rank communicator",
+                        if matches!(c, Collective::Send { .. }) { "send" } else { "recv" }
+                    )
+                })?;
                 if matches!(c, Collective::Send { .. }) { ni } else { no }
             }
             Collective::Barrier => 0,
         };
         let bytes = match c {
             // The model prices the whole exchanged buffer for the block collectives.
-            Collective::AllGather | Collective::ReduceScatter { .. } | Collective::AllToAll | Collective::Gather { .. } | Collective::Scatter { .. } => {
-                count * dtype.size() * n
-            }
+            Collective::AllGather
+            | Collective::ReduceScatter { .. }
+            | Collective::AllToAll
+            | Collective::Gather { .. }
+            | Collective::Scatter { .. } => count * dtype.size() * n,
             _ => count * dtype.size(),
         };
         let plan = match c {
-            Collective::AllToAllV { .. } | Collective::Send { .. } | Collective::Recv { .. } => {
-                crate::select::Plan { algo: crate::algo::Algo::Direct, chunk: self.config().chunk.unwrap_or(512 << 10), nchannels: 1, est_us: 0.0, forced: false }
-            }
+            Collective::AllToAllV { .. } | Collective::Send { .. } | Collective::Recv { .. } => crate::select::Plan {
+                algo: crate::algo::Algo::Direct,
+                chunk: self.config().chunk.unwrap_or(512 << 10),
+                nchannels: 1,
+                est_us: 0.0,
+                forced: false,
+            },
             _ => self.plan(c.kind(), bytes),
         };
         let shape = Shape { rank, n, count, esize: dtype.size(), chunk_bytes: plan.chunk, root: c.root().unwrap_or(0) };
@@ -323,7 +366,15 @@ impl Communicator {
     }
 
     /// All-to-all with per-rank counts and displacements (elements).
-    pub fn all_to_all_v_into<T: Element>(&self, send: &[T], send_counts: &[usize], send_displs: &[usize], recv: &mut [T], recv_counts: &[usize], recv_displs: &[usize]) -> Result<()> {
+    pub fn all_to_all_v_into<T: Element>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+    ) -> Result<()> {
         let c = Collective::AllToAllV {
             send_counts: send_counts.to_vec(),
             send_displs: send_displs.to_vec(),
@@ -363,12 +414,19 @@ impl Communicator {
 
     /// Asynchronous typed call: `buf` is the input and output (in-place forms) or the input
     /// (with `out_len` elements of output allocated); `wait` returns the output vector.
-    pub fn collective_vec_async<T: Element>(&self, c: &Collective, input: Vec<T>, out_len: Option<usize>) -> Work<Vec<T>> {
+    pub fn collective_vec_async<T: Element>(
+        &self,
+        c: &Collective,
+        input: Vec<T>,
+        out_len: Option<usize>,
+    ) -> Work<Vec<T>> {
         let inp = Region::from_vec(input);
         match out_len {
             None => {
                 let w = self.collective_async(c, T::DTYPE, inp.full(), inp.full());
-                w.map(move |()| inp.into_vec::<T>().map_err(|_| Error::Internal("buffer still shared after completion".into())))
+                w.map(move |()| {
+                    inp.into_vec::<T>().map_err(|_| Error::Internal("buffer still shared after completion".into()))
+                })
             }
             Some(len) => {
                 let out = Region::from_vec(vec![T::zeroed(); len]);
@@ -391,7 +449,10 @@ impl Communicator {
     pub fn reduce_scatter_async<T: Element>(&self, send: Vec<T>, op: ReduceOp) -> Work<Vec<T>> {
         let n = self.world_size();
         if send.len() % n != 0 {
-            return Work::failed(Error::usage(format!("reduce_scatter: {} elements do not split into {n} blocks", send.len())));
+            return Work::failed(Error::usage(format!(
+                "reduce_scatter: {} elements do not split into {n} blocks",
+                send.len()
+            )));
         }
         let len = send.len() / n;
         self.collective_vec_async(&Collective::ReduceScatter { op }, send, Some(len))

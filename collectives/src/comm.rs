@@ -16,12 +16,12 @@ use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
 
 use crate::algo::{Algo, Shape};
 use crate::api::Collective;
-use crate::select::{AlgoOverride, LinkModel, Plan};
 use crate::exec::{AbortSignal, Bindings, CallInfo, Executor, Spin};
-use crate::work::{Engine, Job, Work};
 use crate::registry;
 use crate::schedule::Builder;
 use crate::select;
+use crate::select::{AlgoOverride, LinkModel, Plan};
+use crate::work::{Engine, Job, Work};
 
 /// How to start a communicator. [`InitOptions::from_env`] reads the launcher's variables
 /// (torchrun, `devccl launch`, srun, mpirun) and `DEVCCL_*`.
@@ -151,7 +151,9 @@ fn init_logging(filter: &str) {
         return;
     }
     let f = match filter {
-        "off" | "error" | "warn" | "info" | "debug" | "trace" => format!("devccl={filter},devccl_core={filter},devccl_transport_tcp={filter},devccl_transport_devmem={filter}"),
+        "off" | "error" | "warn" | "info" | "debug" | "trace" => format!(
+            "devccl={filter},devccl_core={filter},devccl_transport_tcp={filter},devccl_transport_devmem={filter}"
+        ),
         other => other.to_string(),
     };
     let _ = tracing_subscriber::fmt()
@@ -168,7 +170,10 @@ fn tune_host(cfg: &Config, local_world: Option<usize>) -> Spin {
     let local = local_world.unwrap_or(1).max(1);
     let threads = cfg.reduce_threads.unwrap_or(cpus / local);
     if threads >= 2 {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("devccl-reduce-{i}")).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("devccl-reduce-{i}"))
+            .build_global();
         devccl_core::op::set_parallel_threshold(Some(4 << 20));
     }
     // A core per rank: busy-poll briefly (a wake-up from poll costs tens of microseconds on
@@ -217,8 +222,15 @@ impl Communicator {
         let rank = Rank::from(o.rank);
         let toward: Option<SocketAddr> = registry::resolve(&o.rendezvous).ok();
         let server = if o.host_rendezvous {
-            let addr = toward.ok_or_else(|| Error::usage(format!("cannot resolve rendezvous address '{}'", o.rendezvous)))?;
-            let bind = if addr.ip().is_loopback() { addr.to_string() } else if addr.is_ipv6() { format!("[::]:{}", addr.port()) } else { format!("0.0.0.0:{}", addr.port()) };
+            let addr =
+                toward.ok_or_else(|| Error::usage(format!("cannot resolve rendezvous address '{}'", o.rendezvous)))?;
+            let bind = if addr.ip().is_loopback() {
+                addr.to_string()
+            } else if addr.is_ipv6() {
+                format!("[::]:{}", addr.port())
+            } else {
+                format!("0.0.0.0:{}", addr.port())
+            };
             let s = RendezvousServer::start(
                 &bind,
                 ServerOptions { world: Some(o.world), key: key.clone(), group_timeout: o.config.init_timeout },
@@ -283,7 +295,8 @@ impl Communicator {
         };
         let spin = tune_host(&config, local_world);
         let key = link.key.clone();
-        let mut comm = Communicator::assemble(rank, world, table, offer.transports, config, key, abort, spin, deadline)?;
+        let mut comm =
+            Communicator::assemble(rank, world, table, offer.transports, config, key, abort, spin, deadline)?;
         let inner = Arc::get_mut(&mut comm.inner).expect("fresh communicator is unshared");
         inner._watch = watch;
         inner.link = Some(link);
@@ -304,14 +317,30 @@ impl Communicator {
         let rank = self.rank();
         let fixed = |coll: CollKind, algo: Algo, count: usize, chunk: usize| -> (Call, Shape) {
             let shape = Shape { rank, n, count, esize: 4, chunk_bytes: chunk, root: 0 };
-            (Call { coll, dtype: DType::F32, op: Some(ReduceOp::Sum).filter(|_| coll == CollKind::AllReduce), root: None, count, algo, tag: 0 }, shape)
+            (
+                Call {
+                    coll,
+                    dtype: DType::F32,
+                    op: Some(ReduceOp::Sum).filter(|_| coll == CollKind::AllReduce),
+                    root: None,
+                    count,
+                    algo,
+                    tag: 0,
+                },
+                shape,
+            )
         };
         let empty = Region::alloc(0);
         let barrier = |times: usize| -> Result<Duration> {
             let t = Instant::now();
             for _ in 0..times {
                 let (call, shape) = fixed(CollKind::Barrier, Algo::Dissemination, 0, 64 << 10);
-                self.run_schedule(call, |b| crate::algo::build(CollKind::Barrier, Algo::Dissemination, b, shape).expect("barrier"), empty.full(), empty.full())?;
+                self.run_schedule(
+                    call,
+                    |b| crate::algo::build(CollKind::Barrier, Algo::Dissemination, b, shape).expect("barrier"),
+                    empty.full(),
+                    empty.full(),
+                )?;
             }
             Ok(t.elapsed())
         };
@@ -331,7 +360,12 @@ impl Communicator {
             let mut a = vec![1f32; count];
             let b = vec![2f32; count];
             let t = Instant::now();
-            devccl_core::op::reduce_in_place(DType::F32, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut a), bytemuck::cast_slice(&b))?;
+            devccl_core::op::reduce_in_place(
+                DType::F32,
+                ReduceOp::Sum,
+                bytemuck::cast_slice_mut(&mut a),
+                bytemuck::cast_slice(&b),
+            )?;
             t.elapsed().as_secs_f64() * 1e9 / (count * 4) as f64
         };
         let (s, nf) = ((count * 4) as f64, n as f64);
@@ -351,7 +385,15 @@ impl Communicator {
     fn all_reduce_fixed_max(&self, v: &mut [f64]) -> Result<()> {
         let (rank, n) = (self.rank(), self.world_size());
         let shape = Shape { rank, n, count: v.len(), esize: 8, chunk_bytes: 64 << 10, root: 0 };
-        let call = Call { coll: CollKind::AllReduce, dtype: DType::F64, op: Some(ReduceOp::Max), root: None, count: v.len(), algo: Algo::RecursiveDoubling, tag: 0 };
+        let call = Call {
+            coll: CollKind::AllReduce,
+            dtype: DType::F64,
+            op: Some(ReduceOp::Max),
+            root: None,
+            count: v.len(),
+            algo: Algo::RecursiveDoubling,
+            tag: 0,
+        };
         Region::scoped(bytemuck::cast_slice_mut(v), |r| {
             self.run_schedule(call, |b| crate::algo::rd::all_reduce(b, shape), r.full(), r.full())
         })
@@ -383,7 +425,16 @@ impl Communicator {
         let group = format!("{}/split{seq}/color{color}", self.inner.group_base());
         let deadline = Instant::now() + self.inner.config.init_timeout;
         tracing::info!(rank, new_rank, size = members.len(), %group, "split");
-        Communicator::join(link.clone(), Rank::from(new_rank), members.len(), Some(local), group, self.inner.config.clone(), deadline).map(Some)
+        Communicator::join(
+            link.clone(),
+            Rank::from(new_rank),
+            members.len(),
+            Some(local),
+            group,
+            self.inner.config.clone(),
+            deadline,
+        )
+        .map(Some)
     }
 
     /// New communicator of the given ranks (in that order), like `torch.distributed.new_group`.
@@ -432,7 +483,10 @@ impl Communicator {
             let kind = pair_kind(&table, r, p).ok_or_else(|| {
                 Error::usage(format!("rank {r} and rank {p} share no transport; check DEVCCL_TRANSPORTS on both"))
             })?;
-            let t = transports.iter().find(|t| t.kind() == kind).ok_or_else(|| Error::Internal(format!("no local {kind} transport")))?;
+            let t = transports
+                .iter()
+                .find(|t| t.kind() == kind)
+                .ok_or_else(|| Error::Internal(format!("no local {kind} transport")))?;
             let conn = if p > r {
                 let ep = table.peers[p].endpoints.iter().find(|e| e.kind == kind).expect("pair_kind checked");
                 t.connect(Rank::from(p), ep, deadline)?
@@ -530,14 +584,26 @@ impl Communicator {
     /// and `output` (the same slice for in-place calls). Every collective of this crate goes
     /// through here; it is public so custom algorithms can be run (and tested) too. Fatal
     /// errors poison the communicator.
-    pub fn run_schedule(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Result<()> {
+    pub fn run_schedule(
+        &self,
+        call: Call,
+        build: impl FnOnce(&mut Builder),
+        input: RegionSlice,
+        output: RegionSlice,
+    ) -> Result<()> {
         self.inner.engine.check_alive()?;
         self.inner.engine.run_blocking(self.job(call, build, input, output))
     }
 
     /// Like [`Communicator::run_schedule`], but queued for the progress thread: returns at
     /// once with a [`Work`] handle. The regions stay alive until the work finishes.
-    pub fn submit_schedule(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Work<()> {
+    pub fn submit_schedule(
+        &self,
+        call: Call,
+        build: impl FnOnce(&mut Builder),
+        input: RegionSlice,
+        output: RegionSlice,
+    ) -> Work<()> {
         if let Err(e) = self.inner.engine.check_alive() {
             return Work::failed(e);
         }
@@ -562,14 +628,22 @@ impl Communicator {
         build(&mut b);
         let sched = b.build();
         let scratch = sched.scratch.iter().map(|&n| Region::alloc(n)).collect();
-        Job { sched, info_template: info, bindings: Bindings { input, output, scratch }, done: Arc::new(Default::default()) }
+        Job {
+            sched,
+            info_template: info,
+            bindings: Bindings { input, output, scratch },
+            done: Arc::new(Default::default()),
+        }
     }
 
     /// Wait for every queued collective, then destroy the communicator (leave the
     /// rendezvous, close connections). Dropping the last handle does the same.
     pub fn destroy(self) -> Result<()> {
         if !self.inner.engine.drain(Instant::now() + self.inner.config.timeout) {
-            return Err(Error::Timeout { what: "destroy: queued collectives did not finish".into(), after: self.inner.config.timeout });
+            return Err(Error::Timeout {
+                what: "destroy: queued collectives did not finish".into(),
+                after: self.inner.config.timeout,
+            });
         }
         Ok(())
     }
@@ -590,7 +664,13 @@ impl Communicator {
     }
 
     /// All-reduce over regions. `input` and `output` may be the same slice (in place).
-    pub fn all_reduce_regions(&self, input: RegionSlice, output: RegionSlice, dtype: DType, op: ReduceOp) -> Result<()> {
+    pub fn all_reduce_regions(
+        &self,
+        input: RegionSlice,
+        output: RegionSlice,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.collective(&Collective::AllReduce { op }, dtype, input, output)
     }
 
@@ -626,7 +706,12 @@ impl Communicator {
                     .into_iter()
                     .map(|(a, t)| format!("{a} {t:.1}us"))
                     .collect();
-                tracing::info!(rank = self.rank(), "{} {bytes} B on {n} ranks: {plan} [model: {}]", coll.name(), alts.join(", "));
+                tracing::info!(
+                    rank = self.rank(),
+                    "{} {bytes} B on {n} ranks: {plan} [model: {}]",
+                    coll.name(),
+                    alts.join(", ")
+                );
             }
         }
         plan

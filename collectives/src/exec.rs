@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use devccl_core::memory::{Region, RegionSlice};
 use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
-use devccl_core::transport::{wait_ready, Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest};
+use devccl_core::transport::{
+    Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
+};
 use devccl_core::wire::{CollKind, FrameHeader, FrameType};
 use devccl_core::{DType, Error, Rank, ReduceOp, Result, Seq};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -187,8 +189,26 @@ struct Run<'a> {
 
 impl Executor {
     /// An executor over `conns`.
-    pub fn new(rank: Rank, world: usize, conns: Vec<Option<Box<dyn Connection>>>, timeout: Duration, spin: Spin, abort: Arc<AbortSignal>) -> Executor {
-        Executor { rank, world, conns, timeout, spin, abort, staging: Vec::new(), seq: 0, p2p_tx: vec![0; world], p2p_rx: vec![0; world] }
+    pub fn new(
+        rank: Rank,
+        world: usize,
+        conns: Vec<Option<Box<dyn Connection>>>,
+        timeout: Duration,
+        spin: Spin,
+        abort: Arc<AbortSignal>,
+    ) -> Executor {
+        Executor {
+            rank,
+            world,
+            conns,
+            timeout,
+            spin,
+            abort,
+            staging: Vec::new(),
+            seq: 0,
+            p2p_tx: vec![0; world],
+            p2p_rx: vec![0; world],
+        }
     }
 
     /// Sequence number of a point-to-point call: counted per peer and direction, because
@@ -236,7 +256,9 @@ impl Executor {
         // A peer that closed may still have sent why; a timeout usually means a rank further
         // along is stuck, and the neighbours of that rank will time out too and say so.
         let (first, grace) = match &e {
-            Error::Remote { peer: Some(p), message } => (Some(*p).filter(|_| !message.contains("closed")), Duration::from_millis(50)),
+            Error::Remote { peer: Some(p), message } => {
+                (Some(*p).filter(|_| !message.contains("closed")), Duration::from_millis(50))
+            }
             Error::Timeout { .. } => (None, (self.timeout / 2).min(Duration::from_secs(5))),
             _ => return e,
         };
@@ -283,7 +305,6 @@ impl Executor {
         }
     }
 
-
     fn ensure_slots(&mut self, n: usize, size: usize) {
         self.staging.retain(|r| r.len() >= size);
         while self.staging.len() < n {
@@ -308,7 +329,8 @@ impl Executor {
                 _ => {}
             }
         }
-        let peer_list: Vec<usize> = (0..self.world).filter(|&p| !peers[p].sends.is_empty() || !peers[p].recvs.is_empty()).collect();
+        let peer_list: Vec<usize> =
+            (0..self.world).filter(|&p| !peers[p].sends.is_empty() || !peers[p].recvs.is_empty()).collect();
         for &p in &peer_list {
             if self.conns[p].is_none() {
                 return Err(Error::Internal(format!("rank {} has no connection to rank {p}", self.rank)));
@@ -571,7 +593,8 @@ impl Executor {
             let q = &run.peers[p];
             let waiting_recv = q.next_recv < q.recvs.len()
                 || q.inflight.iter().any(|(_, s, _)| !matches!(run.sched.steps[*s as usize], StepKind::Send { .. }));
-            let waiting_send = q.inflight.iter().any(|(_, s, _)| matches!(run.sched.steps[*s as usize], StepKind::Send { .. }));
+            let waiting_send =
+                q.inflight.iter().any(|(_, s, _)| matches!(run.sched.steps[*s as usize], StepKind::Send { .. }));
             if waiting_recv {
                 from.push(p);
             }

@@ -25,6 +25,6 @@ pub mod testing;
 
 pub use api::Collective;
 pub use comm::{Call, Communicator, InitOptions};
-pub use work::Work;
 pub use devccl_core::wire::CollKind;
 pub use devccl_core::{CommId, DType, Element, Error, Fault, Rank, ReduceOp, Result};
+pub use work::Work;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use devccl_core::config::Config;
 use devccl_core::transport::{Transport, TransportKind};
 use devccl_core::{Error, Rank, Result};
-use devccl_transport_shm::{ring_for_world, ShmOptions, ShmTransport, DEFAULT_RING_BYTES};
-use devccl_transport_tcp::{select_address, TcpOptions, TcpTransport};
+use devccl_transport_shm::{DEFAULT_RING_BYTES, ShmOptions, ShmTransport, ring_for_world};
+use devccl_transport_tcp::{TcpOptions, TcpTransport, select_address};
 
 /// A transport that was not created, and why.
 #[derive(Debug, Clone)]
@@ -45,7 +45,9 @@ pub fn resolve(addr: &str) -> Result<SocketAddr> {
 pub fn offer(cfg: &Config, rank: Rank, world: usize, toward: Option<SocketAddr>) -> Result<Offer> {
     let mut out = Offer::default();
     let probe_iface = || -> String {
-        select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, toward).map(|(_, i)| i).unwrap_or_else(|_| "lo".into())
+        select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, toward)
+            .map(|(_, i)| i)
+            .unwrap_or_else(|_| "lo".into())
     };
     for &kind in &cfg.transports {
         match kind {
@@ -67,14 +69,19 @@ pub fn offer(cfg: &Config, rank: Rank, world: usize, toward: Option<SocketAddr>)
                 let ifname = probe_iface();
                 let report = devccl_transport_devmem::probe::probe_interface(&ifname);
                 let reason = if report.is_usable() {
-                    format!("{ifname} passes the devmem probe, but this build has no devmem data path yet (kernel layer only); using the next transport")
+                    format!(
+                        "{ifname} passes the devmem probe, but this build has no devmem data path yet (kernel layer only); using the next transport"
+                    )
                 } else {
                     format!("{ifname}: {} (fix: {})", report.reason(), report.fix())
                 };
                 out.declined.push(Decline { kind, reason })
             }
             TransportKind::Shm => {
-                let opts = ShmOptions { ring_bytes: ring_for_world(DEFAULT_RING_BYTES, world), ..ShmOptions::from_config(cfg, rank) };
+                let opts = ShmOptions {
+                    ring_bytes: ring_for_world(DEFAULT_RING_BYTES, world),
+                    ..ShmOptions::from_config(cfg, rank)
+                };
                 match ShmTransport::new(opts) {
                     Ok(t) => {
                         tracing::info!(rank = rank.0, endpoint = %t.endpoint().address, "shm transport listening");
@@ -83,7 +90,9 @@ pub fn offer(cfg: &Config, rank: Rank, world: usize, toward: Option<SocketAddr>)
                     Err(e) => out.declined.push(Decline { kind, reason: e.to_string() }),
                 }
             }
-            TransportKind::Mem => out.declined.push(Decline { kind, reason: "in-memory transport exists only in tests".into() }),
+            TransportKind::Mem => {
+                out.declined.push(Decline { kind, reason: "in-memory transport exists only in tests".into() })
+            }
         }
     }
     for d in &out.declined {

@@ -108,7 +108,9 @@ impl StepKind {
     /// The peer of a network step.
     pub fn peer(&self) -> Option<Rank> {
         match self {
-            StepKind::Send { peer, .. } | StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => Some(*peer),
+            StepKind::Send { peer, .. } | StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => {
+                Some(*peer)
+            }
             _ => None,
         }
     }

@@ -15,7 +15,7 @@ use std::fmt;
 use devccl_core::config::Config;
 use devccl_core::wire::CollKind;
 
-use crate::algo::{supported, Algo};
+use crate::algo::{Algo, supported};
 
 /// Link and CPU costs the model uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -110,12 +110,19 @@ impl AlgoOverride {
         let mut o = AlgoOverride::default();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.split_once(':') {
-                None => o.all = Some(Algo::from_name(part).ok_or_else(|| format!("DEVCCL_ALGO: unknown algorithm '{part}'"))?),
+                None => {
+                    o.all =
+                        Some(Algo::from_name(part).ok_or_else(|| format!("DEVCCL_ALGO: unknown algorithm '{part}'"))?)
+                }
                 Some((c, a)) => {
                     let coll = coll_from_name(c).ok_or_else(|| format!("DEVCCL_ALGO: unknown collective '{c}'"))?;
                     let algo = Algo::from_name(a).ok_or_else(|| format!("DEVCCL_ALGO: unknown algorithm '{a}'"))?;
                     if !supported(coll).contains(&algo) {
-                        return Err(format!("DEVCCL_ALGO: {} has no '{algo}' algorithm (it has: {})", coll.name(), names(supported(coll))));
+                        return Err(format!(
+                            "DEVCCL_ALGO: {} has no '{algo}' algorithm (it has: {})",
+                            coll.name(),
+                            names(supported(coll))
+                        ));
                     }
                     o.per.insert(coll, algo);
                 }
@@ -176,22 +183,32 @@ pub fn cost(m: &LinkModel, coll: CollKind, algo: Algo, n: usize, bytes: usize, c
         }
         (CollKind::ReduceScatter | CollKind::AllGather, Algo::Ring) => {
             let per = s / nf;
-            (nf - 1.0 + chunks(per) - 1.0) * a + (nf - 1.0) / nf * s * b + if coll == CollKind::ReduceScatter { (nf - 1.0) / nf * s * g } else { 0.0 }
+            (nf - 1.0 + chunks(per) - 1.0) * a
+                + (nf - 1.0) / nf * s * b
+                + if coll == CollKind::ReduceScatter { (nf - 1.0) / nf * s * g } else { 0.0 }
         }
         (CollKind::ReduceScatter, Algo::HalvingDoubling) | (CollKind::AllGather, Algo::RecursiveDoubling) => {
             let pf = p as f64;
-            log2c(p) * a + (pf - 1.0) / pf * s * b + if coll == CollKind::ReduceScatter { (pf - 1.0) / pf * s * g } else { 0.0 } + fold / 2.0
+            log2c(p) * a
+                + (pf - 1.0) / pf * s * b
+                + if coll == CollKind::ReduceScatter { (pf - 1.0) / pf * s * g } else { 0.0 }
+                + fold / 2.0
         }
         (CollKind::ReduceScatter | CollKind::AllGather, Algo::Direct) => {
             // n-1 messages leave at once; the receiver handles them one after another.
-            (nf - 1.0) * a * 0.5 + a + (nf - 1.0) / nf * s * b + if coll == CollKind::ReduceScatter { (nf - 1.0) / nf * s * g } else { 0.0 }
+            (nf - 1.0) * a * 0.5
+                + a
+                + (nf - 1.0) / nf * s * b
+                + if coll == CollKind::ReduceScatter { (nf - 1.0) / nf * s * g } else { 0.0 }
         }
         (CollKind::Broadcast | CollKind::Reduce, Algo::Ring) => {
             (nf - 1.0 + chunks(s) - 1.0) * a + s * b + if coll == CollKind::Reduce { s * g } else { 0.0 }
         }
         (CollKind::Broadcast | CollKind::Reduce, Algo::Tree) => {
             // Each rank forwards about S (1.5 S at an odd root).
-            (log2c(n + 1) + chunks(s / 2.0) - 1.0) * a + 1.5 * s * b + if coll == CollKind::Reduce { s * g } else { 0.0 }
+            (log2c(n + 1) + chunks(s / 2.0) - 1.0) * a
+                + 1.5 * s * b
+                + if coll == CollKind::Reduce { s * g } else { 0.0 }
         }
         (CollKind::Broadcast | CollKind::Reduce, Algo::Direct) => {
             (nf - 1.0) * (a * 0.5 + s * b) + a + if coll == CollKind::Reduce { (nf - 1.0) * s * g } else { 0.0 }
@@ -219,7 +236,13 @@ pub fn plan_with(cfg: &Config, forced: &AlgoOverride, m: &LinkModel, coll: CollK
     if let Some(algo) = forced.get(coll) {
         return Plan { algo, chunk, nchannels, est_us: cost(m, coll, algo, n, bytes, chunk), forced: true };
     }
-    let mut best = Plan { algo: options[0], chunk, nchannels, est_us: f64::INFINITY, forced: cfg.chunk.is_some() || cfg.nchannels.is_some() };
+    let mut best = Plan {
+        algo: options[0],
+        chunk,
+        nchannels,
+        est_us: f64::INFINITY,
+        forced: cfg.chunk.is_some() || cfg.nchannels.is_some(),
+    };
     for &algo in options {
         let c = cost(m, coll, algo, n, bytes, chunk);
         if c < best.est_us {

@@ -10,8 +10,8 @@ use devccl_core::testing::mesh;
 use devccl_core::transport::Transport;
 use devccl_core::{CommId, Rank};
 
-use crate::exec::AbortSignal;
 use crate::Communicator;
+use crate::exec::AbortSignal;
 
 /// Build `n` communicators connected by in-memory transports.
 pub fn mesh_comms(n: usize, cfg: &Config) -> Vec<Communicator> {

@@ -167,7 +167,12 @@ impl fmt::Debug for Engine {
 
 impl Engine {
     pub(crate) fn new(exec: Executor) -> Arc<Engine> {
-        Arc::new(Engine { exec: Mutex::new(exec), queue: Mutex::new(Queue::default()), cv: Condvar::new(), poison: Mutex::new(None) })
+        Arc::new(Engine {
+            exec: Mutex::new(exec),
+            queue: Mutex::new(Queue::default()),
+            cv: Condvar::new(),
+            poison: Mutex::new(None),
+        })
     }
 
     pub(crate) fn poisoned(&self) -> Option<String> {

@@ -32,17 +32,11 @@ const CHUNK: usize = 4096;
 const SENTINEL: u8 = 0xA5;
 
 fn reducing(c: CollKind) -> bool {
-    matches!(
-        c,
-        CollKind::AllReduce | CollKind::ReduceScatter | CollKind::Reduce
-    )
+    matches!(c, CollKind::AllReduce | CollKind::ReduceScatter | CollKind::Reduce)
 }
 
 fn rooted(c: CollKind) -> bool {
-    matches!(
-        c,
-        CollKind::Broadcast | CollKind::Reduce | CollKind::Gather | CollKind::Scatter
-    )
+    matches!(c, CollKind::Broadcast | CollKind::Reduce | CollKind::Gather | CollKind::Scatter)
 }
 
 /// One call of one collective as every rank issues it.
@@ -83,28 +77,17 @@ fn output_elems(coll: CollKind, n: usize, count: usize) -> usize {
 fn data(coll: CollKind, dtype: DType, op: ReduceOp, n: usize, count: usize, root: usize) -> Data {
     let es = dtype.size();
     let cb = count * es;
-    let inputs: Vec<Vec<u8>> = (0..n)
-        .map(|r| check::input(dtype, op, r, 0, input_elems(coll, n, count)))
-        .collect();
-    let concat = || {
-        inputs
-            .iter()
-            .flat_map(|v| v.iter().copied())
-            .collect::<Vec<u8>>()
-    };
+    let inputs: Vec<Vec<u8>> = (0..n).map(|r| check::input(dtype, op, r, 0, input_elems(coll, n, count))).collect();
+    let concat = || inputs.iter().flat_map(|v| v.iter().copied()).collect::<Vec<u8>>();
     let expect: Vec<Option<Vec<u8>>> = match coll {
         CollKind::AllReduce | CollKind::Reduce => {
             let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
             let sum = reference_reduce(dtype, op, &refs).expect("reference reduction");
-            (0..n)
-                .map(|r| (coll == CollKind::AllReduce || r == root).then(|| sum.clone()))
-                .collect()
+            (0..n).map(|r| (coll == CollKind::AllReduce || r == root).then(|| sum.clone())).collect()
         }
         CollKind::ReduceScatter => {
             let all = check::reduced(dtype, op, n, 0, n * count).expect("reference reduction");
-            (0..n)
-                .map(|r| Some(all[r * cb..(r + 1) * cb].to_vec()))
-                .collect()
+            (0..n).map(|r| Some(all[r * cb..(r + 1) * cb].to_vec())).collect()
         }
         CollKind::AllGather => {
             let all = concat();
@@ -115,17 +98,9 @@ fn data(coll: CollKind, dtype: DType, op: ReduceOp, n: usize, count: usize, root
             (0..n).map(|r| (r == root).then(|| all.clone())).collect()
         }
         CollKind::Broadcast => (0..n).map(|_| Some(inputs[root].clone())).collect(),
-        CollKind::Scatter => (0..n)
-            .map(|r| Some(inputs[root][r * cb..(r + 1) * cb].to_vec()))
-            .collect(),
+        CollKind::Scatter => (0..n).map(|r| Some(inputs[root][r * cb..(r + 1) * cb].to_vec())).collect(),
         CollKind::AllToAll => (0..n)
-            .map(|r| {
-                Some(
-                    (0..n)
-                        .flat_map(|i| inputs[i][r * cb..(r + 1) * cb].iter().copied())
-                        .collect(),
-                )
-            })
+            .map(|r| Some((0..n).flat_map(|i| inputs[i][r * cb..(r + 1) * cb].iter().copied()).collect()))
             .collect(),
         other => unreachable!("{other:?} has no uniform reference"),
     };
@@ -149,21 +124,13 @@ fn in_place_layout(
             (init, r * cb..(r + 1) * cb, 0..n * cb)
         }
         // Output is this rank's block of Input.
-        CollKind::ReduceScatter | CollKind::Scatter => {
-            (input.to_vec(), 0..n * cb, r * cb..(r + 1) * cb)
-        }
+        CollKind::ReduceScatter | CollKind::Scatter => (input.to_vec(), 0..n * cb, r * cb..(r + 1) * cb),
         _ => (input.to_vec(), 0..cb, 0..cb),
     }
 }
 
 /// What the in-place region must hold afterwards.
-fn in_place_after(
-    case: &Case,
-    n: usize,
-    r: usize,
-    init: &[u8],
-    expect: &Option<Vec<u8>>,
-) -> Vec<u8> {
+fn in_place_after(case: &Case, n: usize, r: usize, init: &[u8], expect: &Option<Vec<u8>>) -> Vec<u8> {
     let cb = case.count * case.dtype.size();
     let _ = n;
     let Some(e) = expect else {
@@ -185,10 +152,7 @@ fn first_diff(got: &[u8], want: &[u8]) -> String {
     }
     let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
     let wrong = got.iter().zip(want).filter(|(a, b)| a != b).count();
-    format!(
-        "{wrong} bytes differ, first at byte {i}: got {:#04x} want {:#04x}",
-        got[i], want[i]
-    )
+    format!("{wrong} bytes differ, first at byte {i}: got {:#04x} want {:#04x}", got[i], want[i])
 }
 
 /// Run `case` on this rank and compare.
@@ -204,24 +168,15 @@ fn run_rank(c: &Communicator, case: &Case, data: &Data) -> Result<(), String> {
         algo: case.algo,
         tag: 0,
     };
-    let shape = Shape {
-        rank: r,
-        n,
-        count: case.count,
-        esize: es,
-        chunk_bytes: case.chunk,
-        root: case.root,
-    };
-    let build =
-        |b: &mut Builder| algo::build(case.coll, case.algo, b, shape).expect("supported pair");
+    let shape = Shape { rank: r, n, count: case.count, esize: es, chunk_bytes: case.chunk, root: case.root };
+    let build = |b: &mut Builder| algo::build(case.coll, case.algo, b, shape).expect("supported pair");
     let input = &data.inputs[r];
     let expect = &data.expect[r];
     if case.in_place {
         let (init, ir, or) = in_place_layout(case, n, r, input);
         let want = in_place_after(case, n, r, &init, expect);
         let reg = Region::from_vec(init);
-        c.run_schedule(call, build, reg.slice(ir), reg.slice(or))
-            .map_err(|e| format!("rank {r}: {e}"))?;
+        c.run_schedule(call, build, reg.slice(ir), reg.slice(or)).map_err(|e| format!("rank {r}: {e}"))?;
         let got = reg.full().to_vec().map_err(|e| e.to_string())?;
         if got != want {
             return Err(format!("rank {r} in place: {}", first_diff(&got, &want)));
@@ -230,15 +185,11 @@ fn run_rank(c: &Communicator, case: &Case, data: &Data) -> Result<(), String> {
         let out_bytes = output_elems(case.coll, n, case.count) * es;
         let src = Region::from_vec(input.clone());
         let dst = Region::from_vec(vec![SENTINEL; out_bytes]);
-        c.run_schedule(call, build, src.full(), dst.full())
-            .map_err(|e| format!("rank {r}: {e}"))?;
+        c.run_schedule(call, build, src.full(), dst.full()).map_err(|e| format!("rank {r}: {e}"))?;
         let got = dst.full().to_vec().map_err(|e| e.to_string())?;
         let want = expect.clone().unwrap_or_else(|| vec![SENTINEL; out_bytes]);
         if got != want {
-            return Err(format!(
-                "rank {r} out of place: {}",
-                first_diff(&got, &want)
-            ));
+            return Err(format!("rank {r} out of place: {}", first_diff(&got, &want)));
         }
         if src.full().to_vec().map_err(|e| e.to_string())? != *input {
             return Err(format!("rank {r}: the input was modified"));
@@ -249,12 +200,7 @@ fn run_rank(c: &Communicator, case: &Case, data: &Data) -> Result<(), String> {
 
 /// Run `cases` (all on the same data) on every rank; panics naming the failures.
 fn run_cases(comms: &[Communicator], cases: &[Case], data: &Data) {
-    let results = on_all(comms, |c| {
-        cases
-            .iter()
-            .map(|case| run_rank(c, case, data))
-            .collect::<Vec<_>>()
-    });
+    let results = on_all(comms, |c| cases.iter().map(|case| run_rank(c, case, data)).collect::<Vec<_>>());
     let mut failures = Vec::new();
     for (r, per_rank) in results.iter().enumerate() {
         for (case, res) in cases.iter().zip(per_rank) {
@@ -263,46 +209,23 @@ fn run_cases(comms: &[Communicator], cases: &[Case], data: &Data) {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures[..failures.len().min(8)].join("\n")
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures[..failures.len().min(8)].join("\n"));
 }
 
 /// The (dtype, op, count, root) calls to make for `coll` on `n` ranks: the full
 /// dtype × op matrix on small worlds, every dtype with rotating ops on larger ones, and two
 /// rotating picks (one of them avg for reducing collectives) at the large count.
 fn combos(coll: CollKind, n: usize) -> Vec<(DType, ReduceOp, usize, usize)> {
-    let ops: &[ReduceOp] = if reducing(coll) {
-        &ReduceOp::ALL
-    } else {
-        &[ReduceOp::Sum]
-    };
+    let ops: &[ReduceOp] = if reducing(coll) { &ReduceOp::ALL } else { &[ReduceOp::Sum] };
     let mut out = Vec::new();
     for (ci, &count) in COUNTS.iter().enumerate() {
         let pairs: Vec<(DType, ReduceOp)> = if count == LARGE {
-            let avg = if reducing(coll) {
-                ReduceOp::Avg
-            } else {
-                ReduceOp::Sum
-            };
-            vec![
-                (DType::ALL[(n + ci) % 8], ops[n % ops.len()]),
-                (DType::ALL[(n + ci + 3) % 8], avg),
-            ]
+            let avg = if reducing(coll) { ReduceOp::Avg } else { ReduceOp::Sum };
+            vec![(DType::ALL[(n + ci) % 8], ops[n % ops.len()]), (DType::ALL[(n + ci + 3) % 8], avg)]
         } else if n <= 4 {
-            DType::ALL
-                .iter()
-                .flat_map(|&d| ops.iter().map(move |&o| (d, o)))
-                .collect()
+            DType::ALL.iter().flat_map(|&d| ops.iter().map(move |&o| (d, o))).collect()
         } else {
-            DType::ALL
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| (d, ops[(i + n + ci) % ops.len()]))
-                .collect()
+            DType::ALL.iter().enumerate().map(|(i, &d)| (d, ops[(i + n + ci) % ops.len()])).collect()
         };
         for (k, (dtype, op)) in pairs.into_iter().enumerate() {
             out.push((dtype, op, count, (n / 2 + ci + k) % n));
@@ -316,11 +239,7 @@ fn combos(coll: CollKind, n: usize) -> Vec<(DType, ReduceOp, usize, usize)> {
 fn check_collective(coll: CollKind) {
     let algos = algo::supported(coll);
     assert!(!algos.is_empty());
-    let in_place_forms: &[bool] = if coll == CollKind::AllToAll {
-        &[false]
-    } else {
-        &[false, true]
-    };
+    let in_place_forms: &[bool] = if coll == CollKind::AllToAll { &[false] } else { &[false, true] };
     for n in common::WORLDS {
         let comms = mesh_comms(n, &Config::default());
         for (dtype, op, count, root) in combos(coll, n) {
@@ -409,16 +328,7 @@ fn tiny_chunks_pipeline_every_algorithm() {
                     [false, true]
                         .into_iter()
                         .filter(|&ip| !ip || coll != CollKind::AllToAll)
-                        .map(move |in_place| Case {
-                            coll,
-                            algo,
-                            dtype,
-                            op,
-                            count,
-                            root,
-                            in_place,
-                            chunk: 64,
-                        })
+                        .map(move |in_place| Case { coll, algo, dtype, op, count, root, in_place, chunk: 64 })
                 })
                 .collect();
             run_cases(&comms, &cases, &data);
@@ -436,15 +346,9 @@ fn all_to_all_v_unequal_counts_and_gaps() {
         for dtype in [DType::F64, DType::BF16, DType::U8] {
             let es = dtype.size();
             let layout = |counts: Vec<usize>| {
-                let displs: Vec<usize> = counts
-                    .iter()
-                    .scan(0, |at, &c| Some(std::mem::replace(at, *at + c + 2)))
-                    .collect();
-                let len = displs
-                    .last()
-                    .zip(counts.last())
-                    .map(|(d, c)| d + c)
-                    .unwrap_or(0);
+                let displs: Vec<usize> =
+                    counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c + 2))).collect();
+                let len = displs.last().zip(counts.last()).map(|(d, c)| d + c).unwrap_or(0);
                 (counts, displs, len)
             };
             let outs = on_all(&comms, |c| {
@@ -480,11 +384,7 @@ fn all_to_all_v_unequal_counts_and_gaps() {
                     let theirs = check::input(dtype, ReduceOp::Sum, i, sd, rc[i]);
                     want[rd[i] * es..(rd[i] + rc[i]) * es].copy_from_slice(&theirs);
                 }
-                assert!(
-                    *got == want,
-                    "n={n} {dtype} rank {r}: {}",
-                    first_diff(got, &want)
-                );
+                assert!(*got == want, "n={n} {dtype} rank {r}: {}", first_diff(got, &want));
             }
         }
     }
@@ -551,14 +451,7 @@ fn barrier_holds_everyone_until_the_last_arrives() {
                     algo: Algo::Dissemination,
                     tag: 0,
                 };
-                let shape = Shape {
-                    rank: c.rank(),
-                    n,
-                    count: 0,
-                    esize: 1,
-                    chunk_bytes: CHUNK,
-                    root: 0,
-                };
+                let shape = Shape { rank: c.rank(), n, count: 0, esize: 1, chunk_bytes: CHUNK, root: 0 };
                 c.run_schedule(
                     call,
                     |b| algo::build(CollKind::Barrier, Algo::Dissemination, b, shape).unwrap(),
@@ -570,10 +463,7 @@ fn barrier_holds_everyone_until_the_last_arrives() {
             });
             let last_arrival = times.iter().map(|t| t.0).max().unwrap();
             for (r, (_, left)) in times.iter().enumerate() {
-                assert!(
-                    *left >= last_arrival,
-                    "n={n}: rank {r} left the barrier before rank {late} arrived"
-                );
+                assert!(*left >= last_arrival, "n={n}: rank {r} left the barrier before rank {late} arrived");
             }
         }
     }
@@ -596,9 +486,7 @@ fn simulate(scheds: &[Schedule]) -> Result<(), String> {
         for (i, st) in s.steps.iter().enumerate() {
             match st {
                 StepKind::Send { peer, .. } => sends[r][peer.idx()].push(i),
-                StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => {
-                    recvs[r][peer.idx()].push(i)
-                }
+                StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => recvs[r][peer.idx()].push(i),
                 _ => {}
             }
         }
@@ -647,8 +535,7 @@ fn simulate(scheds: &[Schedule]) -> Result<(), String> {
             }
             for i in 0..scheds[r].len() {
                 let local = scheds[r].steps[i].peer().is_none();
-                let staged_ready =
-                    matches!(scheds[r].steps[i], StepKind::RecvReduce { .. }) && arrived[r][i];
+                let staged_ready = matches!(scheds[r].steps[i], StepKind::RecvReduce { .. }) && arrived[r][i];
                 if !done[r][i] && pending[r][i] == 0 && (local || staged_ready) {
                     complete(r, i, &mut pending, &mut done);
                     moved = true;
@@ -661,17 +548,11 @@ fn simulate(scheds: &[Schedule]) -> Result<(), String> {
     }
     for r in 0..n {
         if let Some(i) = done[r].iter().position(|d| !d) {
-            return Err(format!(
-                "deadlock: rank {r} never completes step {i} {:?}",
-                scheds[r].steps[i]
-            ));
+            return Err(format!("deadlock: rank {r} never completes step {i} {:?}", scheds[r].steps[i]));
         }
         for (p, q) in wire[r].iter().enumerate() {
             if !q.is_empty() {
-                return Err(format!(
-                    "rank {r} sent {} messages rank {p} never received",
-                    q.len()
-                ));
+                return Err(format!("rank {r} sent {} messages rank {p} never received", q.len()));
             }
         }
     }
@@ -681,16 +562,8 @@ fn simulate(scheds: &[Schedule]) -> Result<(), String> {
 #[test]
 fn simulator_catches_mismatch_and_deadlock() {
     use devccl::schedule::{Buf, Loc};
-    let send = |peer: usize, len: usize| StepKind::Send {
-        peer: peer.into(),
-        src: Loc::new(Buf::Input, 0),
-        len,
-    };
-    let recv = |peer: usize, len: usize| StepKind::Recv {
-        peer: peer.into(),
-        dst: Loc::new(Buf::Output, 0),
-        len,
-    };
+    let send = |peer: usize, len: usize| StepKind::Send { peer: peer.into(), src: Loc::new(Buf::Input, 0), len };
+    let recv = |peer: usize, len: usize| StepKind::Recv { peer: peer.into(), dst: Loc::new(Buf::Output, 0), len };
     let sched = |steps: Vec<(StepKind, Vec<u32>)>| {
         let mut b = Builder::new();
         for (k, deps) in steps {
@@ -700,10 +573,7 @@ fn simulator_catches_mismatch_and_deadlock() {
         b.build()
     };
     // Lengths disagree.
-    let bad_len = [
-        sched(vec![(send(1, 8), vec![])]),
-        sched(vec![(recv(0, 4), vec![])]),
-    ];
+    let bad_len = [sched(vec![(send(1, 8), vec![])]), sched(vec![(recv(0, 4), vec![])])];
     assert!(simulate(&bad_len).unwrap_err().contains("expected 4 bytes"));
     // Both ranks receive before they send: a cycle.
     let cycle = [
@@ -712,10 +582,7 @@ fn simulator_catches_mismatch_and_deadlock() {
     ];
     assert!(simulate(&cycle).unwrap_err().contains("deadlock"));
     // A message nobody receives.
-    let extra = [
-        sched(vec![(send(1, 4), vec![]), (send(1, 4), vec![])]),
-        sched(vec![(recv(0, 4), vec![])]),
-    ];
+    let extra = [sched(vec![(send(1, 4), vec![]), (send(1, 4), vec![])]), sched(vec![(recv(0, 4), vec![])])];
     assert!(simulate(&extra).is_err());
 }
 
@@ -738,22 +605,11 @@ fn schedules_pair_up_and_complete_for_many_worlds() {
         for &algo in algo::supported(coll) {
             for n in (1..=24).chain([31, 32, 33]) {
                 for count in [1, 5, 37] {
-                    for root in if rooted(coll) {
-                        vec![0, n / 2, n - 1]
-                    } else {
-                        vec![0]
-                    } {
+                    for root in if rooted(coll) { vec![0, n / 2, n - 1] } else { vec![0] } {
                         let scheds: Vec<Schedule> = (0..n)
                             .map(|rank| {
                                 let mut b = Builder::new();
-                                let sh = Shape {
-                                    rank,
-                                    n,
-                                    count,
-                                    esize: 4,
-                                    chunk_bytes: 8,
-                                    root,
-                                };
+                                let sh = Shape { rank, n, count, esize: 4, chunk_bytes: 8, root };
                                 algo::build(coll, algo, &mut b, sh).unwrap();
                                 b.build()
                             })
@@ -773,26 +629,10 @@ fn max_sent(coll: CollKind, algo: Algo, n: usize, count: usize, unit: usize) -> 
     (0..n)
         .map(|rank| {
             let mut b = Builder::new();
-            let sh = Shape {
-                rank,
-                n,
-                count,
-                esize: 1,
-                chunk_bytes: 1 << 20,
-                root: 0,
-            };
+            let sh = Shape { rank, n, count, esize: 1, chunk_bytes: 1 << 20, root: 0 };
             algo::build(coll, algo, &mut b, sh).unwrap();
             let s = b.build();
-            s.steps
-                .iter()
-                .map(|st| {
-                    if let StepKind::Send { len, .. } = st {
-                        *len
-                    } else {
-                        0
-                    }
-                })
-                .sum::<usize>()
+            s.steps.iter().map(|st| if let StepKind::Send { len, .. } = st { *len } else { 0 }).sum::<usize>()
         })
         .max()
         .unwrap_or(0) as f64
@@ -812,28 +652,16 @@ fn bytes_on_the_wire_match_docs_algorithms_md() {
         let cases: [(CollKind, Algo, f64); 20] = [
             (CollKind::AllReduce, Algo::Ring, 2.0 * (nf - 1.0) / nf),
             (CollKind::AllReduce, Algo::RecursiveDoubling, lg + fold),
-            (
-                CollKind::AllReduce,
-                Algo::HalvingDoubling,
-                2.0 * (pf - 1.0) / pf + fold,
-            ),
+            (CollKind::AllReduce, Algo::HalvingDoubling, 2.0 * (pf - 1.0) / pf + fold),
             (CollKind::AllReduce, Algo::Tree, 2.0),
             (CollKind::ReduceScatter, Algo::Ring, nf - 1.0),
-            (
-                CollKind::ReduceScatter,
-                Algo::HalvingDoubling,
-                if p == n { nf - 1.0 } else { nf },
-            ),
+            (CollKind::ReduceScatter, Algo::HalvingDoubling, if p == n { nf - 1.0 } else { nf }),
             (CollKind::ReduceScatter, Algo::Direct, nf - 1.0),
             (CollKind::AllGather, Algo::Ring, nf - 1.0),
             (CollKind::AllGather, Algo::RecursiveDoubling, nf - 1.0),
             (CollKind::AllGather, Algo::Direct, nf - 1.0),
             (CollKind::Broadcast, Algo::Ring, 1.0),
-            (
-                CollKind::Broadcast,
-                Algo::Tree,
-                if n % 2 == 1 { 1.5 } else { 1.0 },
-            ),
+            (CollKind::Broadcast, Algo::Tree, if n % 2 == 1 { 1.5 } else { 1.0 }),
             (CollKind::Broadcast, Algo::Direct, nf - 1.0),
             (CollKind::Reduce, Algo::Ring, 1.0),
             (CollKind::Reduce, Algo::Tree, 1.0),
@@ -845,19 +673,13 @@ fn bytes_on_the_wire_match_docs_algorithms_md() {
             (CollKind::Scatter, Algo::Tree, nf - 1.0),
         ];
         for (coll, algo, want) in cases {
-            let per_call = if matches!(
-                coll,
-                CollKind::AllReduce | CollKind::Broadcast | CollKind::Reduce
-            ) {
+            let per_call = if matches!(coll, CollKind::AllReduce | CollKind::Broadcast | CollKind::Reduce) {
                 count
             } else {
                 count / n
             };
             let got = max_sent(coll, algo, n, per_call, per_call);
-            assert!(
-                (got - want).abs() < 1e-9,
-                "{coll:?} {algo} n={n}: a rank sends {got}× instead of {want}×"
-            );
+            assert!((got - want).abs() < 1e-9, "{coll:?} {algo} n={n}: a rank sends {got}× instead of {want}×");
         }
     }
 }
@@ -867,21 +689,10 @@ fn dispatcher_matches_the_support_table() {
     for coll in CollKind::ALL {
         for algo in Algo::ALL {
             let mut b = Builder::new();
-            let sh = Shape {
-                rank: 0,
-                n: 2,
-                count: 3,
-                esize: 4,
-                chunk_bytes: 1024,
-                root: 0,
-            };
+            let sh = Shape { rank: 0, n: 2, count: 3, esize: 4, chunk_bytes: 1024, root: 0 };
             let res = algo::build(coll, algo, &mut b, sh);
             let uniform = !matches!(coll, CollKind::AllToAllV | CollKind::SendRecv);
-            assert_eq!(
-                res.is_ok(),
-                uniform && algo::supported(coll).contains(&algo),
-                "{coll:?} × {algo}: {res:?}"
-            );
+            assert_eq!(res.is_ok(), uniform && algo::supported(coll).contains(&algo), "{coll:?} × {algo}: {res:?}");
             if let Err(e) = res {
                 assert!(!e.is_empty());
             }

@@ -6,8 +6,8 @@ mod common;
 use devccl::testing::{mesh_comms, on_all};
 use devccl::{DType, ReduceOp};
 use devccl_core::config::Config;
-use devccl_core::op::reference_reduce;
 use devccl_core::memory::Region;
+use devccl_core::op::reference_reduce;
 
 const COUNTS: [usize; 4] = [0, 1, 1009, 100_003];
 
@@ -97,7 +97,8 @@ fn async_work_completes_in_issue_order_and_mixes_with_blocking_calls() {
     let outs = on_all(&comms, |c| {
         let r = c.rank() as i32;
         // Different sizes so a reordering would show up as a mismatch error.
-        let works: Vec<_> = (0..12).map(|k| c.all_reduce_async(vec![r + k; 1 + k as usize * 1000], ReduceOp::Sum)).collect();
+        let works: Vec<_> =
+            (0..12).map(|k| c.all_reduce_async(vec![r + k; 1 + k as usize * 1000], ReduceOp::Sum)).collect();
         let mut blocking = vec![1i64; 7];
         c.all_reduce(&mut blocking, ReduceOp::Sum).unwrap();
         assert_eq!(blocking, vec![4; 7]);

@@ -24,27 +24,103 @@ pub struct Variable {
 
 /// Every environment variable devccl reads.
 pub const VARIABLES: &[Variable] = &[
-    Variable { name: "DEVCCL_DEBUG", default: "warn", doc: "Log level: off, error, warn, info (choices made: transport per peer and why, algorithm, channels), debug, trace. Also accepts a tracing filter such as `devccl=debug`." },
-    Variable { name: "DEVCCL_RENDEZVOUS", default: "MASTER_ADDR:MASTER_PORT", doc: "host:port of the gRPC rendezvous. Rank 0 hosts it there unless DEVCCL_RENDEZVOUS_EXTERNAL=1." },
-    Variable { name: "DEVCCL_RENDEZVOUS_EXTERNAL", default: "0", doc: "1: the rendezvous is a standalone `devccl rendezvous` server; rank 0 does not host one." },
-    Variable { name: "DEVCCL_SECRET", default: "(none)", doc: "Shared secret. When set, joining the rendezvous and every data connection must prove knowledge of it (HMAC-SHA256 over fresh nonces); it never travels." },
-    Variable { name: "DEVCCL_INIT_TIMEOUT", default: "120", doc: "Seconds init may take (rendezvous + connections) before every rank gets a timeout error." },
-    Variable { name: "DEVCCL_TIMEOUT", default: "600", doc: "Seconds a collective may wait without any progress before it fails naming the peer it waits for (and the communicator is poisoned)." },
-    Variable { name: "DEVCCL_SOCKET_IFNAME", default: "(route to rendezvous)", doc: "Interface for data sockets. NCCL syntax: comma list of prefixes, `^` to exclude, `=` for exact names. Default: the interface of the route to the rendezvous host." },
+    Variable {
+        name: "DEVCCL_DEBUG",
+        default: "warn",
+        doc: "Log level: off, error, warn, info (choices made: transport per peer and why, algorithm, channels), debug, trace. Also accepts a tracing filter such as `devccl=debug`.",
+    },
+    Variable {
+        name: "DEVCCL_RENDEZVOUS",
+        default: "MASTER_ADDR:MASTER_PORT",
+        doc: "host:port of the gRPC rendezvous. Rank 0 hosts it there unless DEVCCL_RENDEZVOUS_EXTERNAL=1.",
+    },
+    Variable {
+        name: "DEVCCL_RENDEZVOUS_EXTERNAL",
+        default: "0",
+        doc: "1: the rendezvous is a standalone `devccl rendezvous` server; rank 0 does not host one.",
+    },
+    Variable {
+        name: "DEVCCL_SECRET",
+        default: "(none)",
+        doc: "Shared secret. When set, joining the rendezvous and every data connection must prove knowledge of it (HMAC-SHA256 over fresh nonces); it never travels.",
+    },
+    Variable {
+        name: "DEVCCL_INIT_TIMEOUT",
+        default: "120",
+        doc: "Seconds init may take (rendezvous + connections) before every rank gets a timeout error.",
+    },
+    Variable {
+        name: "DEVCCL_TIMEOUT",
+        default: "600",
+        doc: "Seconds a collective may wait without any progress before it fails naming the peer it waits for (and the communicator is poisoned).",
+    },
+    Variable {
+        name: "DEVCCL_SOCKET_IFNAME",
+        default: "(route to rendezvous)",
+        doc: "Interface for data sockets. NCCL syntax: comma list of prefixes, `^` to exclude, `=` for exact names. Default: the interface of the route to the rendezvous host.",
+    },
     Variable { name: "DEVCCL_SOCKET_FAMILY", default: "(any)", doc: "Force `ipv4` or `ipv6` for data sockets." },
-    Variable { name: "DEVCCL_NSOCKS", default: "2", doc: "TCP sockets (lanes) per peer connection, 1..=16. Messages go round-robin over lanes." },
-    Variable { name: "DEVCCL_TRANSPORTS", default: "devmem,shm,tcp", doc: "Transports allowed, in order of preference. A transport that cannot serve a peer declines with a reason (logged at info, shown by `devccl doctor`)." },
-    Variable { name: "DEVCCL_ALGO", default: "(tuned)", doc: "Force an algorithm: ring, recursive_doubling (rd), halving_doubling (rabenseifner), tree (double binary tree), direct. Per collective: `allreduce:ring,broadcast:tree`." },
-    Variable { name: "DEVCCL_NCHANNELS", default: "(tuned)", doc: "Force the number of channels (parallel rings / lanes in use)." },
-    Variable { name: "DEVCCL_CHUNK", default: "(tuned)", doc: "Force the pipeline chunk size in bytes (K/M suffixes allowed)." },
-    Variable { name: "DEVCCL_SPIN_US", default: "(auto)", doc: "Microseconds to busy-poll sockets before sleeping in poll(2). Auto: 50 when the host has a core per local rank, else 0." },
-    Variable { name: "DEVCCL_REDUCE_THREADS", default: "(auto)", doc: "Reduce large buffers on this many threads (rayon). Auto: only when the host has cores to spare beyond one per local rank." },
+    Variable {
+        name: "DEVCCL_NSOCKS",
+        default: "2",
+        doc: "TCP sockets (lanes) per peer connection, 1..=16. Messages go round-robin over lanes.",
+    },
+    Variable {
+        name: "DEVCCL_TRANSPORTS",
+        default: "devmem,shm,tcp",
+        doc: "Transports allowed, in order of preference. A transport that cannot serve a peer declines with a reason (logged at info, shown by `devccl doctor`).",
+    },
+    Variable {
+        name: "DEVCCL_ALGO",
+        default: "(tuned)",
+        doc: "Force an algorithm: ring, recursive_doubling (rd), halving_doubling (rabenseifner), tree (double binary tree), direct. Per collective: `allreduce:ring,broadcast:tree`.",
+    },
+    Variable {
+        name: "DEVCCL_NCHANNELS",
+        default: "(tuned)",
+        doc: "Force the number of channels (parallel rings / lanes in use).",
+    },
+    Variable {
+        name: "DEVCCL_CHUNK",
+        default: "(tuned)",
+        doc: "Force the pipeline chunk size in bytes (K/M suffixes allowed).",
+    },
+    Variable {
+        name: "DEVCCL_SPIN_US",
+        default: "(auto)",
+        doc: "Microseconds to busy-poll sockets before sleeping in poll(2). Auto: 50 when the host has a core per local rank, else 0.",
+    },
+    Variable {
+        name: "DEVCCL_REDUCE_THREADS",
+        default: "(auto)",
+        doc: "Reduce large buffers on this many threads (rayon). Auto: only when the host has cores to spare beyond one per local rank.",
+    },
     Variable { name: "MASTER_ADDR", default: "127.0.0.1", doc: "torchrun convention: rendezvous host." },
-    Variable { name: "MASTER_PORT", default: "29500", doc: "torchrun convention: rendezvous port. Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) torchrun's own store holds it, so devccl uses MASTER_PORT+1." },
-    Variable { name: "RANK", default: "-", doc: "torchrun convention: global rank. Also read: SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK." },
-    Variable { name: "WORLD_SIZE", default: "-", doc: "torchrun convention: number of ranks. Also read: SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE." },
-    Variable { name: "LOCAL_RANK", default: "0", doc: "torchrun convention: rank on this host. Also read: SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK." },
-    Variable { name: "LOCAL_WORLD_SIZE", default: "(ranks on this host)", doc: "torchrun convention: ranks on this host. Also read: SLURM_NTASKS_PER_NODE, OMPI_COMM_WORLD_LOCAL_SIZE." },
+    Variable {
+        name: "MASTER_PORT",
+        default: "29500",
+        doc: "torchrun convention: rendezvous port. Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) torchrun's own store holds it, so devccl uses MASTER_PORT+1.",
+    },
+    Variable {
+        name: "RANK",
+        default: "-",
+        doc: "torchrun convention: global rank. Also read: SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK.",
+    },
+    Variable {
+        name: "WORLD_SIZE",
+        default: "-",
+        doc: "torchrun convention: number of ranks. Also read: SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE.",
+    },
+    Variable {
+        name: "LOCAL_RANK",
+        default: "0",
+        doc: "torchrun convention: rank on this host. Also read: SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK.",
+    },
+    Variable {
+        name: "LOCAL_WORLD_SIZE",
+        default: "(ranks on this host)",
+        doc: "torchrun convention: ranks on this host. Also read: SLURM_NTASKS_PER_NODE, OMPI_COMM_WORLD_LOCAL_SIZE.",
+    },
 ];
 
 /// Source of variables: the process environment or a map (tests, spawned ranks).
@@ -76,11 +152,7 @@ impl Env {
     fn parse<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => v
-                .trim()
-                .parse::<T>()
-                .map(Some)
-                .map_err(|_| Error::usage(format!("{name}={v:?} is not {what}"))),
+            Some(v) => v.trim().parse::<T>().map(Some).map_err(|_| Error::usage(format!("{name}={v:?} is not {what}"))),
         }
     }
 
@@ -271,24 +343,28 @@ impl LaunchEnv {
         let candidates: [(Launcher, &str, &str, &str, &str); 4] = [
             (Launcher::Torchrun, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
             (Launcher::Slurm, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
-            (Launcher::OpenMpi, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+            (
+                Launcher::OpenMpi,
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE",
+            ),
             (Launcher::Pmi, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
         ];
         let Some((launcher, rk, wk, lk, lwk)) = candidates.into_iter().find(|c| env.get(c.1).is_some()) else {
             return Ok(None);
         };
         let rank: usize = env.parse(rk, "a rank")?.expect("checked above");
-        let world: usize = env
-            .parse(wk, "a world size")?
-            .ok_or_else(|| Error::usage(format!("{rk} is set but {wk} is not")))?;
+        let world: usize =
+            env.parse(wk, "a world size")?.ok_or_else(|| Error::usage(format!("{rk} is set but {wk} is not")))?;
         if world == 0 || rank >= world {
             return Err(Error::usage(format!("{rk}={rank} is not below {wk}={world}")));
         }
         let local_rank: usize = env.parse(lk, "a local rank")?.unwrap_or(0);
         // Slurm's SLURM_NTASKS_PER_NODE may be like "2(x3)"; take the leading number.
-        let local_world = env
-            .get(lwk)
-            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()));
+        let local_world =
+            env.get(lwk).and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()));
         let rendezvous = match env.get("DEVCCL_RENDEZVOUS") {
             Some(r) => r,
             None => {
@@ -296,12 +372,20 @@ impl LaunchEnv {
                 let port: u16 = env.parse("MASTER_PORT", "a port")?.unwrap_or(29500);
                 // Under torchrun the agent's TCPStore already listens on MASTER_PORT; use the
                 // next port for ours (documented; DEVCCL_RENDEZVOUS overrides).
-                let agent_store = matches!(env.get("TORCHELASTIC_USE_AGENT_STORE").as_deref(), Some("True" | "true" | "1"));
-                let port = if agent_store { port.checked_add(1).ok_or_else(|| Error::usage("MASTER_PORT=65535 leaves no port for the devccl rendezvous under torchrun"))? } else { port };
+                let agent_store =
+                    matches!(env.get("TORCHELASTIC_USE_AGENT_STORE").as_deref(), Some("True" | "true" | "1"));
+                let port = if agent_store {
+                    port.checked_add(1).ok_or_else(|| {
+                        Error::usage("MASTER_PORT=65535 leaves no port for the devccl rendezvous under torchrun")
+                    })?
+                } else {
+                    port
+                };
                 join_host_port(&host, port)
             }
         };
-        let external_rendezvous = matches!(env.get("DEVCCL_RENDEZVOUS_EXTERNAL").as_deref(), Some("1" | "true" | "yes"));
+        let external_rendezvous =
+            matches!(env.get("DEVCCL_RENDEZVOUS_EXTERNAL").as_deref(), Some("1" | "true" | "yes"));
         Ok(Some(LaunchEnv { launcher, rank, world, local_rank, local_world, rendezvous, external_rendezvous }))
     }
 }
@@ -324,14 +408,27 @@ mod tests {
         let c = Config::from(&env(&[])).unwrap();
         assert_eq!(c.nsocks, 2);
         assert_eq!(c.timeout, Duration::from_secs(600));
-        let c = Config::from(&env(&[("DEVCCL_NSOCKS", "4"), ("DEVCCL_CHUNK", "512K"), ("DEVCCL_TIMEOUT", "2.5"), ("DEVCCL_TRANSPORTS", "tcp")])).unwrap();
+        let c = Config::from(&env(&[
+            ("DEVCCL_NSOCKS", "4"),
+            ("DEVCCL_CHUNK", "512K"),
+            ("DEVCCL_TIMEOUT", "2.5"),
+            ("DEVCCL_TRANSPORTS", "tcp"),
+        ]))
+        .unwrap();
         assert_eq!((c.nsocks, c.chunk, c.timeout), (4, Some(512 << 10), Duration::from_millis(2500)));
         assert_eq!(c.transports, vec![TransportKind::Tcp]);
     }
 
     #[test]
     fn bad_values_name_the_variable() {
-        for (k, v) in [("DEVCCL_NSOCKS", "many"), ("DEVCCL_NSOCKS", "0"), ("DEVCCL_TIMEOUT", "-1"), ("DEVCCL_TRANSPORTS", "rdma"), ("DEVCCL_CHUNK", "12X"), ("DEVCCL_SOCKET_FAMILY", "ipx")] {
+        for (k, v) in [
+            ("DEVCCL_NSOCKS", "many"),
+            ("DEVCCL_NSOCKS", "0"),
+            ("DEVCCL_TIMEOUT", "-1"),
+            ("DEVCCL_TRANSPORTS", "rdma"),
+            ("DEVCCL_CHUNK", "12X"),
+            ("DEVCCL_SOCKET_FAMILY", "ipx"),
+        ] {
             let e = Config::from(&env(&[(k, v)])).unwrap_err().to_string();
             assert!(e.contains(k), "{e}");
         }
@@ -340,9 +437,23 @@ mod tests {
     #[test]
     fn launchers() {
         assert_eq!(LaunchEnv::from(&env(&[])).unwrap(), None);
-        let l = LaunchEnv::from(&env(&[("RANK", "1"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "::1"), ("MASTER_PORT", "1234")])).unwrap().unwrap();
+        let l = LaunchEnv::from(&env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "::1"),
+            ("MASTER_PORT", "1234"),
+        ]))
+        .unwrap()
+        .unwrap();
         assert_eq!((l.launcher, l.rank, l.world, l.rendezvous.as_str()), (Launcher::Torchrun, 1, 4, "[::1]:1234"));
-        let s = LaunchEnv::from(&env(&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "8"), ("SLURM_NTASKS_PER_NODE", "4(x2)"), ("DEVCCL_RENDEZVOUS", "h:9")])).unwrap().unwrap();
+        let s = LaunchEnv::from(&env(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_NTASKS_PER_NODE", "4(x2)"),
+            ("DEVCCL_RENDEZVOUS", "h:9"),
+        ]))
+        .unwrap()
+        .unwrap();
         assert_eq!((s.launcher, s.local_world, s.rendezvous.as_str()), (Launcher::Slurm, Some(4), "h:9"));
         assert!(LaunchEnv::from(&env(&[("RANK", "4"), ("WORLD_SIZE", "4")])).is_err());
         assert!(LaunchEnv::from(&env(&[("OMPI_COMM_WORLD_RANK", "0")])).is_err());

@@ -29,16 +29,8 @@ pub enum DType {
 
 impl DType {
     /// Every dtype, in wire-code order.
-    pub const ALL: [DType; 8] = [
-        DType::F32,
-        DType::F64,
-        DType::F16,
-        DType::BF16,
-        DType::I8,
-        DType::U8,
-        DType::I32,
-        DType::I64,
-    ];
+    pub const ALL: [DType; 8] =
+        [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I8, DType::U8, DType::I32, DType::I64];
 
     /// Size of one element in bytes.
     pub const fn size(self) -> usize {

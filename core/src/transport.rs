@@ -265,7 +265,7 @@ pub trait Connection: Send + fmt::Debug {
 /// Block until one of `fds` is ready for its interest or `timeout` passes. Returns whether
 /// any descriptor became ready. An empty set just sleeps (bounded by `timeout`).
 pub fn wait_ready(fds: &[(BorrowedFd<'_>, Interest)], timeout: std::time::Duration) -> Result<bool> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     if fds.is_empty() {
         std::thread::sleep(timeout.min(std::time::Duration::from_millis(1)));
         return Ok(false);

@@ -19,11 +19,7 @@ const LEN: usize = 4 << 20;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
-    let ifname = args
-        .iter()
-        .find(|a| !a.starts_with("--"))
-        .cloned()
-        .unwrap_or_else(|| "eth0".into());
+    let ifname = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "eth0".into());
 
     println!("kernel {}", iface::kernel_release());
     if !cuda::driver_present() {
@@ -68,9 +64,7 @@ fn main() {
         std::fs::read_link(format!("/proc/self/fd/{fd}"))
             .map(|p| p.display().to_string())
             .unwrap_or_else(|e| format!("? ({e})")),
-        db.size_by_lseek()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| format!("error {e}")),
+        db.size_by_lseek().map(|s| s.to_string()).unwrap_or_else(|e| format!("error {e}")),
         db.exporter().unwrap_or_else(|| "?".into()),
         dmabuf::fdinfo_field(fd, "size").unwrap_or_else(|| "?".into()),
     );
@@ -86,11 +80,7 @@ fn main() {
                 match src.export_range(ptr, LEN) {
                     Ok((d, flags)) => println!(
                         "cudarc alloc_zeros ({}) export: ok, flags {flags:?}, lseek {}",
-                        if src.context().has_async_alloc() {
-                            "memory pool"
-                        } else {
-                            "cuMemAlloc"
-                        },
+                        if src.context().has_async_alloc() { "memory pool" } else { "cuMemAlloc" },
                         d.size_by_lseek().unwrap_or(0)
                     ),
                     Err(e) => println!("cudarc alloc_zeros export: {e}"),
@@ -116,10 +106,7 @@ fn main() {
     let tx = probe::try_bind_tx(&netdev, ifindex, db.as_fd(), FdKind::Dmabuf);
     for c in [&rx, &tx] {
         println!("{ifname} {}: {} -> verdict {}", c.op, c.detail, c.verdict);
-        println!(
-            "    reason: {}",
-            c.verdict.reason().replace("<if>", &ifname)
-        );
+        println!("    reason: {}", c.verdict.reason().replace("<if>", &ifname));
         println!("    fix: {}", c.verdict.fix().replace("<if>", &ifname));
     }
     drop(buf);
@@ -127,17 +114,10 @@ fn main() {
     // 3. The whole probe with a real dma-buf for both binds.
     let report = probe::probe_interface_with(
         &ifname,
-        &ProbeOptions {
-            dmabuf: DmabufUse::RealForRxAndTx,
-            real_len: LEN,
-            ..ProbeOptions::default()
-        },
+        &ProbeOptions { dmabuf: DmabufUse::RealForRxAndTx, real_len: LEN, ..ProbeOptions::default() },
     );
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
         println!("\n{report}");
     }

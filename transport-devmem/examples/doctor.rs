@@ -18,11 +18,7 @@ fn main() {
     }
     let json = args.iter().any(|a| a == "--json");
     let opts = ProbeOptions {
-        dmabuf: if args.iter().any(|a| a == "--real-dmabuf") {
-            DmabufUse::RealForTx
-        } else {
-            DmabufUse::Placeholder
-        },
+        dmabuf: if args.iter().any(|a| a == "--real-dmabuf") { DmabufUse::RealForTx } else { DmabufUse::Placeholder },
         ..ProbeOptions::default()
     };
     let report = doctor::report_with(&opts);

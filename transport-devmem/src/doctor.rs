@@ -66,45 +66,25 @@ fn list_interfaces(netdev: Option<&mut Netdev>) -> Vec<String> {
 /// Build the report with `opts` (its `sources` are discovered once if not given).
 pub fn report_with(opts: &ProbeOptions) -> DoctorReport {
     let sources = opts.sources.clone().unwrap_or_else(dmabuf::discover);
-    let opts = ProbeOptions {
-        sources: Some(sources.clone()),
-        ..opts.clone()
-    };
+    let opts = ProbeOptions { sources: Some(sources.clone()), ..opts.clone() };
     let mut netdev = Netdev::open_with_timeout(opts.timeout);
     let (family, ops, err) = match &mut netdev {
         Ok(n) => {
-            let features = n
-                .features()
-                .unwrap_or_else(|_| Features::from_family(n.family(), None));
+            let features = n.features().unwrap_or_else(|_| Features::from_family(n.family(), None));
             let ops = n
                 .family()
                 .ops
                 .iter()
                 .map(|o| format!("{} ({})", crate::sys::netdev::cmd_name(o.id), o.flags_str()))
                 .collect();
-            (
-                Some(FamilyInfo {
-                    id: n.family().id,
-                    version: n.family().version,
-                    features,
-                }),
-                ops,
-                None,
-            )
+            (Some(FamilyInfo { id: n.family().id, version: n.family().version, features }), ops, None)
         }
         Err(e) => (None, Vec::new(), Some(dmabuf::unsupported_reason(e))),
     };
     let names = list_interfaces(netdev.as_mut().ok());
     drop(netdev);
-    let interfaces: Vec<ProbeReport> = names
-        .iter()
-        .map(|n| probe::probe_interface_with(n, &opts))
-        .collect();
-    let usable = interfaces
-        .iter()
-        .filter(|r| r.verdict == Verdict::Usable)
-        .map(|r| r.interface.clone())
-        .collect();
+    let interfaces: Vec<ProbeReport> = names.iter().map(|n| probe::probe_interface_with(n, &opts)).collect();
+    let usable = interfaces.iter().filter(|r| r.verdict == Verdict::Usable).map(|r| r.interface.clone()).collect();
     DoctorReport {
         kernel: iface::kernel_release(),
         euid: iface::euid(),
@@ -132,13 +112,7 @@ fn yes(b: bool) -> &'static str {
 impl fmt::Display for DoctorReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "devccl doctor: devmem TCP")?;
-        writeln!(
-            f,
-            "kernel {}, euid {}, CAP_NET_ADMIN {}",
-            self.kernel,
-            self.euid,
-            yes(self.cap_net_admin)
-        )?;
+        writeln!(f, "kernel {}, euid {}, CAP_NET_ADMIN {}", self.kernel, self.euid, yes(self.cap_net_admin))?;
         match (&self.netdev_family, &self.netdev_error) {
             (Some(fam), _) => {
                 let ft = &fam.features;
@@ -148,17 +122,9 @@ impl fmt::Display for DoctorReport {
                     fam.id,
                     fam.version,
                     yes(ft.bind_rx),
-                    if ft.bind_rx_admin_perm {
-                        " (needs CAP_NET_ADMIN)"
-                    } else {
-                        ""
-                    },
+                    if ft.bind_rx_admin_perm { " (needs CAP_NET_ADMIN)" } else { "" },
                     yes(ft.bind_tx),
-                    if ft.bind_tx && !ft.bind_tx_admin_perm {
-                        " (any user)"
-                    } else {
-                        ""
-                    },
+                    if ft.bind_tx && !ft.bind_tx_admin_perm { " (any user)" } else { "" },
                     match ft.rx_page_size {
                         Some(b) => yes(b),
                         None => "unknown",
@@ -173,13 +139,7 @@ impl fmt::Display for DoctorReport {
         writeln!(f)?;
         writeln!(f, "dma-buf sources:")?;
         for s in &self.dmabuf_sources {
-            writeln!(
-                f,
-                "  {} {}: {}",
-                if s.available { "[ok ]" } else { "[NO ]" },
-                s.device,
-                s.detail
-            )?;
+            writeln!(f, "  {} {}: {}", if s.available { "[ok ]" } else { "[NO ]" }, s.device, s.detail)?;
         }
         for r in &self.interfaces {
             writeln!(f)?;
@@ -187,10 +147,7 @@ impl fmt::Display for DoctorReport {
         }
         writeln!(f)?;
         if self.usable.is_empty() {
-            write!(
-                f,
-                "devmem TCP is usable on no interface: devccl will use its fallback transports"
-            )
+            write!(f, "devmem TCP is usable on no interface: devccl will use its fallback transports")
         } else {
             write!(f, "devmem TCP is usable on: {}", self.usable.join(", "))
         }

@@ -140,17 +140,11 @@ impl Error {
     }
 
     pub(crate) fn unsupported(reason: impl Into<String>) -> Self {
-        Error::Unsupported {
-            reason: reason.into(),
-        }
+        Error::Unsupported { reason: reason.into() }
     }
 
     pub(crate) fn os(op: &'static str, iface: &str, source: std::io::Error) -> Self {
-        Error::Os {
-            op,
-            iface: iface.to_owned(),
-            source,
-        }
+        Error::Os { op, iface: iface.to_owned(), source }
     }
 }
 

@@ -237,11 +237,7 @@ pub enum BindOutcome {
     /// Bound (then unbound by closing the socket) with this id.
     Bound { id: u32 },
     /// The kernel refused.
-    Refused {
-        errno: i32,
-        errno_name: &'static str,
-        extack: Box<Extack>,
-    },
+    Refused { errno: i32, errno_name: &'static str, extack: Box<Extack> },
     /// Something else failed (socket, timeout).
     Failed { error: String },
     /// Not attempted.
@@ -272,10 +268,7 @@ fn is_placeholder_import_error(errno: i32, extack: &Extack, fd: FdKind) -> bool 
 }
 
 fn msg_has(extack: &Extack, needle: &str) -> bool {
-    extack.message.as_deref().is_some_and(|m| {
-        m.to_ascii_lowercase()
-            .contains(&needle.to_ascii_lowercase())
-    })
+    extack.message.as_deref().is_some_and(|m| m.to_ascii_lowercase().contains(&needle.to_ascii_lowercase()))
 }
 
 /// Read the kernel's answer to `BIND_RX`.
@@ -291,14 +284,10 @@ pub fn classify_bind_rx(result: &Result<u32, Error>, fd: FdKind) -> Verdict {
     if msg_has(extack, "hds-thresh is not zero") {
         return Verdict::HdsThreshNotZero;
     }
-    if msg_has(extack, "XDP") || msg_has(extack, "already memory provider bound") || errno == EBUSY
-    {
+    if msg_has(extack, "XDP") || msg_has(extack, "already memory provider bound") || errno == EBUSY {
         return Verdict::QueueBusy;
     }
-    if msg_has(extack, "failed to bind dmabuf")
-        || msg_has(extack, "failed to map dmabuf")
-        || errno == ENOTSUPP
-    {
+    if msg_has(extack, "failed to bind dmabuf") || msg_has(extack, "failed to map dmabuf") || errno == ENOTSUPP {
         return Verdict::DmabufNotAttachable;
     }
     match errno {
@@ -321,10 +310,7 @@ pub fn classify_bind_tx(result: &Result<u32, Error>, fd: FdKind) -> Verdict {
     if msg_has(extack, "netmem TX") || msg_has(extack, "No DMA-capable device") {
         return Verdict::NoNetmemTx;
     }
-    if msg_has(extack, "failed to bind dmabuf")
-        || msg_has(extack, "failed to map dmabuf")
-        || errno == ENOTSUPP
-    {
+    if msg_has(extack, "failed to bind dmabuf") || msg_has(extack, "failed to map dmabuf") || errno == ENOTSUPP {
         return Verdict::DmabufNotAttachable;
     }
     match errno {
@@ -336,56 +322,26 @@ pub fn classify_bind_tx(result: &Result<u32, Error>, fd: FdKind) -> Verdict {
     }
 }
 
-fn check_from(
-    op: &'static str,
-    fd: FdKind,
-    res: Result<u32, Error>,
-    verdict: Verdict,
-) -> BindCheck {
+fn check_from(op: &'static str, fd: FdKind, res: Result<u32, Error>, verdict: Verdict) -> BindCheck {
     let (outcome, detail) = match &res {
-        Ok(id) => (
-            BindOutcome::Bound { id: *id },
-            format!("{op} bound (id {id}) and released at once"),
-        ),
+        Ok(id) => (BindOutcome::Bound { id: *id }, format!("{op} bound (id {id}) and released at once")),
         Err(Error::Kernel { errno, extack, .. }) => {
             let mut d = format!("{op} -> {}({errno}){extack}", errno_name(*errno));
             if verdict == Verdict::Usable && fd == FdKind::Placeholder {
-                d.push_str(
-                    " (the driver checks passed; the placeholder fd is not a dma-buf, as intended)",
-                );
+                d.push_str(" (the driver checks passed; the placeholder fd is not a dma-buf, as intended)");
             }
-            (
-                BindOutcome::Refused {
-                    errno: *errno,
-                    errno_name: errno_name(*errno),
-                    extack: extack.clone(),
-                },
-                d,
-            )
+            (BindOutcome::Refused { errno: *errno, errno_name: errno_name(*errno), extack: extack.clone() }, d)
         }
-        Err(e) => (
-            BindOutcome::Failed {
-                error: e.to_string(),
-            },
-            format!("{op}: {e}"),
-        ),
+        Err(e) => (BindOutcome::Failed { error: e.to_string() }, format!("{op}: {e}")),
     };
-    BindCheck {
-        op,
-        fd,
-        outcome,
-        verdict,
-        detail,
-    }
+    BindCheck { op, fd, outcome, verdict, detail }
 }
 
 fn not_attempted(op: &'static str, why: &str) -> BindCheck {
     BindCheck {
         op,
         fd: FdKind::Placeholder,
-        outcome: BindOutcome::NotAttempted {
-            why: why.to_owned(),
-        },
+        outcome: BindOutcome::NotAttempted { why: why.to_owned() },
         verdict: Verdict::Usable,
         detail: format!("{op} not attempted: {why}"),
     }
@@ -400,21 +356,14 @@ pub fn try_bind_rx(
     kind: FdKind,
     queue: u32,
 ) -> BindCheck {
-    let res = netdev
-        .bind_rx(&BindRx::new(ifindex, fd, &[queue]))
-        .map(|b| b.id());
+    let res = netdev.bind_rx(&BindRx::new(ifindex, fd, &[queue])).map(|b| b.id());
     let v = classify_bind_rx(&res, kind);
     check_from("bind-rx", kind, res, v)
 }
 
 /// Attempt `BIND_TX` on `ifindex` with `fd` and classify (a successful binding is released at
 /// once).
-pub fn try_bind_tx(
-    netdev: &Netdev,
-    ifindex: u32,
-    fd: std::os::fd::BorrowedFd<'_>,
-    kind: FdKind,
-) -> BindCheck {
+pub fn try_bind_tx(netdev: &Netdev, ifindex: u32, fd: std::os::fd::BorrowedFd<'_>, kind: FdKind) -> BindCheck {
     let res = netdev.bind_tx(&BindTx::new(ifindex, fd)).map(|b| b.id());
     let v = classify_bind_tx(&res, kind);
     check_from("bind-tx", kind, res, v)
@@ -559,12 +508,9 @@ impl ProbeReport {
                 .filter(|c| c.verdict == self.verdict)
                 .map(|c| c.detail.clone())
                 .or_else(|| self.header_split.as_ref().map(|h| h.detail.clone())),
-            Verdict::DmabufNotAttachable | Verdict::Unexpected => self
-                .rx
-                .iter()
-                .chain(self.tx.iter())
-                .find(|c| c.verdict == self.verdict)
-                .map(|c| c.detail.clone()),
+            Verdict::DmabufNotAttachable | Verdict::Unexpected => {
+                self.rx.iter().chain(self.tx.iter()).find(|c| c.verdict == self.verdict).map(|c| c.detail.clone())
+            }
             Verdict::KernelWithoutDevmem => self.family_error.clone(),
             Verdict::NoDmabufSource => Some(
                 self.dmabuf_sources
@@ -687,11 +633,8 @@ pub fn probe_interface_with(ifname: &str, opts: &ProbeOptions) -> ProbeReport {
             Features::from_family(netdev.family(), None)
         }
     };
-    r.family = Some(FamilyInfo {
-        id: netdev.family().id,
-        version: netdev.family().version,
-        features: features.clone(),
-    });
+    r.family =
+        Some(FamilyInfo { id: netdev.family().id, version: netdev.family().version, features: features.clone() });
     if !features.bind_rx {
         r.family_error = Some("the netdev family has no bind-rx operation".into());
         r.problems.push(Verdict::KernelWithoutDevmem);
@@ -701,53 +644,48 @@ pub fn probe_interface_with(ifname: &str, opts: &ProbeOptions) -> ProbeReport {
     }
 
     // Header split, as the driver reports it.
-    r.header_split = Some(
-        match Ethtool::open(opts.timeout).and_then(|mut e| e.rings(ifindex, ifname)) {
-            Ok(rings) => {
-                let split = match rings.tcp_data_split {
-                    TcpDataSplit::Enabled => "tcp-data-split on".to_owned(),
-                    TcpDataSplit::Disabled => "tcp-data-split off".to_owned(),
-                    TcpDataSplit::Unknown => {
-                        "tcp-data-split unknown (the driver does not report it)".to_owned()
-                    }
-                };
-                let thresh = match rings.hds_thresh {
-                    Some(t) => format!("hds-thresh {t}"),
-                    None => "hds-thresh unknown (not reported)".to_owned(),
-                };
-                if rings.tcp_data_split == TcpDataSplit::Disabled {
-                    r.problems.push(Verdict::HeaderSplitOff);
-                }
-                if rings.hds_thresh.is_some_and(|t| t != 0) {
-                    r.problems.push(Verdict::HdsThreshNotZero);
-                }
-                HeaderSplit {
-                    tcp_data_split: rings.tcp_data_split,
-                    hds_thresh: rings.hds_thresh,
-                    detail: format!("{split}, {thresh}"),
-                }
+    r.header_split = Some(match Ethtool::open(opts.timeout).and_then(|mut e| e.rings(ifindex, ifname)) {
+        Ok(rings) => {
+            let split = match rings.tcp_data_split {
+                TcpDataSplit::Enabled => "tcp-data-split on".to_owned(),
+                TcpDataSplit::Disabled => "tcp-data-split off".to_owned(),
+                TcpDataSplit::Unknown => "tcp-data-split unknown (the driver does not report it)".to_owned(),
+            };
+            let thresh = match rings.hds_thresh {
+                Some(t) => format!("hds-thresh {t}"),
+                None => "hds-thresh unknown (not reported)".to_owned(),
+            };
+            if rings.tcp_data_split == TcpDataSplit::Disabled {
+                r.problems.push(Verdict::HeaderSplitOff);
             }
-            Err(e) => HeaderSplit {
-                tcp_data_split: TcpDataSplit::Unknown,
-                hds_thresh: None,
-                detail: format!(
-                    "unknown: ethtool rings query failed: {}",
-                    match &e {
-                        Error::Kernel { errno, .. } => format!("{}({errno})", errno_name(*errno)),
-                        other => other.to_string(),
-                    }
-                ),
-            },
+            if rings.hds_thresh.is_some_and(|t| t != 0) {
+                r.problems.push(Verdict::HdsThreshNotZero);
+            }
+            HeaderSplit {
+                tcp_data_split: rings.tcp_data_split,
+                hds_thresh: rings.hds_thresh,
+                detail: format!("{split}, {thresh}"),
+            }
+        }
+        Err(e) => HeaderSplit {
+            tcp_data_split: TcpDataSplit::Unknown,
+            hds_thresh: None,
+            detail: format!(
+                "unknown: ethtool rings query failed: {}",
+                match &e {
+                    Error::Kernel { errno, .. } => format!("{}({errno})", errno_name(*errno)),
+                    other => other.to_string(),
+                }
+            ),
         },
-    );
+    });
 
     // The fds the binds carry.
     let want_real = opts.dmabuf != DmabufUse::Placeholder;
     let real = if want_real {
         match dmabuf::first_available().and_then(|s| s.allocate(opts.real_len)) {
             Ok(buf) => {
-                r.notes
-                    .push(format!("real dma-buf for the bind: {}", buf.how()));
+                r.notes.push(format!("real dma-buf for the bind: {}", buf.how()));
                 Some(ProbeFd::Real(buf))
             }
             Err(e) => {
@@ -814,42 +752,22 @@ impl fmt::Display for ProbeReport {
             head.push_str(&format!(" ({})", bits.join(", ")));
         }
         writeln!(f, "{head}")?;
-        let kernel_ok = self
-            .family
-            .as_ref()
-            .map(|fam| fam.features.bind_rx && fam.features.bind_tx);
-        let kernel_ok = if self.family_error.is_some() {
-            Some(false)
-        } else {
-            kernel_ok
-        };
+        let kernel_ok = self.family.as_ref().map(|fam| fam.features.bind_rx && fam.features.bind_tx);
+        let kernel_ok = if self.family_error.is_some() { Some(false) } else { kernel_ok };
         writeln!(
             f,
             "  {} kernel: netdev family with bind-rx and bind-tx{}",
             mark(kernel_ok),
-            self.family_error
-                .as_ref()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default()
+            self.family_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
         )?;
-        let needs_admin = self
-            .family
-            .as_ref()
-            .is_some_and(|fam| fam.features.bind_rx_admin_perm);
+        let needs_admin = self.family.as_ref().is_some_and(|fam| fam.features.bind_rx_admin_perm);
         writeln!(
             f,
             "  {} permission: CAP_NET_ADMIN {}",
             mark(Some(self.cap_net_admin || !needs_admin)),
-            if self.cap_net_admin {
-                "held"
-            } else {
-                "missing"
-            }
+            if self.cap_net_admin { "held" } else { "missing" }
         )?;
-        for (label, check) in [
-            ("RX queue API (bind-rx)", &self.rx),
-            ("netmem TX (bind-tx)", &self.tx),
-        ] {
+        for (label, check) in [("RX queue API (bind-rx)", &self.rx), ("netmem TX (bind-tx)", &self.tx)] {
             match check {
                 Some(c) => {
                     let ok = match &c.outcome {
@@ -873,21 +791,12 @@ impl fmt::Display for ProbeReport {
             }
             None => writeln!(f, "  {} header split: not checked", mark(None))?,
         }
-        let avail: Vec<&str> = self
-            .dmabuf_sources
-            .iter()
-            .filter(|s| s.available)
-            .map(|s| s.device.as_str())
-            .collect();
+        let avail: Vec<&str> = self.dmabuf_sources.iter().filter(|s| s.available).map(|s| s.device.as_str()).collect();
         writeln!(
             f,
             "  {} dma-buf source: {}",
             mark(Some(!avail.is_empty())),
-            if avail.is_empty() {
-                "none available".to_owned()
-            } else {
-                avail.join(", ")
-            }
+            if avail.is_empty() { "none available".to_owned() } else { avail.join(", ") }
         )?;
         for n in &self.notes {
             writeln!(f, "  note: {n}")?;
@@ -907,20 +816,11 @@ mod tests {
     use crate::sys::netlink::{PolicyDesc, decode_error, parse_messages};
     use crate::sys::recorded::*;
 
-    fn kernel_err(
-        op: &'static str,
-        reply: &[u8],
-        req: crate::sys::netlink::Request,
-    ) -> Result<u32, Error> {
+    fn kernel_err(op: &'static str, reply: &[u8], req: crate::sys::netlink::Request) -> Result<u32, Error> {
         let m = parse_messages(reply).unwrap();
         let mut ack = decode_error(&m[0]).unwrap();
         req.annotate(&mut ack.extack);
-        Err(Error::Kernel {
-            op,
-            iface: "eth0".into(),
-            errno: ack.errno,
-            extack: Box::new(ack.extack),
-        })
+        Err(Error::Kernel { op, iface: "eth0".into(), errno: ack.errno, extack: Box::new(ack.extack) })
     }
 
     fn rx_req(
@@ -930,50 +830,25 @@ mod tests {
         nested: bool,
         seq: u32,
     ) -> crate::sys::netlink::Request {
-        BindRx {
-            ifindex,
-            fd,
-            queues: q,
-            rx_page_size: None,
-            nested_flag: nested,
-        }
-        .request(20, seq)
+        BindRx { ifindex, fd, queues: q, rx_page_size: None, nested_flag: nested }.request(20, seq)
     }
 
     #[test]
     fn recorded_bind_rx_lo_is_driver_lacks_queue_api() {
-        let res = kernel_err(
-            "bind-rx",
-            REPLY_BIND_RX_LO_0,
-            rx_req(Some(1), Some(4), vec![(0, 0)], true, 6),
-        );
+        let res = kernel_err("bind-rx", REPLY_BIND_RX_LO_0, rx_req(Some(1), Some(4), vec![(0, 0)], true, 6));
         let e = res.as_ref().unwrap_err().extack().unwrap().clone();
         assert_eq!(e.bad_attr.as_deref(), Some("ifindex"));
         assert_eq!(e.message, None);
-        assert_eq!(
-            classify_bind_rx(&res, FdKind::Placeholder),
-            Verdict::DriverLacksQueueApi
-        );
+        assert_eq!(classify_bind_rx(&res, FdKind::Placeholder), Verdict::DriverLacksQueueApi);
         let text = res.unwrap_err().to_string();
-        assert_eq!(
-            text,
-            "kernel refused bind-rx on eth0: EOPNOTSUPP(95); bad attribute ifindex"
-        );
+        assert_eq!(text, "kernel refused bind-rx on eth0: EOPNOTSUPP(95); bad attribute ifindex");
     }
 
     #[test]
     fn recorded_bind_tx_is_no_netmem_tx() {
-        let req = BindTx {
-            ifindex: Some(4),
-            fd: Some(4),
-            queues: vec![],
-        }
-        .request(20, 7);
+        let req = BindTx { ifindex: Some(4), fd: Some(4), queues: vec![] }.request(20, 7);
         let res = kernel_err("bind-tx", REPLY_BIND_TX_ETH0_0, req);
-        assert_eq!(
-            classify_bind_tx(&res, FdKind::Placeholder),
-            Verdict::NoNetmemTx
-        );
+        assert_eq!(classify_bind_tx(&res, FdKind::Placeholder), Verdict::NoNetmemTx);
         assert_eq!(
             res.unwrap_err().to_string(),
             "kernel refused bind-tx on eth0: EOPNOTSUPP(95); kernel says \"Driver does not support netmem TX\""
@@ -982,71 +857,36 @@ mod tests {
 
     #[test]
     fn recorded_missing_fd_is_named() {
-        let res = kernel_err(
-            "bind-rx",
-            REPLY_BIND_RX_NO_FD_0,
-            rx_req(Some(4), None, vec![(0, 0)], true, 9),
-        );
+        let res = kernel_err("bind-rx", REPLY_BIND_RX_NO_FD_0, rx_req(Some(4), None, vec![(0, 0)], true, 9));
         let e = res.as_ref().unwrap_err();
         assert_eq!(e.errno(), Some(EINVAL));
         let x = e.extack().unwrap();
         assert_eq!(x.missing_type, Some(3));
         assert_eq!(x.missing_name.as_deref(), Some("fd"));
         assert!(e.to_string().ends_with("missing attribute 3 (fd)"), "{e}");
-        assert_eq!(
-            classify_bind_rx(&res, FdKind::Placeholder),
-            Verdict::Unexpected
-        );
+        assert_eq!(classify_bind_rx(&res, FdKind::Placeholder), Verdict::Unexpected);
     }
 
     #[test]
     fn recorded_policy_errors_name_the_attribute() {
-        let res = kernel_err(
-            "bind-rx",
-            REPLY_BIND_RX_QTYPE7_0,
-            rx_req(Some(4), Some(4), vec![(0, 7)], true, 11),
-        );
+        let res = kernel_err("bind-rx", REPLY_BIND_RX_QTYPE7_0, rx_req(Some(4), Some(4), vec![(0, 7)], true, 11));
         let x = res.as_ref().unwrap_err().extack().unwrap().clone();
         assert_eq!(x.bad_attr.as_deref(), Some("queues.type"));
         assert_eq!(x.policy.as_ref().unwrap().max_u, Some(1));
-        let res = kernel_err(
-            "bind-rx",
-            REPLY_BIND_RX_NOT_NESTED_0,
-            rx_req(Some(4), Some(4), vec![(0, 0)], false, 10),
-        );
+        let res = kernel_err("bind-rx", REPLY_BIND_RX_NOT_NESTED_0, rx_req(Some(4), Some(4), vec![(0, 0)], false, 10));
         let x = res.as_ref().unwrap_err().extack().unwrap().clone();
         assert_eq!(x.message.as_deref(), Some("NLA_F_NESTED is missing"));
         assert_eq!(x.bad_attr.as_deref(), Some("queues"));
-        assert_eq!(
-            x.policy,
-            Some(PolicyDesc {
-                ty: Some(crate::sys::netlink::NlaType::Nested),
-                ..Default::default()
-            })
-        );
+        assert_eq!(x.policy, Some(PolicyDesc { ty: Some(crate::sys::netlink::NlaType::Nested), ..Default::default() }));
     }
 
     #[test]
     fn recorded_enodev_and_eperm() {
-        let res = kernel_err(
-            "bind-rx",
-            REPLY_BIND_RX_NODEV_0,
-            rx_req(Some(99999), Some(4), vec![(0, 0)], true, 12),
-        );
-        assert_eq!(
-            classify_bind_rx(&res, FdKind::Placeholder),
-            Verdict::NoSuchInterface
-        );
-        let res = kernel_err(
-            "bind-rx",
-            REPLY_BIND_RX_UNPRIV_0,
-            rx_req(Some(1), Some(4), vec![(0, 0)], true, 16),
-        );
+        let res = kernel_err("bind-rx", REPLY_BIND_RX_NODEV_0, rx_req(Some(99999), Some(4), vec![(0, 0)], true, 12));
+        assert_eq!(classify_bind_rx(&res, FdKind::Placeholder), Verdict::NoSuchInterface);
+        let res = kernel_err("bind-rx", REPLY_BIND_RX_UNPRIV_0, rx_req(Some(1), Some(4), vec![(0, 0)], true, 16));
         assert_eq!(res.as_ref().unwrap_err().errno(), Some(EPERM));
-        assert_eq!(
-            classify_bind_rx(&res, FdKind::Placeholder),
-            Verdict::NoPermission
-        );
+        assert_eq!(classify_bind_rx(&res, FdKind::Placeholder), Verdict::NoPermission);
     }
 
     fn synthetic(errno: i32, msg: Option<&str>) -> Result<u32, Error> {
@@ -1054,10 +894,7 @@ mod tests {
             op: "bind-rx",
             iface: "eth1".into(),
             errno,
-            extack: Box::new(Extack {
-                message: msg.map(str::to_owned),
-                ..Default::default()
-            }),
+            extack: Box::new(Extack { message: msg.map(str::to_owned), ..Default::default() }),
         })
     }
 
@@ -1069,65 +906,31 @@ mod tests {
             classify_bind_rx(&synthetic(EINVAL, Some("tcp-data-split is disabled")), ph),
             Verdict::HeaderSplitOff
         );
+        assert_eq!(classify_bind_rx(&synthetic(EINVAL, Some("hds-thresh is not zero")), ph), Verdict::HdsThreshNotZero);
         assert_eq!(
-            classify_bind_rx(&synthetic(EINVAL, Some("hds-thresh is not zero")), ph),
-            Verdict::HdsThreshNotZero
-        );
-        assert_eq!(
-            classify_bind_rx(
-                &synthetic(
-                    EEXIST,
-                    Some("designated queue already memory provider bound")
-                ),
-                ph
-            ),
+            classify_bind_rx(&synthetic(EEXIST, Some("designated queue already memory provider bound")), ph),
             Verdict::QueueBusy
         );
         assert_eq!(
-            classify_bind_rx(
-                &synthetic(EBUSY, Some("designated queue already in use by AF_XDP")),
-                ph
-            ),
+            classify_bind_rx(&synthetic(EBUSY, Some("designated queue already in use by AF_XDP")), ph),
             Verdict::QueueBusy
         );
         assert_eq!(
-            classify_bind_rx(
-                &synthetic(ENOTSUPP, Some("Failed to bind dmabuf to device")),
-                FdKind::Dmabuf
-            ),
+            classify_bind_rx(&synthetic(ENOTSUPP, Some("Failed to bind dmabuf to device")), FdKind::Dmabuf),
             Verdict::DmabufNotAttachable
         );
         // A capable driver with the placeholder memfd: dma_buf_get says EINVAL, no extack.
+        assert_eq!(classify_bind_rx(&synthetic(EINVAL, None), ph), Verdict::Usable);
+        assert_eq!(classify_bind_tx(&synthetic(EBADF, None), ph), Verdict::Usable);
+        assert_eq!(classify_bind_rx(&synthetic(EINVAL, None), FdKind::Dmabuf), Verdict::Unexpected);
         assert_eq!(
-            classify_bind_rx(&synthetic(EINVAL, None), ph),
-            Verdict::Usable
-        );
-        assert_eq!(
-            classify_bind_tx(&synthetic(EBADF, None), ph),
-            Verdict::Usable
-        );
-        assert_eq!(
-            classify_bind_rx(&synthetic(EINVAL, None), FdKind::Dmabuf),
-            Verdict::Unexpected
-        );
-        assert_eq!(
-            classify_bind_tx(
-                &synthetic(
-                    EOPNOTSUPP,
-                    Some("No DMA-capable device found for netmem TX")
-                ),
-                ph
-            ),
+            classify_bind_tx(&synthetic(EOPNOTSUPP, Some("No DMA-capable device found for netmem TX")), ph),
             Verdict::NoNetmemTx
         );
         assert_eq!(classify_bind_rx(&Ok(3), FdKind::Dmabuf), Verdict::Usable);
         assert_eq!(
             classify_bind_rx(
-                &Err(Error::Timeout {
-                    op: "bind-rx",
-                    iface: "x".into(),
-                    after: Duration::from_secs(1)
-                }),
+                &Err(Error::Timeout { op: "bind-rx", iface: "x".into(), after: Duration::from_secs(1) }),
                 ph
             ),
             Verdict::Unexpected
@@ -1154,10 +957,7 @@ mod tests {
             Unexpected,
         ] {
             assert!(!v.reason().is_empty() && !v.fix().is_empty(), "{v}");
-            assert_eq!(
-                serde_json::to_value(v).unwrap(),
-                serde_json::Value::String(v.name().into())
-            );
+            assert_eq!(serde_json::to_value(v).unwrap(), serde_json::Value::String(v.name().into()));
         }
         assert_eq!(HeaderSplitOff.fix(), "ethtool -G <if> tcp-data-split on");
         assert_eq!(HdsThreshNotZero.fix(), "ethtool -G <if> hds-thresh 0");
@@ -1165,16 +965,10 @@ mod tests {
 
     #[test]
     fn missing_interface_report() {
-        let opts = ProbeOptions {
-            sources: Some(vec![]),
-            ..Default::default()
-        };
+        let opts = ProbeOptions { sources: Some(vec![]), ..Default::default() };
         let r = probe_interface_with("nosuchif9", &opts);
         assert_eq!(r.verdict, Verdict::NoSuchInterface);
-        assert_eq!(
-            r.problems,
-            vec![Verdict::NoSuchInterface, Verdict::NoDmabufSource]
-        );
+        assert_eq!(r.problems, vec![Verdict::NoSuchInterface, Verdict::NoDmabufSource]);
         assert!(r.reason().contains("nosuchif9"), "{}", r.reason());
         assert!(r.to_string().contains("verdict: no-such-interface"));
     }

@@ -14,8 +14,7 @@ use devccl_transport_devmem::dmabuf::{self, CudaSource, UdmabufSource, cuda};
 use devccl_transport_devmem::doctor;
 use devccl_transport_devmem::probe::{self, FdKind, ProbeOptions, Verdict};
 use devccl_transport_devmem::sys::cmsg::{
-    self, DevmemRange, DmabufToken, ErrqueueEntry, MSG_ZEROCOPY, SCM_DEVMEM_DMABUF, SOL_SOCKET,
-    TokenBatcher,
+    self, DevmemRange, DmabufToken, ErrqueueEntry, MSG_ZEROCOPY, SCM_DEVMEM_DMABUF, SOL_SOCKET, TokenBatcher,
 };
 use devccl_transport_devmem::sys::ethtool::{Ethtool, TcpDataSplit};
 use devccl_transport_devmem::sys::netdev::{self, BindRx, BindTx, Netdev, QueueType, cmd};
@@ -27,10 +26,7 @@ const EINVAL: i32 = errno::EINVAL;
 /// `Some(netdev)` when the live tests can run here, else prints why not.
 fn live(test: &str) -> Option<Netdev> {
     if iface::euid() != 0 {
-        eprintln!(
-            "SKIP {test}: not root (euid {}); the live devmem tests need root",
-            iface::euid()
-        );
+        eprintln!("SKIP {test}: not root (euid {}); the live devmem tests need root", iface::euid());
         return None;
     }
     match Netdev::open() {
@@ -63,9 +59,7 @@ fn kernel_err(r: Result<netdev::Binding, Error>) -> (i32, devccl_transport_devme
     match r {
         Err(e @ Error::Kernel { .. }) => {
             let text = e.to_string();
-            let Error::Kernel { errno, extack, .. } = e else {
-                unreachable!()
-            };
+            let Error::Kernel { errno, extack, .. } = e else { unreachable!() };
             (errno, *extack, text)
         }
         Err(e) => panic!("expected a kernel error, got {e}"),
@@ -74,13 +68,7 @@ fn kernel_err(r: Result<netdev::Binding, Error>) -> (i32, devccl_transport_devme
 }
 
 fn rx_req(ifindex: Option<u32>, fd: Option<u32>, queues: Vec<(u32, u32)>) -> BindRx {
-    BindRx {
-        ifindex,
-        fd,
-        queues,
-        rx_page_size: None,
-        nested_flag: true,
-    }
+    BindRx { ifindex, fd, queues, rx_page_size: None, nested_flag: true }
 }
 
 #[test]
@@ -99,10 +87,7 @@ fn family_ops_and_features() {
     assert!(!tx.admin_perm() && tx.can_do());
     assert!(f.op(cmd::DEV_GET).unwrap().can_dump());
     let groups: Vec<&str> = f.mcast_groups.iter().map(|g| g.name.as_str()).collect();
-    assert!(
-        groups.contains(&"mgmt") && groups.contains(&"page-pool"),
-        "{groups:?}"
-    );
+    assert!(groups.contains(&"mgmt") && groups.contains(&"page-pool"), "{groups:?}");
     let feat = nd.features().unwrap();
     assert!(feat.bind_rx && feat.bind_tx && feat.bind_rx_admin_perm && !feat.bind_tx_admin_perm);
     // 6.18 has no rx-page-size; a newer kernel would say Some(true).
@@ -128,10 +113,7 @@ fn bind_policies_introspection() {
     let tx = nd.op_policy(cmd::BIND_TX).unwrap();
     assert_eq!(tx.do_attr(1).unwrap().min_u, Some(1));
     assert!(tx.do_attr(3).is_some());
-    assert!(
-        tx.do_attr(2).is_none(),
-        "queues are not part of the bind-tx policy"
-    );
+    assert!(tx.do_attr(2).is_none(), "queues are not part of the bind-tx policy");
 }
 
 #[test]
@@ -152,30 +134,19 @@ fn dumps_list_lo_and_eth0() {
     for (name, idx) in &ifs {
         for ty in [QueueType::Rx, QueueType::Tx] {
             assert!(
-                queues
-                    .iter()
-                    .any(|q| q.ifindex == *idx && q.id == 0 && q.ty == ty),
+                queues.iter().any(|q| q.ifindex == *idx && q.id == 0 && q.ty == ty),
                 "{name} queue 0 {ty:?} missing: {queues:?}"
             );
         }
     }
-    assert!(
-        queues.iter().all(|q| q.dmabuf.is_none()),
-        "nothing is bound here"
-    );
+    assert!(queues.iter().all(|q| q.dmabuf.is_none()), "nothing is bound here");
     let napis = nd.napis().unwrap();
     if let Some((_, eth0)) = ifs.iter().find(|(n, _)| *n == "eth0") {
         assert!(napis.iter().any(|n| n.ifindex == *eth0), "{napis:?}");
     }
     let pools = nd.page_pools().unwrap();
     assert!(pools.iter().all(|p| p.dmabuf.is_none()));
-    eprintln!(
-        "{} devices, {} queues, {} napis, {} page pools",
-        devs.len(),
-        queues.len(),
-        napis.len(),
-        pools.len()
-    );
+    eprintln!("{} devices, {} queues, {} napis, {} page pools", devs.len(), queues.len(), napis.len(), pools.len());
 }
 
 #[test]
@@ -186,23 +157,13 @@ fn bind_rx_on_lo_and_eth0_is_driver_lacks_queue_api() {
     let memfd = placeholder_fd().unwrap();
     for (name, idx) in interfaces("bind_rx_on_lo_and_eth0") {
         let res = nd.bind_rx(&BindRx::new(idx, memfd.as_fd(), &[0]));
-        let verdict = probe::classify_bind_rx(
-            &res.as_ref().map(|b| b.id()).map_err(clone_err),
-            FdKind::Placeholder,
-        );
+        let verdict = probe::classify_bind_rx(&res.as_ref().map(|b| b.id()).map_err(clone_err), FdKind::Placeholder);
         let (errno, extack, text) = kernel_err(res);
         assert_eq!(errno, errno::EOPNOTSUPP, "{name}: {text}");
-        assert_eq!(
-            extack.bad_attr.as_deref(),
-            Some("ifindex"),
-            "{name}: {text}"
-        );
+        assert_eq!(extack.bad_attr.as_deref(), Some("ifindex"), "{name}: {text}");
         assert_eq!(extack.message, None);
         assert_eq!(verdict, Verdict::DriverLacksQueueApi);
-        assert!(
-            text.contains(name) && text.contains("EOPNOTSUPP(95)"),
-            "{text}"
-        );
+        assert!(text.contains(name) && text.contains("EOPNOTSUPP(95)"), "{text}");
         eprintln!("{text}");
     }
 }
@@ -210,20 +171,10 @@ fn bind_rx_on_lo_and_eth0_is_driver_lacks_queue_api() {
 /// Error is not Clone (io::Error inside); rebuild the kernel variant for classification.
 fn clone_err(e: &Error) -> Error {
     match e {
-        Error::Kernel {
-            op,
-            iface,
-            errno,
-            extack,
-        } => Error::Kernel {
-            op,
-            iface: iface.clone(),
-            errno: *errno,
-            extack: extack.clone(),
-        },
-        other => Error::Unsupported {
-            reason: other.to_string(),
-        },
+        Error::Kernel { op, iface, errno, extack } => {
+            Error::Kernel { op, iface: iface.clone(), errno: *errno, extack: extack.clone() }
+        }
+        other => Error::Unsupported { reason: other.to_string() },
     }
 }
 
@@ -235,16 +186,10 @@ fn bind_tx_on_lo_and_eth0_is_no_netmem_tx() {
     let memfd = placeholder_fd().unwrap();
     for (name, idx) in interfaces("bind_tx_on_lo_and_eth0") {
         let res = nd.bind_tx(&BindTx::new(idx, memfd.as_fd()));
-        let verdict = probe::classify_bind_tx(
-            &res.as_ref().map(|b| b.id()).map_err(clone_err),
-            FdKind::Placeholder,
-        );
+        let verdict = probe::classify_bind_tx(&res.as_ref().map(|b| b.id()).map_err(clone_err), FdKind::Placeholder);
         let (errno, extack, text) = kernel_err(res);
         assert_eq!(errno, errno::EOPNOTSUPP, "{name}: {text}");
-        assert_eq!(
-            extack.message.as_deref(),
-            Some("Driver does not support netmem TX")
-        );
+        assert_eq!(extack.message.as_deref(), Some("Driver does not support netmem TX"));
         assert_eq!(verdict, Verdict::NoNetmemTx);
         eprintln!("{text}");
     }
@@ -284,30 +229,17 @@ fn missing_attributes_are_named() {
     // bind-rx without fd -> missing attribute 3 "fd".
     let (errno, x, text) = kernel_err(nd.bind_rx(&rx_req(Some(eth), None, vec![(0, 0)])));
     assert_eq!(errno, EINVAL);
-    assert_eq!(
-        (x.missing_type, x.missing_name.as_deref()),
-        (Some(3), Some("fd"))
-    );
+    assert_eq!((x.missing_type, x.missing_name.as_deref()), (Some(3), Some("fd")));
     assert!(text.ends_with("missing attribute 3 (fd)"), "{text}");
     // Without queues -> 2 "queues" (sent raw: bind_rx() refuses an empty queue list itself).
     let mut nd2 = Netdev::open().unwrap();
     let req = rx_req(Some(eth), Some(fdn), vec![]).request(nd2.family().id, 0);
     let e = nd2.request(req, "eth0").unwrap_err();
     let x = e.extack().unwrap();
-    assert_eq!(
-        (x.missing_type, x.missing_name.as_deref()),
-        (Some(2), Some("queues"))
-    );
-    assert!(matches!(
-        nd.bind_rx(&rx_req(Some(eth), Some(fdn), vec![])),
-        Err(Error::InvalidUsage { .. })
-    ));
+    assert_eq!((x.missing_type, x.missing_name.as_deref()), (Some(2), Some("queues")));
+    assert!(matches!(nd.bind_rx(&rx_req(Some(eth), Some(fdn), vec![])), Err(Error::InvalidUsage { .. })));
     // bind-tx without fd.
-    let (errno, x, _) = kernel_err(nd.bind_tx(&BindTx {
-        ifindex: Some(eth),
-        fd: None,
-        queues: vec![],
-    }));
+    let (errno, x, _) = kernel_err(nd.bind_tx(&BindTx { ifindex: Some(eth), fd: None, queues: vec![] }));
     assert_eq!(errno, EINVAL);
     assert_eq!(x.missing_name.as_deref(), Some("fd"));
 }
@@ -324,11 +256,7 @@ fn other_bind_errors_match_the_reference() {
     let (errno, x, _) = kernel_err(nd.bind_rx(&rx_req(Some(99999), Some(fdn), vec![(0, 0)])));
     assert_eq!(errno, errno::ENODEV);
     assert!(x.is_empty());
-    let (errno, _, _) = kernel_err(nd.bind_tx(&BindTx {
-        ifindex: Some(99999),
-        fd: Some(fdn),
-        queues: vec![],
-    }));
+    let (errno, _, _) = kernel_err(nd.bind_tx(&BindTx { ifindex: Some(99999), fd: Some(fdn), queues: vec![] }));
     assert_eq!(errno, errno::ENODEV);
     // Queue type 7 (policy max 1).
     let (errno, x, _) = kernel_err(nd.bind_rx(&rx_req(Some(eth), Some(fdn), vec![(0, 7)])));
@@ -353,11 +281,7 @@ fn other_bind_errors_match_the_reference() {
         eprintln!("note: this kernel accepts rx-page-size: {text}");
     }
     // Queues in a bind-tx request.
-    let (errno, x, _) = kernel_err(nd.bind_tx(&BindTx {
-        ifindex: Some(eth),
-        fd: Some(fdn),
-        queues: vec![(0, 0)],
-    }));
+    let (errno, x, _) = kernel_err(nd.bind_tx(&BindTx { ifindex: Some(eth), fd: Some(fdn), queues: vec![(0, 0)] }));
     assert_eq!(errno, EINVAL);
     assert_eq!(x.message.as_deref(), Some("Unsupported attribute"));
     assert_eq!(x.bad_attr.as_deref(), Some("queues"));
@@ -371,19 +295,9 @@ fn unprivileged_bind_rx_is_no_permission() {
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(&exe)
-        .args([
-            "--exact",
-            "unprivileged_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "unprivileged_child", "--nocapture", "--test-threads=1"])
         .env("DEVCCL_DEVMEM_UNPRIV_CHILD", "1")
         .output();
     let out = match out {
@@ -393,24 +307,14 @@ fn unprivileged_bind_rx_is_no_permission() {
             return;
         }
     };
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if text.contains("Permission denied") && !text.contains("CHILD") {
         eprintln!("SKIP unprivileged_bind_rx: test binary not executable as uid 65534: {text}");
         return;
     }
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("CHILD bind-rx verdict no-permission"),
-        "{text}"
-    );
-    assert!(
-        text.contains("CHILD bind-tx verdict no-netmem-tx"),
-        "{text}"
-    );
+    assert!(text.contains("CHILD bind-rx verdict no-permission"), "{text}");
+    assert!(text.contains("CHILD bind-tx verdict no-netmem-tx"), "{text}");
     assert!(text.contains("CHILD dev-get ok"), "{text}");
 }
 
@@ -422,19 +326,11 @@ fn unprivileged_child() {
     assert_ne!(iface::euid(), 0);
     let mut nd = Netdev::open().unwrap();
     let memfd = placeholder_fd().unwrap();
-    let rx = nd
-        .bind_rx(&BindRx::new(1, memfd.as_fd(), &[0]))
-        .map(|b| b.id());
+    let rx = nd.bind_rx(&BindRx::new(1, memfd.as_fd(), &[0])).map(|b| b.id());
     assert_eq!(rx.as_ref().unwrap_err().errno(), Some(errno::EPERM));
-    println!(
-        "CHILD bind-rx verdict {}",
-        probe::classify_bind_rx(&rx, FdKind::Placeholder)
-    );
+    println!("CHILD bind-rx verdict {}", probe::classify_bind_rx(&rx, FdKind::Placeholder));
     let tx = nd.bind_tx(&BindTx::new(1, memfd.as_fd())).map(|b| b.id());
-    println!(
-        "CHILD bind-tx verdict {}",
-        probe::classify_bind_tx(&tx, FdKind::Placeholder)
-    );
+    println!("CHILD bind-tx verdict {}", probe::classify_bind_tx(&tx, FdKind::Placeholder));
     let devs = nd.devices().unwrap();
     assert!(!devs.is_empty());
     println!("CHILD dev-get ok ({} devices)", devs.len());
@@ -474,11 +370,7 @@ fn probe_classifies_lo_and_eth0() {
         if !cuda::driver_present() && UdmabufSource::open().is_err() {
             assert!(r.problems.contains(&Verdict::NoDmabufSource));
         }
-        assert!(
-            r.reason().contains(name) && r.reason().contains("EOPNOTSUPP"),
-            "{}",
-            r.reason()
-        );
+        assert!(r.reason().contains(name) && r.reason().contains("EOPNOTSUPP"), "{}", r.reason());
         assert!(!r.fix().is_empty());
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["verdict"], "driver-lacks-queue-api");
@@ -499,10 +391,7 @@ fn probe_for_peer_uses_the_route() {
         Ok((ifname, src)) => {
             let r = probe::probe_for_peer_with(
                 "192.0.2.1".parse().unwrap(),
-                &ProbeOptions {
-                    sources: Some(vec![]),
-                    ..Default::default()
-                },
+                &ProbeOptions { sources: Some(vec![]), ..Default::default() },
             );
             assert_eq!(r.interface, ifname);
             eprintln!("route to 192.0.2.1 via {ifname} from {src}: {}", r.verdict);
@@ -547,41 +436,20 @@ fn dontneed_limits_on_loopback_tcp() {
     }
     let (_c, s) = tcp_pair();
     let fd = s.as_fd();
-    let one = DmabufToken {
-        token_start: 0,
-        token_count: 1,
-    };
+    let one = DmabufToken { token_start: 0, token_count: 1 };
     // Unknown token: nothing freed.
     assert_eq!(sock::devmem_dontneed(fd, &[one]).unwrap(), 0);
     // 128 ranges: accepted.
     assert_eq!(sock::devmem_dontneed(fd, &[one; 128]).unwrap(), 0);
     // 129: the kernel says EINVAL (our wrapper refuses before asking).
     let raw = DmabufToken::encode_all(&[one; 129]);
-    assert_eq!(
-        sock::devmem_dontneed_raw(fd, &raw)
-            .unwrap_err()
-            .raw_os_error(),
-        Some(EINVAL)
-    );
-    assert_eq!(
-        sock::devmem_dontneed(fd, &[one; 129]).unwrap_err().kind(),
-        std::io::ErrorKind::InvalidInput
-    );
+    assert_eq!(sock::devmem_dontneed_raw(fd, &raw).unwrap_err().raw_os_error(), Some(EINVAL));
+    assert_eq!(sock::devmem_dontneed(fd, &[one; 129]).unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
     // optlen not a multiple of 8.
-    assert_eq!(
-        sock::devmem_dontneed_raw(fd, &raw[..7])
-            .unwrap_err()
-            .raw_os_error(),
-        Some(EINVAL)
-    );
+    assert_eq!(sock::devmem_dontneed_raw(fd, &raw[..7]).unwrap_err().raw_os_error(), Some(EINVAL));
     // Not a TCP socket.
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    assert_eq!(
-        sock::devmem_dontneed(udp.as_fd(), &[one])
-            .unwrap_err()
-            .raw_os_error(),
-        Some(errno::EBADF)
-    );
+    assert_eq!(sock::devmem_dontneed(udp.as_fd(), &[one]).unwrap_err().raw_os_error(), Some(errno::EBADF));
     // Batched return: 300 isolated tokens + a run of 2500 -> calls within both limits.
     let mut b = TokenBatcher::new();
     for t in 0..300u32 {
@@ -607,11 +475,7 @@ fn recv_devmem_on_ordinary_data_has_no_devmem_cmsgs() {
     let meta = sock::recv_devmem(s.as_fd(), &mut buf, &mut control, false).unwrap();
     assert_eq!(&buf[..meta.bytes], b"hello-devmem");
     assert_eq!(meta.control_len, 0);
-    assert!(
-        cmsg::parse_rx_cmsgs(&control[..meta.control_len])
-            .unwrap()
-            .is_empty()
-    );
+    assert!(cmsg::parse_rx_cmsgs(&control[..meta.control_len]).unwrap().is_empty());
 }
 
 #[test]
@@ -623,8 +487,7 @@ fn tx_cmsg_validation() {
     let fd = c.as_fd();
     let data = [b'x'; 64];
     // id 7 without SO_ZEROCOPY / MSG_ZEROCOPY: EINVAL.
-    let e =
-        sock::sendmsg_with_control(fd, &[IoSlice::new(&data)], &cmsg::tx_cmsg(7), 0).unwrap_err();
+    let e = sock::sendmsg_with_control(fd, &[IoSlice::new(&data)], &cmsg::tx_cmsg(7), 0).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(EINVAL));
     // 8-byte payload: EINVAL.
     let bad = cmsg::encode_cmsg(SOL_SOCKET, SCM_DEVMEM_DMABUF, &7u64.to_ne_bytes());
@@ -632,8 +495,7 @@ fn tx_cmsg_validation() {
     assert_eq!(e.raw_os_error(), Some(EINVAL));
     // SO_ZEROCOPY + MSG_ZEROCOPY, no such binding: EINVAL.
     sock::set_zerocopy(fd, true).unwrap();
-    let e = sock::sendmsg_with_control(fd, &[IoSlice::new(&data)], &cmsg::tx_cmsg(7), MSG_ZEROCOPY)
-        .unwrap_err();
+    let e = sock::sendmsg_with_control(fd, &[IoSlice::new(&data)], &cmsg::tx_cmsg(7), MSG_ZEROCOPY).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(EINVAL));
     // Through the offset API: same answer, as an Os error naming the binding.
     let e = sock::send_devmem(fd, 7, &[DevmemRange { offset: 0, len: 64 }], 0).unwrap_err();
@@ -645,13 +507,7 @@ fn tx_cmsg_validation() {
         Err(Error::InvalidUsage { .. })
     ));
     // id 0 = "not devmem": sent as ordinary data.
-    let n = sock::sendmsg_with_control(
-        fd,
-        &[IoSlice::new(b"yyyyyyyyyyyyyyyy")],
-        &cmsg::tx_cmsg(0),
-        0,
-    )
-    .unwrap();
+    let n = sock::sendmsg_with_control(fd, &[IoSlice::new(b"yyyyyyyyyyyyyyyy")], &cmsg::tx_cmsg(0), 0).unwrap();
     assert_eq!(n, 16);
     let mut got = [0u8; 16];
     s.read_exact(&mut got).unwrap();
@@ -669,8 +525,7 @@ fn zerocopy_completions_from_the_error_queue() {
     let mut tracker = cmsg::ZcTracker::new();
     let payload = [b'z'; 1000];
     for _ in 0..3 {
-        let n =
-            sock::sendmsg_with_control(fd, &[IoSlice::new(&payload)], &[], MSG_ZEROCOPY).unwrap();
+        let n = sock::sendmsg_with_control(fd, &[IoSlice::new(&payload)], &[], MSG_ZEROCOPY).unwrap();
         assert_eq!(n, 1000);
         tracker.on_send();
     }
@@ -698,15 +553,8 @@ fn dmabuf_sources_answer_unsupported_here() {
     eprintln!("{found:#?}");
     if !std::path::Path::new("/dev/udmabuf").exists() {
         let e = UdmabufSource::open().unwrap_err();
-        assert!(
-            matches!(&e, Error::Unsupported { reason } if reason.contains("/dev/udmabuf does not exist")),
-            "{e}"
-        );
-        assert!(
-            found
-                .iter()
-                .any(|s| !s.available && s.detail.contains("CONFIG_UDMABUF"))
-        );
+        assert!(matches!(&e, Error::Unsupported { reason } if reason.contains("/dev/udmabuf does not exist")), "{e}");
+        assert!(found.iter().any(|s| !s.available && s.detail.contains("CONFIG_UDMABUF")));
     }
     if !cuda::driver_present() {
         let e = CudaSource::open(0).unwrap_err();

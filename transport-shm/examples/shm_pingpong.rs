@@ -52,8 +52,7 @@ use devccl_core::config::parse_size;
 use devccl_core::memory::Region;
 use devccl_core::testing::conformance::header;
 use devccl_core::transport::{
-    CommContext, Connection, Endpoint, RecvRequest, ReqId, SendRequest, Transport, TransportKind,
-    wait_ready,
+    CommContext, Connection, Endpoint, RecvRequest, ReqId, SendRequest, Transport, TransportKind, wait_ready,
 };
 use devccl_core::{CommId, Rank};
 use devccl_transport_shm::{ShmOptions, ShmTransport};
@@ -120,9 +119,7 @@ struct Args {
 fn parse_args() -> (Args, Vec<String>) {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     let mut a = Args {
-        configs: ["shm:256K", "shm:1M", "shm:4M", "tcp"]
-            .map(Kind::parse)
-            .to_vec(),
+        configs: ["shm:256K", "shm:1M", "shm:4M", "tcp"].map(Kind::parse).to_vec(),
         reps: 5,
         sizes: [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20].to_vec(),
         bytes: 512 << 20,
@@ -142,9 +139,7 @@ fn parse_args() -> (Args, Vec<String>) {
             "--peers" => a.peers = Some(val().split(' ').map(String::from).collect()),
             "--comm" => {
                 let v = val();
-                let bytes: Vec<u8> = (0..16)
-                    .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).unwrap())
-                    .collect();
+                let bytes: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).unwrap()).collect();
                 a.comm = CommId::from_slice(&bytes).unwrap();
             }
             _ => {
@@ -180,37 +175,19 @@ struct Side {
 
 impl Side {
     fn new(c: Box<dyn Connection>) -> Side {
-        Side {
-            c,
-            tx: 0,
-            rx: 0,
-            small_src: Region::alloc(8),
-            small_dst: Region::alloc(8),
-        }
+        Side { c, tx: 0, rx: 0, small_src: Region::alloc(8), small_dst: Region::alloc(8) }
     }
 
     fn post_send(&mut self, src: &Region) -> Option<ReqId> {
         let h = header(self.tx, 0, src.len());
-        let id = self
-            .c
-            .isend(SendRequest {
-                header: h,
-                src: src.full(),
-            })
-            .expect("isend")?;
+        let id = self.c.isend(SendRequest { header: h, src: src.full() }).expect("isend")?;
         self.tx += 1;
         Some(id)
     }
 
     fn post_recv(&mut self, dst: &Region) -> Option<ReqId> {
         let h = header(self.rx, 0, dst.len());
-        let id = self
-            .c
-            .irecv(RecvRequest {
-                expect: h,
-                dst: dst.full(),
-            })
-            .expect("irecv")?;
+        let id = self.c.irecv(RecvRequest { expect: h, dst: dst.full() }).expect("irecv")?;
         self.rx += 1;
         Some(id)
     }
@@ -274,14 +251,7 @@ fn latency(s: &mut Side, ping: bool, iters: usize, spin: Duration) -> f64 {
 }
 
 /// Stream `count` messages of `size` each way requested, `window` in flight.
-fn stream(
-    s: &mut Side,
-    bufs: &(Vec<Region>, Vec<Region>),
-    send: bool,
-    recv: bool,
-    count: usize,
-    spin: Duration,
-) {
+fn stream(s: &mut Side, bufs: &(Vec<Region>, Vec<Region>), send: bool, recv: bool, count: usize, spin: Duration) {
     let window = bufs.0.len();
     let (mut sq, mut rq) = (VecDeque::new(), VecDeque::new());
     let (mut ns, mut nr) = (if send { 0 } else { count }, if recv { 0 } else { count });
@@ -331,12 +301,8 @@ fn bandwidth(s: &mut Side, parent: bool, size: usize, bidir: bool, args: &Args) 
     let count = (args.bytes / size).max(4);
     // At most ~256 MiB of buffers per side and direction.
     let window = args.window.min(((256 << 20) / size).max(2)).min(count);
-    let srcs: Vec<Region> = (0..window)
-        .map(|i| Region::from_vec(vec![i as u8 + 1; size]))
-        .collect();
-    let dsts: Vec<Region> = (0..window)
-        .map(|_| Region::from_vec(vec![0xffu8; size]))
-        .collect();
+    let srcs: Vec<Region> = (0..window).map(|i| Region::from_vec(vec![i as u8 + 1; size])).collect();
+    let dsts: Vec<Region> = (0..window).map(|_| Region::from_vec(vec![0xffu8; size])).collect();
     let bufs = (srcs, dsts);
     // Rank 0 sends one way; both send when bidirectional.
     let (send, recv) = if parent { (bidir, true) } else { (true, bidir) };
@@ -355,20 +321,11 @@ fn bandwidth(s: &mut Side, parent: bool, size: usize, bidir: bool, args: &Args) 
 }
 
 fn fmt_size(n: usize) -> String {
-    if n >= 1 << 20 {
-        format!("{} MiB", n >> 20)
-    } else {
-        format!("{} KiB", n >> 10)
-    }
+    if n >= 1 << 20 { format!("{} MiB", n >> 20) } else { format!("{} KiB", n >> 10) }
 }
 
 fn ctx(comm: CommId, rank: u32) -> CommContext {
-    CommContext {
-        comm,
-        rank: Rank(rank),
-        world: 2,
-        key: None,
-    }
+    CommContext { comm, rank: Rank(rank), world: 2, key: None }
 }
 
 fn main() {
@@ -410,14 +367,8 @@ fn main() {
                 Kind::Shm(_) => TransportKind::Shm,
                 Kind::Tcp => TransportKind::Tcp,
             };
-            let ep = Endpoint {
-                kind,
-                address: addr,
-                caps: vec![],
-            };
-            sides.push(Side::new(
-                t.connect(Rank(1), &ep, deadline).expect("connect"),
-            ));
+            let ep = Endpoint { kind, address: addr, caps: vec![] };
+            sides.push(Side::new(t.connect(Rank(1), &ep, deadline).expect("connect")));
             _transports.push(t);
         }
     }
@@ -449,11 +400,7 @@ fn main() {
         }
         say("## 8-byte round trip, median (µs); one-way = half\n".into());
         say(head());
-        let row = |v: &mut Vec<Vec<f64>>| {
-            v.iter_mut()
-                .map(|x| format!(" {:.2} |", median(x)))
-                .collect::<String>()
-        };
+        let row = |v: &mut Vec<Vec<f64>>| v.iter_mut().map(|x| format!(" {:.2} |", median(x))).collect::<String>();
         say(format!("| busy-poll |{}", row(&mut busy)));
         say(format!("| sleeping (spin 0) |{}\n", row(&mut sleep)));
     }
@@ -461,11 +408,7 @@ fn main() {
         if !want(mode) {
             continue;
         }
-        let what = if bidir {
-            "bidirectional, GB/s per direction"
-        } else {
-            "unidirectional, GB/s"
-        };
+        let what = if bidir { "bidirectional, GB/s per direction" } else { "unidirectional, GB/s" };
         say(format!("## {what}\n"));
         say(head());
         for &size in &args.sizes {
@@ -478,9 +421,7 @@ fn main() {
             say(format!(
                 "| {} |{}",
                 fmt_size(size),
-                v.iter_mut()
-                    .map(|x| format!(" {:.2} |", median(x)))
-                    .collect::<String>()
+                v.iter_mut().map(|x| format!(" {:.2} |", median(x))).collect::<String>()
             ));
         }
         say(String::new());

@@ -122,9 +122,7 @@ impl Done {
     }
 
     fn position(&self, id: &ReqId) -> Option<usize> {
-        self.q[(id.0 & 1) as usize]
-            .iter()
-            .position(|(i, _)| i == id)
+        self.q[(id.0 & 1) as usize].iter().position(|(i, _)| i == id)
     }
 
     fn remove(&mut self, id: &ReqId) -> Option<Completion> {
@@ -282,14 +280,9 @@ impl ShmConnection {
             None => Ok(()),
             Some(b) if b.remote => Err(Error::remote(
                 self.peer,
-                format!(
-                    "connection to rank {} is unusable after an earlier error: {}",
-                    self.peer, b.message
-                ),
+                format!("connection to rank {} is unusable after an earlier error: {}", self.peer, b.message),
             )),
-            Some(b) => Err(Error::Aborted {
-                cause: b.message.clone(),
-            }),
+            Some(b) => Err(Error::Aborted { cause: b.message.clone() }),
         }
     }
 
@@ -297,10 +290,7 @@ impl ShmConnection {
     fn fail(&mut self, e: &Error) {
         if self.broken.is_none() {
             let remote = matches!(e, Error::Remote { .. } | Error::Mismatch { .. });
-            self.broken = Some(Broken {
-                remote,
-                message: e.to_string(),
-            });
+            self.broken = Some(Broken { remote, message: e.to_string() });
         }
     }
 
@@ -314,34 +304,19 @@ impl ShmConnection {
     fn closed_error(&self, detail: &str) -> Error {
         Error::remote(
             self.peer,
-            format!(
-                "rank {} closed its connection (process exited?) [shm {}: {detail}]",
-                self.peer,
-                self.who()
-            ),
+            format!("rank {} closed its connection (process exited?) [shm {}: {detail}]", self.peer, self.who()),
         )
     }
 
     fn corrupt(&self, what: String) -> Error {
         Error::remote(
             self.peer,
-            format!(
-                "shared ring with rank {} is corrupt ({what}) [shm {}]",
-                self.peer,
-                self.who()
-            ),
+            format!("shared ring with rank {} is corrupt ({what}) [shm {}]", self.peer, self.who()),
         )
     }
 
     fn aborted(&self, reason: &[u8]) -> Error {
-        Error::remote(
-            self.peer,
-            format!(
-                "rank {} aborted: {}",
-                self.peer,
-                String::from_utf8_lossy(reason)
-            ),
-        )
+        Error::remote(self.peer, format!("rank {} aborted: {}", self.peer, String::from_utf8_lossy(reason)))
     }
 
     /// Re-read the consumer's head of the outgoing ring. Returns the free space.
@@ -434,16 +409,14 @@ impl ShmConnection {
                 let mut left = n;
                 if slot.sent < HEADER_LEN {
                     let h = (HEADER_LEN - slot.sent).min(left);
-                    self.map
-                        .write(self.tx_ring, pos, &slot.hdr[slot.sent..slot.sent + h]);
+                    self.map.write(self.tx_ring, pos, &slot.hdr[slot.sent..slot.sent + h]);
                     pos += h as u64;
                     left -= h;
                 }
                 if left > 0 {
                     let off = slot.sent + (n - left) - HEADER_LEN;
                     let (map, ring_id) = (&self.map, self.tx_ring);
-                    slot.src
-                        .with_bytes(|p| map.write(ring_id, pos, &p[off..off + left]))?;
+                    slot.src.with_bytes(|p| map.write(ring_id, pos, &p[off..off + left]))?;
                 }
                 slot.sent += n;
                 self.tail += n as u64;
@@ -453,12 +426,7 @@ impl ShmConnection {
                 }
             }
             let slot = self.sendq.pop_front().expect("front");
-            self.done.insert(
-                slot.id,
-                Completion::Sent {
-                    bytes: slot.src.len(),
-                },
-            );
+            self.done.insert(slot.id, Completion::Sent { bytes: slot.src.len() });
         }
         Ok(())
     }
@@ -497,20 +465,15 @@ impl ShmConnection {
                         };
                         Error::remote(
                             self.peer,
-                            format!(
-                                "garbage in the shared ring from rank {} [shm {}]: {why}",
-                                self.peer,
-                                self.who()
-                            ),
+                            format!("garbage in the shared ring from rank {} [shm {}]: {why}", self.peer, self.who()),
                         )
                     })?;
                     if got.frame == FrameType::Abort {
                         let total = (HEADER_LEN + got.len as usize) as u64;
                         if total > self.ring {
-                            return Err(self.corrupt(format!(
-                                "abort frame of {total} bytes in a ring of {}",
-                                self.ring
-                            )));
+                            return Err(
+                                self.corrupt(format!("abort frame of {total} bytes in a ring of {}", self.ring))
+                            );
                         }
                         if avail < total {
                             avail = self.refresh_peer_tail()?;
@@ -519,8 +482,7 @@ impl ShmConnection {
                             }
                         }
                         let mut reason = vec![0u8; got.len as usize];
-                        self.map
-                            .read(self.rx_ring, self.head + HEADER_LEN as u64, &mut reason);
+                        self.map.read(self.rx_ring, self.head + HEADER_LEN as u64, &mut reason);
                         self.head += total;
                         return Err(self.aborted(&reason));
                     }
@@ -535,10 +497,7 @@ impl ShmConnection {
                         let slot = self.recvq.pop_front().expect("front");
                         self.done.insert(
                             slot.id,
-                            Completion::Received {
-                                bytes: slot.dst.len(),
-                                layout: RecvLayout::InPlace,
-                            },
+                            Completion::Received { bytes: slot.dst.len(), layout: RecvLayout::InPlace },
                         );
                         continue;
                     }
@@ -551,10 +510,7 @@ impl ShmConnection {
                     }
                     let n = (avail as usize).min(need).min(PIECE);
                     let (map, ring_id, head) = (&self.map, self.rx_ring, self.head);
-                    self.recvq[0]
-                        .dst
-                        .sub(got..got + n)
-                        .with_bytes_mut(|d| map.read(ring_id, head, d))?;
+                    self.recvq[0].dst.sub(got..got + n).with_bytes_mut(|d| map.read(ring_id, head, d))?;
                     self.head += n as u64;
                     self.recvq[0].phase = RecvPhase::Payload { got: got + n };
                     *moved = true;
@@ -586,15 +542,10 @@ impl ShmConnection {
     /// first (a consumer with a receive posted drains everything published, so the ring
     /// always empties far enough).
     fn tx_wake_at(&self) -> u64 {
-        let left = self
-            .sendq
-            .front()
-            .map_or(1, |s| (HEADER_LEN + s.src.len() - s.sent) as u64);
+        let left = self.sendq.front().map_or(1, |s| (HEADER_LEN + s.src.len() - s.sent) as u64);
         let need = left.min(self.ring / 2).max(1);
         // Blocked means full: free space after the head reaches h is h - (tail - ring).
-        (self.tail + need)
-            .saturating_sub(self.ring)
-            .max(self.peer_head + 1)
+        (self.tail + need).saturating_sub(self.ring).max(self.peer_head + 1)
     }
 
     /// Clear the wake-up points `wait_fds` set (`armed`) and drain this side's doorbell if
@@ -627,11 +578,8 @@ impl ShmConnection {
                 Ok(0) => {
                     // An abort sent just before exiting explains the exit better.
                     self.parse_ctl()?;
-                    let detail = if self.ctl.is_empty() {
-                        "end of stream"
-                    } else {
-                        "end of stream inside an abort frame"
-                    };
+                    let detail =
+                        if self.ctl.is_empty() { "end of stream" } else { "end of stream inside an abort frame" };
                     return Err(self.closed_error(detail));
                 }
                 Ok(n) => {
@@ -659,13 +607,7 @@ impl ShmConnection {
             return Ok(());
         }
         let h = FrameHeader::decode(&self.ctl[..HEADER_LEN]).map_err(|e| {
-            Error::remote(
-                self.peer,
-                format!(
-                    "garbage on the shm control socket from rank {}: {e}",
-                    self.peer
-                ),
-            )
+            Error::remote(self.peer, format!("garbage on the shm control socket from rank {}: {e}", self.peer))
         })?;
         if h.frame != FrameType::Abort {
             return Err(Error::remote(
@@ -711,8 +653,7 @@ impl ShmConnection {
             return false;
         }
         self.map.write(self.tx_ring, self.tail, frame[0]);
-        self.map
-            .write(self.tx_ring, self.tail + frame[0].len() as u64, frame[1]);
+        self.map.write(self.tx_ring, self.tail + frame[0].len() as u64, frame[1]);
         self.tail += total;
         self.publish_tail();
         true
@@ -732,11 +673,7 @@ impl ShmConnection {
 
 fn check_len(what: &str, hdr: &FrameHeader, slice: &RegionSlice) -> Result<()> {
     if hdr.len as usize != slice.len() {
-        return Err(Error::Internal(format!(
-            "{what}: header len {} != buffer {}",
-            hdr.len,
-            slice.len()
-        )));
+        return Err(Error::Internal(format!("{what}: header len {} != buffer {}", hdr.len, slice.len())));
     }
     Ok(())
 }
@@ -757,12 +694,7 @@ impl Connection for ShmConnection {
             return Ok(None);
         }
         let id = self.new_id(SEND);
-        self.sendq.push_back(SendSlot {
-            id,
-            hdr: req.header.encode(),
-            src: req.src,
-            sent: 0,
-        });
+        self.sendq.push_back(SendSlot { id, hdr: req.header.encode(), src: req.src, sent: 0 });
         if self.sendq.len() == 1 {
             // Eager: an idle stream takes the frame now, so a small message is visible to
             // the peer before this call returns.
@@ -781,12 +713,7 @@ impl Connection for ShmConnection {
             return Ok(None);
         }
         let id = self.new_id(RECV);
-        self.recvq.push_back(RecvSlot {
-            id,
-            expect: req.expect,
-            dst: req.dst,
-            phase: RecvPhase::Header,
-        });
+        self.recvq.push_back(RecvSlot { id, expect: req.expect, dst: req.dst, phase: RecvPhase::Header });
         Ok(Some(id))
     }
 
@@ -878,10 +805,7 @@ impl Connection for ShmConnection {
         // Frames queued behind the abort must never follow it.
         self.tx_in_sync = false;
         if self.broken.is_none() {
-            self.broken = Some(Broken {
-                remote: false,
-                message: format!("this rank aborted: {reason}"),
-            });
+            self.broken = Some(Broken { remote: false, message: format!("this rank aborted: {reason}") });
         }
     }
 
@@ -893,19 +817,12 @@ impl Connection for ShmConnection {
 
     fn cancel(&mut self) {
         let mut desync = false;
-        if self
-            .sendq
-            .front()
-            .is_some_and(|s| s.sent > 0 && s.sent < HEADER_LEN + s.src.len())
-        {
+        if self.sendq.front().is_some_and(|s| s.sent > 0 && s.sent < HEADER_LEN + s.src.len()) {
             // The peer would read whatever we write next as this frame's payload.
             self.tx_in_sync = false;
             desync = true;
         }
-        if matches!(
-            self.recvq.front().map(|s| s.phase),
-            Some(RecvPhase::Payload { .. })
-        ) {
+        if matches!(self.recvq.front().map(|s| s.phase), Some(RecvPhase::Payload { .. })) {
             desync = true;
         }
         self.sendq.clear();
@@ -916,10 +833,7 @@ impl Connection for ShmConnection {
         if desync && self.broken.is_none() {
             self.broken = Some(Broken {
                 remote: false,
-                message: format!(
-                    "shm connection to rank {} was cancelled in the middle of a frame",
-                    self.peer
-                ),
+                message: format!("shm connection to rank {} was cancelled in the middle of a frame", self.peer),
             });
         }
     }
@@ -940,14 +854,7 @@ mod tests {
     }
 
     /// As `local_pair`, plus a duplicate of rank 0's end of the socket.
-    fn local_pair_with_socket(
-        ring: usize,
-    ) -> (
-        Box<dyn Connection>,
-        Box<dyn Connection>,
-        Mapping,
-        UnixStream,
-    ) {
+    fn local_pair_with_socket(ring: usize) -> (Box<dyn Connection>, Box<dyn Connection>, Mapping, UnixStream) {
         let (map_a, memfd) = Mapping::create(ring).unwrap();
         let map_b = Mapping::open(&memfd, ring).unwrap();
         let evil = Mapping::open(&memfd, ring).unwrap();
@@ -982,24 +889,9 @@ mod tests {
 
     fn recv_err(b: &mut Box<dyn Connection>, len: usize) -> String {
         let dst = Region::alloc(len);
-        let r = b
-            .irecv(RecvRequest {
-                expect: header(1, 0, len),
-                dst: dst.full(),
-            })
-            .unwrap()
-            .unwrap();
+        let r = b.irecv(RecvRequest { expect: header(1, 0, len), dst: dst.full() }).unwrap().unwrap();
         let e = drive(&mut [b], &[(0, r)], Duration::from_secs(5)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Remote {
-                    peer: Some(Rank(0)),
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(matches!(e, Error::Remote { peer: Some(Rank(0)), .. }), "{e:?}");
         e.to_string()
     }
 
@@ -1007,21 +899,16 @@ mod tests {
     fn garbage_in_the_ring_is_a_remote_error() {
         let (_a, mut b, evil) = local_pair(4096);
         evil.write(RingId::ToAcceptor, 0, &[0xee; HEADER_LEN]);
-        evil.tail(RingId::ToAcceptor)
-            .store(HEADER_LEN as u64, SeqCst);
+        evil.tail(RingId::ToAcceptor).store(HEADER_LEN as u64, SeqCst);
         let m = recv_err(&mut b, 8);
-        assert!(
-            m.contains("garbage in the shared ring from rank 0") && m.contains("magic"),
-            "{m}"
-        );
+        assert!(m.contains("garbage in the shared ring from rank 0") && m.contains("magic"), "{m}");
         assert!(m.contains("pid 4242"), "{m}");
         // A header with one flipped bit fails its checksum.
         let (_a, mut b, evil) = local_pair(4096);
         let mut h = header(1, 0, 8).encode();
         h[30] ^= 4;
         evil.write(RingId::ToAcceptor, 0, &h);
-        evil.tail(RingId::ToAcceptor)
-            .store(HEADER_LEN as u64, SeqCst);
+        evil.tail(RingId::ToAcceptor).store(HEADER_LEN as u64, SeqCst);
         assert!(recv_err(&mut b, 8).contains("checksum"));
     }
 
@@ -1034,50 +921,22 @@ mod tests {
         // A tail that moves backwards.
         let (mut a, mut b, evil) = local_pair(4096);
         let src = Region::from_vec(pattern(1, 100));
-        let s = a
-            .isend(SendRequest {
-                header: header(1, 0, 100),
-                src: src.full(),
-            })
-            .unwrap()
-            .unwrap();
+        let s = a.isend(SendRequest { header: header(1, 0, 100), src: src.full() }).unwrap().unwrap();
         assert!(a.test(s).unwrap().is_some());
         let dst = Region::alloc(60);
-        let r = b
-            .irecv(RecvRequest {
-                expect: header(1, 0, 100),
-                dst: Region::alloc(100).full(),
-            })
-            .unwrap()
-            .unwrap();
+        let r = b.irecv(RecvRequest { expect: header(1, 0, 100), dst: Region::alloc(100).full() }).unwrap().unwrap();
         drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)).unwrap();
         evil.tail(RingId::ToAcceptor).store(10, SeqCst);
-        let r = b
-            .irecv(RecvRequest {
-                expect: header(2, 0, 60),
-                dst: dst.full(),
-            })
-            .unwrap()
-            .unwrap();
-        let e = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5))
-            .unwrap_err()
-            .to_string();
+        let r = b.irecv(RecvRequest { expect: header(2, 0, 60), dst: dst.full() }).unwrap().unwrap();
+        let e = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)).unwrap_err().to_string();
         assert!(e.contains("corrupt") && e.contains("tail moved"), "{e}");
         // A consumer head beyond what was written, seen by a producer waiting for space.
         let (mut a, _b, evil) = local_pair(4096);
         let big = Region::from_vec(pattern(2, 10_000));
-        let s = a
-            .isend(SendRequest {
-                header: header(1, 0, 10_000),
-                src: big.full(),
-            })
-            .unwrap()
-            .unwrap();
+        let s = a.isend(SendRequest { header: header(1, 0, 10_000), src: big.full() }).unwrap().unwrap();
         assert!(a.test(s).unwrap().is_none());
         evil.head(RingId::ToAcceptor).store(1 << 40, SeqCst);
-        let e = drive(&mut [&mut a], &[(0, s)], Duration::from_secs(5))
-            .unwrap_err()
-            .to_string();
+        let e = drive(&mut [&mut a], &[(0, s)], Duration::from_secs(5)).unwrap_err().to_string();
         assert!(e.contains("corrupt") && e.contains("head moved"), "{e}");
     }
 
@@ -1085,13 +944,8 @@ mod tests {
     fn oversized_abort_frame_and_stray_socket_bytes_are_refused() {
         // An abort reason of 4096 bytes cannot fit a 4096-byte ring with its header.
         let (_a, mut b, evil) = local_pair(4096);
-        evil.write(
-            RingId::ToAcceptor,
-            0,
-            &FrameHeader::abort(Seq(1), 4096).encode(),
-        );
-        evil.tail(RingId::ToAcceptor)
-            .store(HEADER_LEN as u64, SeqCst);
+        evil.write(RingId::ToAcceptor, 0, &FrameHeader::abort(Seq(1), 4096).encode());
+        evil.tail(RingId::ToAcceptor).store(HEADER_LEN as u64, SeqCst);
         assert!(recv_err(&mut b, 8).contains("abort frame of 4152 bytes"));
         // A data frame on the socket, where only aborts may come.
         let (_a, mut b, _evil, raw) = local_pair_with_socket(4096);

@@ -30,13 +30,9 @@ use std::time::{Duration, Instant};
 
 use devccl_core::auth::{self, AuthKey};
 use devccl_core::transport::{CommContext, TransportKind};
-use devccl_core::wire::{
-    CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus,
-};
+use devccl_core::wire::{CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus};
 use devccl_core::{CommId, Error, Rank, Result};
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, send, sendmsg,
-};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, send, sendmsg};
 
 use crate::shm::adopt_received_fd;
 
@@ -80,10 +76,7 @@ impl Stop {
 }
 
 fn is_would_block(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Time left before `deadline`, at least 1 ms (a zero socket timeout means "forever").
@@ -124,11 +117,7 @@ pub(crate) fn read_exact_by(
 
 /// Write all of `buf` before `deadline` (MSG_NOSIGNAL: a closed peer is an error, not a
 /// SIGPIPE that kills a host process that did not ignore the signal).
-pub(crate) fn write_all_by(
-    sock: &UnixStream,
-    buf: &[u8],
-    deadline: Instant,
-) -> std::result::Result<(), Stop> {
+pub(crate) fn write_all_by(sock: &UnixStream, buf: &[u8], deadline: Instant) -> std::result::Result<(), Stop> {
     let mut sent = 0;
     while sent < buf.len() {
         let t = left(deadline).ok_or(Stop::Timeout)?;
@@ -196,37 +185,20 @@ pub(crate) fn acceptor_read_hello(
 ) -> std::result::Result<Hello, Stop> {
     write_all_by(sock, &Challenge { nonce }.encode(), deadline)?;
     let mut buf = [0u8; HELLO_LEN];
-    let sample = Hello {
-        transport: 0,
-        comm: CommId::default(),
-        from: Rank(0),
-        to: Rank(0),
-        lane: 0,
-        lanes: 0,
-        auth: [0; 32],
-    };
-    let check = prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| {
-        Hello::decode(b).map(drop).map_err(codec_error)
-    });
+    let sample =
+        Hello { transport: 0, comm: CommId::default(), from: Rank(0), to: Rank(0), lane: 0, lanes: 0, auth: [0; 32] };
+    let check =
+        prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| Hello::decode(b).map(drop).map_err(codec_error));
     read_exact_by(sock, &mut buf, deadline, check)?;
     Hello::decode(&buf).map_err(|e| Stop::Invalid(codec_error(e)))
 }
 
 /// Acceptor side, step 3: is this Hello for us? Duplicate connections are the caller's
 /// check, under its lock.
-pub(crate) fn judge_hello(
-    ctx: &CommContext,
-    nonce: &[u8; 16],
-    h: &Hello,
-) -> (VerdictStatus, String) {
+pub(crate) fn judge_hello(ctx: &CommContext, nonce: &[u8; 16], h: &Hello) -> (VerdictStatus, String) {
     // Authentication first: with a different secret every other field is untrustworthy,
     // and "DEVCCL_SECRET differs" is the most useful thing to tell either side.
-    if !auth::verify_opt(
-        ctx.key.as_ref(),
-        HELLO_DOMAIN,
-        &[nonce, &h.signed_part()],
-        &h.auth,
-    ) {
+    if !auth::verify_opt(ctx.key.as_ref(), HELLO_DOMAIN, &[nonce, &h.signed_part()], &h.auth) {
         let why = if ctx.key.is_none() {
             "the peer sent an auth tag but this rank has no DEVCCL_SECRET"
         } else {
@@ -235,38 +207,20 @@ pub(crate) fn judge_hello(
         return (VerdictStatus::BadAuth, why.into());
     }
     if h.transport != TransportKind::Shm as u8 {
-        return (
-            VerdictStatus::WrongComm,
-            format!("Hello is for transport code {}, not shm", h.transport),
-        );
+        return (VerdictStatus::WrongComm, format!("Hello is for transport code {}, not shm", h.transport));
     }
     if h.comm != ctx.comm {
-        return (
-            VerdictStatus::WrongComm,
-            format!("communicator {} is not ours ({})", h.comm, ctx.comm),
-        );
+        return (VerdictStatus::WrongComm, format!("communicator {} is not ours ({})", h.comm, ctx.comm));
     }
     if h.to != ctx.rank {
-        return (
-            VerdictStatus::WrongRank,
-            format!("addressed to rank {}, this is rank {}", h.to, ctx.rank),
-        );
+        return (VerdictStatus::WrongRank, format!("addressed to rank {}, this is rank {}", h.to, ctx.rank));
     }
     if h.from.idx() >= ctx.world || h.from == ctx.rank {
-        return (
-            VerdictStatus::WrongRank,
-            format!("rank {} is not a peer in a world of {}", h.from, ctx.world),
-        );
+        return (VerdictStatus::WrongRank, format!("rank {} is not a peer in a world of {}", h.from, ctx.world));
     }
     // One socket per connection: the rings carry all traffic.
     if (h.lane, h.lanes) != (0, 1) {
-        return (
-            VerdictStatus::BadLane,
-            format!(
-                "lane {} of {} (shared memory uses exactly one)",
-                h.lane, h.lanes
-            ),
-        );
+        return (VerdictStatus::BadLane, format!("lane {} of {} (shared memory uses exactly one)", h.lane, h.lanes));
     }
     (VerdictStatus::Ok, String::new())
 }
@@ -287,47 +241,30 @@ pub(crate) struct Dial<'a> {
 impl Dial<'_> {
     /// The error for a failed step.
     pub(crate) fn fail(&self, me: Rank, stage: &str, s: Stop) -> Error {
-        let Dial {
-            peer,
-            remote,
-            limit,
-            ..
-        } = *self;
+        let Dial { peer, remote, limit, .. } = *self;
         match s {
             Stop::Timeout => Error::Timeout {
-                what: format!(
-                    "rank {me} connecting to rank {peer} at {remote} over shared memory: {stage}"
-                ),
+                what: format!("rank {me} connecting to rank {peer} at {remote} over shared memory: {stage}"),
                 after: limit,
             },
             other => Error::remote(
                 peer,
-                format!(
-                    "shared-memory handshake with rank {peer} at {remote} failed: {}",
-                    other.describe(stage)
-                ),
+                format!("shared-memory handshake with rank {peer} at {remote} failed: {}", other.describe(stage)),
             ),
         }
     }
 }
 
 /// Connector side: answer the challenge on a freshly connected socket and read the verdict.
-pub(crate) fn connector_handshake(
-    sock: &UnixStream,
-    ctx: &CommContext,
-    dial: &Dial<'_>,
-) -> Result<()> {
+pub(crate) fn connector_handshake(sock: &UnixStream, ctx: &CommContext, dial: &Dial<'_>) -> Result<()> {
     let (peer, deadline) = (dial.peer, dial.deadline);
     let mut cbuf = [0u8; CHALLENGE_LEN];
-    let check = prefix_check(
-        prefix_of(&Challenge { nonce: [0; 16] }.encode()),
-        CHALLENGE_LEN,
-        |b| Challenge::decode(b).map(drop).map_err(codec_error),
-    );
-    read_exact_by(sock, &mut cbuf, deadline, check)
-        .map_err(|s| dial.fail(ctx.rank, "challenge", s))?;
-    let challenge = Challenge::decode(&cbuf)
-        .map_err(|e| dial.fail(ctx.rank, "challenge", Stop::Invalid(codec_error(e))))?;
+    let check = prefix_check(prefix_of(&Challenge { nonce: [0; 16] }.encode()), CHALLENGE_LEN, |b| {
+        Challenge::decode(b).map(drop).map_err(codec_error)
+    });
+    read_exact_by(sock, &mut cbuf, deadline, check).map_err(|s| dial.fail(ctx.rank, "challenge", s))?;
+    let challenge =
+        Challenge::decode(&cbuf).map_err(|e| dial.fail(ctx.rank, "challenge", Stop::Invalid(codec_error(e))))?;
     let mut hello = Hello {
         transport: TransportKind::Shm as u8,
         comm: ctx.comm,
@@ -340,16 +277,11 @@ pub(crate) fn connector_handshake(
     hello.auth = hello_tag(ctx.key.as_ref(), &challenge.nonce, &hello);
     write_all_by(sock, &hello.encode(), deadline).map_err(|s| dial.fail(ctx.rank, "hello", s))?;
     let mut vbuf = [0u8; VERDICT_LEN];
-    let ok = Verdict {
-        status: VerdictStatus::Ok,
-    };
-    let check = prefix_check(prefix_of(&ok.encode()), VERDICT_LEN, |b| {
-        Verdict::decode(b).map(drop).map_err(codec_error)
-    });
-    read_exact_by(sock, &mut vbuf, deadline, check)
-        .map_err(|s| dial.fail(ctx.rank, "verdict", s))?;
-    let verdict = Verdict::decode(&vbuf)
-        .map_err(|e| dial.fail(ctx.rank, "verdict", Stop::Invalid(codec_error(e))))?;
+    let ok = Verdict { status: VerdictStatus::Ok };
+    let check =
+        prefix_check(prefix_of(&ok.encode()), VERDICT_LEN, |b| Verdict::decode(b).map(drop).map_err(codec_error));
+    read_exact_by(sock, &mut vbuf, deadline, check).map_err(|s| dial.fail(ctx.rank, "verdict", s))?;
+    let verdict = Verdict::decode(&vbuf).map_err(|e| dial.fail(ctx.rank, "verdict", Stop::Invalid(codec_error(e))))?;
     if verdict.status != VerdictStatus::Ok {
         return Err(Error::remote(
             peer,
@@ -377,33 +309,17 @@ fn encode_setup(kind: u8, status: u8, ring: u64) -> [u8; SETUP_LEN] {
 
 /// Check the fixed prefix of a `Setup`/`Ready` message of `kind`, complete or partial.
 fn check_setup_prefix(b: &[u8], kind: u8) -> Option<String> {
-    let want = [
-        SETUP_MAGIC[0],
-        SETUP_MAGIC[1],
-        SETUP_MAGIC[2],
-        SETUP_MAGIC[3],
-        SETUP_VERSION,
-        kind,
-    ];
+    let want = [SETUP_MAGIC[0], SETUP_MAGIC[1], SETUP_MAGIC[2], SETUP_MAGIC[3], SETUP_VERSION, kind];
     let n = b.len().min(want.len());
     if b[..n] == want[..n] {
         return None;
     }
     Some(if b[..n.min(4)] != SETUP_MAGIC[..n.min(4)] {
-        format!(
-            "bad magic {:02x?} in the shared-memory setup",
-            &b[..n.min(4)]
-        )
+        format!("bad magic {:02x?} in the shared-memory setup", &b[..n.min(4)])
     } else if n > 4 && b[4] != SETUP_VERSION {
-        format!(
-            "shared-memory setup version {} (this build speaks {SETUP_VERSION})",
-            b[4]
-        )
+        format!("shared-memory setup version {} (this build speaks {SETUP_VERSION})", b[4])
     } else {
-        format!(
-            "shared-memory setup message kind {} (expected {kind})",
-            b[5]
-        )
+        format!("shared-memory setup message kind {} (expected {kind})", b[5])
     })
 }
 
@@ -419,8 +335,7 @@ pub(crate) fn connector_setup(
     let msg = encode_setup(KIND_SETUP, 0, ring as u64);
     let raw: [RawFd; SETUP_FDS] = fds.map(|f| f.as_raw_fd());
     let t = left(dial.deadline).ok_or_else(|| dial.fail(me, "setup", Stop::Timeout))?;
-    sock.set_write_timeout(Some(t))
-        .map_err(|e| dial.fail(me, "setup", Stop::Io(e)))?;
+    sock.set_write_timeout(Some(t)).map_err(|e| dial.fail(me, "setup", Stop::Io(e)))?;
     // The descriptors ride on the first byte; a 24-byte message into a fresh socket's empty
     // buffer is never split in practice, but the remainder is written if it is.
     let sent = loop {
@@ -438,18 +353,13 @@ pub(crate) fn connector_setup(
     };
     write_all_by(sock, &msg[sent..], dial.deadline).map_err(|s| dial.fail(me, "setup", s))?;
     let mut buf = [0u8; SETUP_LEN];
-    read_exact_by(sock, &mut buf, dial.deadline, |b| {
-        check_setup_prefix(b, KIND_READY)
-    })
-    .map_err(|s| dial.fail(me, "setup confirmation", s))?;
+    read_exact_by(sock, &mut buf, dial.deadline, |b| check_setup_prefix(b, KIND_READY))
+        .map_err(|s| dial.fail(me, "setup confirmation", s))?;
     match buf[6] {
         0 => Ok(()),
         _ => Err(Error::remote(
             dial.peer,
-            format!(
-                "rank {} at {} could not map this rank's shared memory (its log says why)",
-                dial.peer, dial.remote
-            ),
+            format!("rank {} at {} could not map this rank's shared memory (its log says why)", dial.peer, dial.remote),
         )),
     }
 }
@@ -467,12 +377,7 @@ pub(crate) fn acceptor_read_setup(
         sock.set_read_timeout(Some(t)).map_err(Stop::Io)?;
         let mut space = nix::cmsg_space!([RawFd; SETUP_FDS + 1]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let r = recvmsg::<UnixAddr>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        );
+        let r = recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC);
         let msg = match r {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -495,9 +400,7 @@ pub(crate) fn acceptor_read_setup(
             }
         }
         if truncated {
-            return Err(Stop::Invalid(
-                "more descriptors than a shared-memory setup carries".into(),
-            ));
+            return Err(Stop::Invalid("more descriptors than a shared-memory setup carries".into()));
         }
         if n == 0 {
             return Err(Stop::Eof { got });
@@ -508,23 +411,17 @@ pub(crate) fn acceptor_read_setup(
         }
     }
     let ring = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-    let ring = usize::try_from(ring)
-        .map_err(|_| Stop::Invalid(format!("ring size {ring} does not fit this machine")))?;
+    let ring =
+        usize::try_from(ring).map_err(|_| Stop::Invalid(format!("ring size {ring} does not fit this machine")))?;
     let n = fds.len();
-    let fds: [OwnedFd; SETUP_FDS] = fds.try_into().map_err(|_| {
-        Stop::Invalid(format!(
-            "shared-memory setup carried {n} descriptors, expected {SETUP_FDS}"
-        ))
-    })?;
+    let fds: [OwnedFd; SETUP_FDS] = fds
+        .try_into()
+        .map_err(|_| Stop::Invalid(format!("shared-memory setup carried {n} descriptors, expected {SETUP_FDS}")))?;
     Ok((ring, fds))
 }
 
 /// Acceptor side: confirm (or refuse) the setup.
-pub(crate) fn acceptor_ready(
-    sock: &UnixStream,
-    ok: bool,
-    deadline: Instant,
-) -> std::result::Result<(), Stop> {
+pub(crate) fn acceptor_ready(sock: &UnixStream, ok: bool, deadline: Instant) -> std::result::Result<(), Stop> {
     write_all_by(sock, &encode_setup(KIND_READY, u8::from(!ok), 0), deadline)
 }
 
@@ -534,12 +431,7 @@ mod tests {
     use devccl_core::CommId;
 
     fn ctx(key: Option<&str>) -> CommContext {
-        CommContext {
-            comm: CommId([7; 16]),
-            rank: Rank(1),
-            world: 3,
-            key: key.map(AuthKey::from_secret),
-        }
+        CommContext { comm: CommId([7; 16]), rank: Rank(1), world: 3, key: key.map(AuthKey::from_secret) }
     }
 
     fn hello(key: Option<&str>, nonce: &[u8; 16]) -> Hello {
@@ -561,22 +453,10 @@ mod tests {
         let n = [3u8; 16];
         let judge = |c: &CommContext, h: &Hello| judge_hello(c, &n, h).0;
         assert_eq!(judge(&ctx(None), &hello(None, &n)), VerdictStatus::Ok);
-        assert_eq!(
-            judge(&ctx(Some("s")), &hello(Some("s"), &n)),
-            VerdictStatus::Ok
-        );
-        assert_eq!(
-            judge(&ctx(Some("s")), &hello(Some("t"), &n)),
-            VerdictStatus::BadAuth
-        );
-        assert_eq!(
-            judge(&ctx(Some("s")), &hello(None, &n)),
-            VerdictStatus::BadAuth
-        );
-        assert_eq!(
-            judge(&ctx(None), &hello(Some("s"), &n)),
-            VerdictStatus::BadAuth
-        );
+        assert_eq!(judge(&ctx(Some("s")), &hello(Some("s"), &n)), VerdictStatus::Ok);
+        assert_eq!(judge(&ctx(Some("s")), &hello(Some("t"), &n)), VerdictStatus::BadAuth);
+        assert_eq!(judge(&ctx(Some("s")), &hello(None, &n)), VerdictStatus::BadAuth);
+        assert_eq!(judge(&ctx(None), &hello(Some("s"), &n)), VerdictStatus::BadAuth);
         assert_eq!(
             judge_hello(&ctx(Some("s")), &[4; 16], &hello(Some("s"), &n)).0,
             VerdictStatus::BadAuth,
@@ -619,16 +499,8 @@ mod tests {
         assert_eq!(check_setup_prefix(&s, KIND_SETUP), None);
         assert_eq!(check_setup_prefix(&s[..3], KIND_SETUP), None);
         assert!(check_setup_prefix(&s, KIND_READY).unwrap().contains("kind"));
-        assert!(
-            check_setup_prefix(b"GET /", KIND_SETUP)
-                .unwrap()
-                .contains("magic")
-        );
-        assert!(
-            check_setup_prefix(b"DVCS\x07", KIND_SETUP)
-                .unwrap()
-                .contains("version")
-        );
+        assert!(check_setup_prefix(b"GET /", KIND_SETUP).unwrap().contains("magic"));
+        assert!(check_setup_prefix(b"DVCS\x07", KIND_SETUP).unwrap().contains("version"));
     }
 
     #[test]
@@ -639,12 +511,7 @@ mod tests {
         let (map, memfd) = crate::shm::Mapping::create(8192).unwrap();
         let e1 = nix::sys::eventfd::EventFd::new().unwrap();
         let e2 = nix::sys::eventfd::EventFd::new().unwrap();
-        let dial = Dial {
-            peer: Rank(1),
-            remote: "test",
-            deadline,
-            limit: Duration::from_secs(5),
-        };
+        let dial = Dial { peer: Rank(1), remote: "test", deadline, limit: Duration::from_secs(5) };
         std::thread::scope(|s| {
             let acc = s.spawn(|| {
                 let (ring, fds) = acceptor_read_setup(&b, deadline).unwrap();
@@ -653,14 +520,7 @@ mod tests {
                 acceptor_ready(&b, true, deadline).unwrap();
                 m
             });
-            connector_setup(
-                &a,
-                Rank(0),
-                &dial,
-                8192,
-                [memfd.as_fd(), e1.as_fd(), e2.as_fd()],
-            )
-            .unwrap();
+            connector_setup(&a, Rank(0), &dial, 8192, [memfd.as_fd(), e1.as_fd(), e2.as_fd()]).unwrap();
             let m = acc.join().unwrap();
             map.write(crate::shm::RingId::ToAcceptor, 0, b"hello");
             let mut got = [0u8; 5];

@@ -36,6 +36,6 @@ mod transport;
 pub use conn::{MAX_INFLIGHT, ShmConnection};
 pub use handshake::{HELLO_DOMAIN, hello_tag};
 pub use transport::{
-    DEFAULT_RING_BYTES, LATENCY_ESTIMATE_US, RING_BUDGET_BYTES, SPEED_ESTIMATE_MBPS, ShmOptions,
-    ShmTransport, ring_for_world,
+    DEFAULT_RING_BYTES, LATENCY_ESTIMATE_US, RING_BUDGET_BYTES, SPEED_ESTIMATE_MBPS, ShmOptions, ShmTransport,
+    ring_for_world,
 };

@@ -68,9 +68,7 @@ pub(crate) fn mapping_len(ring: usize) -> usize {
 /// Check a ring size: a power of two within `MIN_RING..=MAX_RING`.
 pub(crate) fn check_ring_size(ring: usize) -> Result<(), String> {
     if !ring.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&ring) {
-        return Err(format!(
-            "ring size {ring} is not a power of two between {MIN_RING} and {MAX_RING} bytes"
-        ));
+        return Err(format!("ring size {ring} is not a power of two between {MIN_RING} and {MAX_RING} bytes"));
     }
     Ok(())
 }
@@ -94,22 +92,14 @@ impl Mapping {
     pub(crate) fn create(ring: usize) -> std::io::Result<(Mapping, OwnedFd)> {
         check_ring_size(ring).map_err(std::io::Error::other)?;
         let len = mapping_len(ring);
-        let fd = memfd_create(
-            c"devccl-shm",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )?;
+        let fd = memfd_create(c"devccl-shm", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
         nix::unistd::ftruncate(&fd, len as i64)?;
         // Allocate the pages now: a memory limit then fails this call cleanly, instead of
         // turning a later first touch (here or in the peer) into SIGBUS.
         fallocate(&fd, FallocateFlags::empty(), 0, len as i64)?;
         // Fixed size from now on: the acceptor checks for SHRINK before mapping, since a
         // file shrunk under a live mapping turns the next access into SIGBUS.
-        fcntl(
-            &fd,
-            FcntlArg::F_ADD_SEALS(
-                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
-            ),
-        )?;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))?;
         let map = Mapping::map(&fd, len, ring)?;
         // SAFETY: the control page lies inside the fresh mapping (len > CTRL_BYTES), nobody
         // else has the memfd yet, and the bytes written are plain data.
@@ -132,10 +122,7 @@ impl Mapping {
             return Err("the shared-memory descriptor is not a memfd (not a regular file)".into());
         }
         if st.st_size != len as i64 {
-            return Err(format!(
-                "shared-memory file has {} bytes, the setup message implies {len}",
-                st.st_size
-            ));
+            return Err(format!("shared-memory file has {} bytes, the setup message implies {len}", st.st_size));
         }
         let seals = fcntl(fd, FcntlArg::F_GET_SEALS)
             .map_err(|e| format!("the shared-memory descriptor is not a sealable memfd: {e}"))?;
@@ -149,22 +136,15 @@ impl Mapping {
         // checked below).
         unsafe { std::ptr::copy_nonoverlapping(map.base.as_ptr(), head.as_mut_ptr(), 24) };
         if head[0..8] != MAGIC {
-            return Err(format!(
-                "bad magic {:02x?} in the shared control page",
-                &head[0..8]
-            ));
+            return Err(format!("bad magic {:02x?} in the shared control page", &head[0..8]));
         }
         let version = u32::from_ne_bytes(head[8..12].try_into().expect("4 bytes"));
         if version != LAYOUT_VERSION {
-            return Err(format!(
-                "shared layout version {version} (this build speaks {LAYOUT_VERSION})"
-            ));
+            return Err(format!("shared layout version {version} (this build speaks {LAYOUT_VERSION})"));
         }
         let r = u64::from_ne_bytes(head[16..24].try_into().expect("8 bytes"));
         if r != ring as u64 {
-            return Err(format!(
-                "control page says rings of {r} bytes, the setup message {ring}"
-            ));
+            return Err(format!("control page says rings of {r} bytes, the setup message {ring}"));
         }
         Ok(map)
     }
@@ -184,11 +164,7 @@ impl Mapping {
                 0,
             )
         }?;
-        Ok(Mapping {
-            base: base.cast(),
-            len,
-            ring,
-        })
+        Ok(Mapping { base: base.cast(), len, ring })
     }
 
     /// Ring size in bytes.
@@ -236,11 +212,7 @@ impl Mapping {
 
     fn data(&self, r: RingId) -> *mut u8 {
         // SAFETY: both rings lie inside the mapping: CTRL_BYTES + 2 * ring == len.
-        unsafe {
-            self.base
-                .as_ptr()
-                .add(CTRL_BYTES + (r as usize) * self.ring)
-        }
+        unsafe { self.base.as_ptr().add(CTRL_BYTES + (r as usize) * self.ring) }
     }
 
     /// Copy `src` into ring `r` starting at stream position `pos`, wrapping at the end.
@@ -318,18 +290,9 @@ mod tests {
         a.tail(RingId::ToAcceptor).store(77, Ordering::SeqCst);
         assert_eq!(b.tail(RingId::ToAcceptor).load(Ordering::SeqCst), 77);
         assert_eq!(b.head(RingId::ToAcceptor).load(Ordering::SeqCst), 0);
-        b.consumer_wake_at(RingId::ToConnector)
-            .store(12345, Ordering::SeqCst);
-        assert_eq!(
-            a.consumer_wake_at(RingId::ToConnector)
-                .load(Ordering::SeqCst),
-            12345
-        );
-        assert_eq!(
-            a.producer_wake_at(RingId::ToConnector)
-                .load(Ordering::SeqCst),
-            0
-        );
+        b.consumer_wake_at(RingId::ToConnector).store(12345, Ordering::SeqCst);
+        assert_eq!(a.consumer_wake_at(RingId::ToConnector).load(Ordering::SeqCst), 12345);
+        assert_eq!(a.producer_wake_at(RingId::ToConnector).load(Ordering::SeqCst), 0);
         // Every counter has its own place.
         let all = [
             a.tail(RingId::ToAcceptor),

@@ -10,9 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devccl_core::config::Config;
-use devccl_core::transport::{
-    CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind,
-};
+use devccl_core::transport::{CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind};
 use devccl_core::wire::{Hello, Verdict, VerdictStatus};
 use devccl_core::{Error, Rank, Result, auth};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -104,10 +102,7 @@ impl ShmOptions {
     /// Options from the communicator's configuration: the activation wait from
     /// `DEVCCL_INIT_TIMEOUT`, defaults otherwise.
     pub fn from_config(cfg: &Config, rank: Rank) -> ShmOptions {
-        ShmOptions {
-            activation_timeout: cfg.init_timeout,
-            ..ShmOptions::new(rank)
-        }
+        ShmOptions { activation_timeout: cfg.init_timeout, ..ShmOptions::new(rank) }
     }
 }
 
@@ -161,11 +156,7 @@ impl Shared {
             if now >= deadline || self.closed.load(Ordering::Acquire) {
                 return None;
             }
-            g = self
-                .ctx_cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.ctx_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -183,14 +174,9 @@ struct Locality {
 impl Locality {
     fn local() -> Locality {
         let host = devccl_core::bootstrap::HostIdentity::local();
-        let netns = std::fs::read_link("/proc/self/ns/net")
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Locality {
-            host: host.hostname,
-            boot_id: host.boot_id,
-            netns,
-        }
+        let netns =
+            std::fs::read_link("/proc/self/ns/net").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        Locality { host: host.hostname, boot_id: host.boot_id, netns }
     }
 }
 
@@ -224,22 +210,16 @@ fn bind_abstract() -> Result<(UnixListener, String)> {
             Err(e) => return Err(Error::system(format!("bind shm listener @{name}"), e)),
         }
     }
-    Err(Error::system(
-        "bind shm listener",
-        last.unwrap_or_else(|| std::io::Error::other("no attempt")),
-    ))
+    Err(Error::system("bind shm listener", last.unwrap_or_else(|| std::io::Error::other("no attempt"))))
 }
 
 impl ShmTransport {
     /// Bind the listener on a random abstract Unix socket name and start the acceptor
     /// thread.
     pub fn new(opts: ShmOptions) -> Result<ShmTransport> {
-        check_ring_size(opts.ring_bytes)
-            .map_err(|e| Error::usage(format!("shm transport: {e}")))?;
+        check_ring_size(opts.ring_bytes).map_err(|e| Error::usage(format!("shm transport: {e}")))?;
         let (listener, name) = bind_abstract()?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::system("configure shm listener", e))?;
+        listener.set_nonblocking(true).map_err(|e| Error::system("configure shm listener", e))?;
         let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
             .map_err(|e| Error::system("eventfd", e.into()))?;
         let shared = Arc::new(Shared {
@@ -261,12 +241,7 @@ impl ShmTransport {
             .spawn(move || acceptor_loop(&s2, listener))
             .map_err(|e| Error::system("spawn shm acceptor thread", e))?;
         tracing::debug!(address = %shared.address, ring = opts.ring_bytes, "shm transport listening");
-        Ok(ShmTransport {
-            shared,
-            opts,
-            here: Locality::local(),
-            acceptor: Mutex::new(Some(acceptor)),
-        })
+        Ok(ShmTransport { shared, opts, here: Locality::local(), acceptor: Mutex::new(Some(acceptor)) })
     }
 
     /// The published address (`unix:@devccl-...`).
@@ -287,9 +262,9 @@ impl ShmTransport {
     }
 
     fn ctx(&self) -> Result<CommContext> {
-        lock(&self.shared.ctx).clone().ok_or_else(|| {
-            Error::usage("shm transport used before activate() (the rendezvous must finish first)")
-        })
+        lock(&self.shared.ctx)
+            .clone()
+            .ok_or_else(|| Error::usage("shm transport used before activate() (the rendezvous must finish first)"))
     }
 
     /// Refuse, with the reason, a peer that published a different host, boot or network
@@ -298,16 +273,8 @@ impl ShmTransport {
     fn check_locality(&self, peer: Rank, remote: &Endpoint) -> Result<()> {
         let checks = [
             ("host", &self.here.host, "runs on another host"),
-            (
-                "boot_id",
-                &self.here.boot_id,
-                "runs under another kernel boot (another VM or machine)",
-            ),
-            (
-                "netns",
-                &self.here.netns,
-                "is in another network namespace (abstract socket names are per namespace)",
-            ),
+            ("boot_id", &self.here.boot_id, "runs under another kernel boot (another VM or machine)"),
+            ("netns", &self.here.netns, "is in another network namespace (abstract socket names are per namespace)"),
         ];
         for (key, ours, why) in checks {
             if let Some(theirs) = remote.cap(key)
@@ -347,10 +314,7 @@ fn connect_socket(addr: &SocketAddr, deadline: Instant) -> std::result::Result<U
 }
 
 fn peer_pid(sock: &UnixStream) -> Option<i32> {
-    getsockopt(sock, sockopt::PeerCredentials)
-        .ok()
-        .map(|c| c.pid())
-        .filter(|&p| p > 0)
+    getsockopt(sock, sockopt::PeerCredentials).ok().map(|c| c.pid()).filter(|&p| p > 0)
 }
 
 fn new_bell() -> Result<OwnedFd> {
@@ -402,73 +366,37 @@ impl Transport for ShmTransport {
         Ok(())
     }
 
-    fn connect(
-        &self,
-        peer: Rank,
-        remote: &Endpoint,
-        deadline: Instant,
-    ) -> Result<Box<dyn Connection>> {
+    fn connect(&self, peer: Rank, remote: &Endpoint, deadline: Instant) -> Result<Box<dyn Connection>> {
         let ctx = self.ctx()?;
         if remote.kind != TransportKind::Shm {
-            return Err(Error::usage(format!(
-                "rank {peer} published a {} endpoint, not shm",
-                remote.kind
-            )));
+            return Err(Error::usage(format!("rank {peer} published a {} endpoint, not shm", remote.kind)));
         }
-        let name = remote
-            .address
-            .strip_prefix(ADDR_PREFIX)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| {
-                Error::remote(
-                    peer,
-                    format!(
-                        "rank {peer} published an invalid shm address {:?} (expected {ADDR_PREFIX}NAME)",
-                        remote.address
-                    ),
-                )
-            })?;
-        self.check_locality(peer, remote)?;
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| {
+        let name = remote.address.strip_prefix(ADDR_PREFIX).filter(|n| !n.is_empty()).ok_or_else(|| {
             Error::remote(
                 peer,
-                format!("rank {peer} published an unusable shm address: {e}"),
+                format!(
+                    "rank {peer} published an invalid shm address {:?} (expected {ADDR_PREFIX}NAME)",
+                    remote.address
+                ),
             )
         })?;
+        self.check_locality(peer, remote)?;
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| Error::remote(peer, format!("rank {peer} published an unusable shm address: {e}")))?;
         let start = Instant::now();
         let limit = deadline.saturating_duration_since(start);
         let sock = connect_socket(&addr, deadline).map_err(|last| Error::Timeout {
-            what: format!(
-                "rank {} connecting to rank {peer} at {}; last error: {last}",
-                ctx.rank, remote.address
-            ),
+            what: format!("rank {} connecting to rank {peer} at {}; last error: {last}", ctx.rank, remote.address),
             after: limit,
         })?;
-        let dial = Dial {
-            peer,
-            remote: &remote.address,
-            deadline,
-            limit,
-        };
+        let dial = Dial { peer, remote: &remote.address, deadline, limit };
         handshake::connector_handshake(&sock, &ctx, &dial)?;
         let ring = ring_for_world(self.opts.ring_bytes, ctx.world);
         let (map, memfd) = Mapping::create(ring).map_err(|e| {
-            Error::system(
-                format!(
-                    "create {} KiB of shared rings for rank {peer}",
-                    (2 * ring) >> 10
-                ),
-                e,
-            )
+            Error::system(format!("create {} KiB of shared rings for rank {peer}", (2 * ring) >> 10), e)
         })?;
         let (bell, peer_bell) = (new_bell()?, new_bell()?);
-        handshake::connector_setup(
-            &sock,
-            ctx.rank,
-            &dial,
-            ring,
-            [memfd.as_fd(), peer_bell.as_fd(), bell.as_fd()],
-        )?;
+        handshake::connector_setup(&sock, ctx.rank, &dial, ring, [memfd.as_fd(), peer_bell.as_fd(), bell.as_fd()])?;
         drop(memfd);
         let pid = peer_pid(&sock);
         tracing::debug!(rank = %ctx.rank, %peer, remote = %remote.address, ring, ?pid, "shm connection established (connector)");
@@ -490,9 +418,7 @@ impl Transport for ShmTransport {
         let mut g = lock(&self.shared.arrivals);
         loop {
             if self.shared.closed.load(Ordering::Acquire) {
-                return Err(Error::usage(
-                    "shm transport closed while waiting for a connection",
-                ));
+                return Err(Error::usage("shm transport closed while waiting for a connection"));
             }
             if let Some(c) = g.ready.remove(&peer.0) {
                 g.taken.insert(peer.0);
@@ -510,12 +436,7 @@ impl Transport for ShmTransport {
                     after: deadline.saturating_duration_since(start),
                 });
             }
-            g = self
-                .shared
-                .arrivals_cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.shared.arrivals_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -547,10 +468,8 @@ impl Drop for ShmTransport {
 
 fn acceptor_loop(shared: &Arc<Shared>, listener: UnixListener) {
     loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds =
+            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
@@ -581,16 +500,12 @@ fn acceptor_loop(shared: &Arc<Shared>, listener: UnixListener) {
 fn spawn_handshake(shared: &Arc<Shared>, sock: UnixStream) {
     if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
         shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        shared.reject(&format!(
-            "more than {MAX_HANDSHAKES} handshakes in progress"
-        ));
+        shared.reject(&format!("more than {MAX_HANDSHAKES} handshakes in progress"));
         return;
     }
     let s2 = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("devccl-shm-handshake".into())
-        .stack_size(128 << 10)
-        .spawn(move || {
+    let spawned =
+        std::thread::Builder::new().name("devccl-shm-handshake".into()).stack_size(128 << 10).spawn(move || {
             let pid = peer_pid(&sock);
             if let Err(reason) = serve_handshake(&s2, sock, pid) {
                 let from = pid.map_or(String::new(), |p| format!("pid {p}: "));
@@ -606,49 +521,28 @@ fn spawn_handshake(shared: &Arc<Shared>, sock: UnixStream) {
 
 /// Run one incoming handshake. `Ok` means the connection was handed to a waiting `accept`;
 /// `Err` carries the reason for the log (the socket is closed on return).
-fn serve_handshake(
-    shared: &Shared,
-    sock: UnixStream,
-    pid: Option<i32>,
-) -> std::result::Result<(), String> {
+fn serve_handshake(shared: &Shared, sock: UnixStream, pid: Option<i32>) -> std::result::Result<(), String> {
     let deadline = Instant::now() + shared.handshake_timeout;
     let nonce = auth::nonce();
-    let hello = handshake::acceptor_read_hello(&sock, nonce, deadline)
-        .map_err(|s| s.describe("handshake hello"))?;
+    let hello = handshake::acceptor_read_hello(&sock, nonce, deadline).map_err(|s| s.describe("handshake hello"))?;
     let ctx = shared.wait_ctx().ok_or_else(|| {
-        format!(
-            "Hello from rank {} arrived but this transport was not activated in time",
-            hello.from
-        )
+        format!("Hello from rank {} arrived but this transport was not activated in time", hello.from)
     })?;
     let (mut status, mut why) = handshake::judge_hello(&ctx, &nonce, &hello);
     let from = hello.from.0;
     if status == VerdictStatus::Ok {
         let mut g = lock(&shared.arrivals);
         if g.taken.contains(&from) || g.reserved.contains(&from) || g.ready.contains_key(&from) {
-            (status, why) = (
-                VerdictStatus::BadLane,
-                format!("rank {from} is already connected"),
-            );
+            (status, why) = (VerdictStatus::BadLane, format!("rank {from} is already connected"));
         } else {
             g.reserved.insert(from);
         }
     }
-    let wrote = handshake::write_all_by(
-        &sock,
-        &Verdict { status }.encode(),
-        Instant::now() + shared.handshake_timeout,
-    );
+    let wrote = handshake::write_all_by(&sock, &Verdict { status }.encode(), Instant::now() + shared.handshake_timeout);
     if status != VerdictStatus::Ok {
-        return Err(format!(
-            "Hello from rank {}: {}: {why}",
-            hello.from,
-            status.explain()
-        ));
+        return Err(format!("Hello from rank {}: {}: {why}", hello.from, status.explain()));
     }
-    let result = wrote
-        .map_err(|s| s.describe("verdict"))
-        .and_then(|()| finish_setup(shared, &ctx, &hello, sock, pid));
+    let result = wrote.map_err(|s| s.describe("verdict")).and_then(|()| finish_setup(shared, &ctx, &hello, sock, pid));
     let mut g = lock(&shared.arrivals);
     g.reserved.remove(&from);
     let conn = result.map_err(|e| format!("rank {from}: {e}"))?;
@@ -672,8 +566,8 @@ fn finish_setup(
     pid: Option<i32>,
 ) -> std::result::Result<ShmConnection, String> {
     let deadline = Instant::now() + shared.handshake_timeout;
-    let (ring, [memfd, bell, peer_bell]) = handshake::acceptor_read_setup(&sock, deadline)
-        .map_err(|s| s.describe("shared-memory setup"))?;
+    let (ring, [memfd, bell, peer_bell]) =
+        handshake::acceptor_read_setup(&sock, deadline).map_err(|s| s.describe("shared-memory setup"))?;
     let checked = Mapping::open(&memfd, ring).and_then(|map| {
         check_doorbell(&bell)?;
         check_doorbell(&peer_bell)?;
@@ -688,8 +582,7 @@ fn finish_setup(
         }
     };
     drop(memfd);
-    handshake::acceptor_ready(&sock, true, deadline)
-        .map_err(|s| s.describe("setup confirmation"))?;
+    handshake::acceptor_ready(&sock, true, deadline).map_err(|s| s.describe("setup confirmation"))?;
     Ok(ShmConnection::new(Parts {
         me: ctx.rank,
         peer: hello.from,
@@ -730,29 +623,18 @@ mod tests {
         assert_eq!(ring_for_world(four, 2), four);
         assert_eq!(ring_for_world(four, 8), four);
         assert_eq!(ring_for_world(four, 32), four);
-        assert_eq!(
-            ring_for_world(four, 33),
-            four,
-            "32 connections x 8 MiB = the budget"
-        );
+        assert_eq!(ring_for_world(four, 33), four, "32 connections x 8 MiB = the budget");
         assert_eq!(ring_for_world(four, 34), 2 << 20);
         assert_eq!(ring_for_world(four, 64), 2 << 20);
         assert_eq!(ring_for_world(four, 129), 1 << 20);
         assert_eq!(ring_for_world(four, 130), 1 << 20, "floor");
         assert_eq!(ring_for_world(four, 100_000), 1 << 20, "floor");
-        assert_eq!(
-            ring_for_world(4096, 100_000),
-            4096,
-            "never above the option"
-        );
+        assert_eq!(ring_for_world(4096, 100_000), 4096, "never above the option");
         assert_eq!(ring_for_world(64 << 10, 2), 64 << 10);
         for world in 2..300 {
             let r = ring_for_world(four, world);
             assert!(r.is_power_of_two());
-            assert!(
-                r == MIN_SCALED_RING || 2 * r * (world - 1) <= RING_BUDGET_BYTES,
-                "world {world}"
-            );
+            assert!(r == MIN_SCALED_RING || 2 * r * (world - 1) <= RING_BUDGET_BYTES, "world {world}");
         }
     }
 }

@@ -14,21 +14,11 @@ use devccl_core::{Error, Rank, Seq};
 use devccl_transport_shm::DEFAULT_RING_BYTES;
 
 fn recv(c: &mut Box<dyn Connection>, seq: u64, dst: &Region) -> ReqId {
-    c.irecv(RecvRequest {
-        expect: header(seq, 0, dst.len()),
-        dst: dst.full(),
-    })
-    .unwrap()
-    .unwrap()
+    c.irecv(RecvRequest { expect: header(seq, 0, dst.len()), dst: dst.full() }).unwrap().unwrap()
 }
 
 fn send(c: &mut Box<dyn Connection>, seq: u64, src: &Region) -> ReqId {
-    c.isend(SendRequest {
-        header: header(seq, 0, src.len()),
-        src: src.full(),
-    })
-    .unwrap()
-    .unwrap()
+    c.isend(SendRequest { header: header(seq, 0, src.len()), src: src.full() }).unwrap().unwrap()
 }
 
 /// Test `id` until it completes, sleeping in `poll` (never spinning) whenever nothing moved.
@@ -65,10 +55,7 @@ fn both_ranks_send_64_mib_at_once_without_deadlock() {
             let s = send(&mut c, 1, &src);
             drive(&mut [&mut c], &[(0, s)], Duration::from_secs(60)).unwrap();
             drive(&mut [&mut c], &[(0, r)], Duration::from_secs(60)).unwrap();
-            assert!(
-                dst.full().to_vec().unwrap() == pattern(other, n),
-                "payload intact (ring {ring})"
-            );
+            assert!(dst.full().to_vec().unwrap() == pattern(other, n), "payload intact (ring {ring})");
         };
         std::thread::scope(|s| {
             s.spawn(|| side(a, 1, 2));
@@ -104,11 +91,7 @@ fn sleepers_are_always_woken() {
         timeouts += wait_sleeping(&mut a, r, Duration::from_secs(10));
         assert_eq!(dst.full().to_vec().unwrap(), pattern(3, 8));
     }
-    assert_eq!(
-        (timeouts, pong.join().unwrap()),
-        (0, 0),
-        "lost wake-ups (ping side, pong side)"
-    );
+    assert_eq!((timeouts, pong.join().unwrap()), (0, 0), "lost wake-ups (ping side, pong side)");
 
     // Streaming through a small ring with sleeping sides: the sender waits for space (the
     // receiver's doorbell on freeing it), the receiver for data.
@@ -131,11 +114,7 @@ fn sleepers_are_always_woken() {
         let s = send(&mut a, i, &src);
         timeouts += wait_sleeping(&mut a, s, Duration::from_secs(20));
     }
-    assert_eq!(
-        (timeouts, rx.join().unwrap()),
-        (0, 0),
-        "lost wake-ups (sender, receiver)"
-    );
+    assert_eq!((timeouts, rx.join().unwrap()), (0, 0), "lost wake-ups (sender, receiver)");
 }
 
 #[test]
@@ -149,26 +128,19 @@ fn abort_in_the_middle_of_a_frame_takes_the_socket() {
     a.send_abort(Seq(4), "rank 0 lost rank 3");
     // The aborting side refuses further work.
     assert!(matches!(
-        a.isend(SendRequest {
-            header: header(5, 0, 1),
-            src: src.slice(0..1)
-        }),
+        a.isend(SendRequest { header: header(5, 0, 1), src: src.slice(0..1) }),
         Err(Error::Aborted { .. })
     ));
     let dst = Region::alloc(1 << 20);
     let r = recv(&mut b, 4, &dst);
     match drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)) {
-        Err(Error::Remote {
-            peer: Some(Rank(0)),
-            message,
-        }) => assert!(message.contains("rank 0 lost rank 3"), "{message}"),
+        Err(Error::Remote { peer: Some(Rank(0)), message }) => {
+            assert!(message.contains("rank 0 lost rank 3"), "{message}")
+        }
         other => panic!("expected the abort reason, got {other:?}"),
     }
     // The ring's part of the frame arrived before the abort was seen.
-    assert_eq!(
-        dst.slice(0..1000).to_vec().unwrap(),
-        pattern(1, 1 << 20)[..1000]
-    );
+    assert_eq!(dst.slice(0..1000).to_vec().unwrap(), pattern(1, 1 << 20)[..1000]);
 }
 
 #[test]
@@ -192,10 +164,7 @@ fn data_in_the_ring_is_delivered_before_the_close_is_reported() {
     let (mut a, mut b) = pair(64 << 10);
     let src = Region::from_vec(pattern(2, 5000));
     let s = send(&mut a, 1, &src);
-    assert!(matches!(
-        a.test(s).unwrap(),
-        Some(Completion::Sent { bytes: 5000 })
-    ));
+    assert!(matches!(a.test(s).unwrap(), Some(Completion::Sent { bytes: 5000 })));
     drop(a);
     let dst = Region::alloc(5000);
     let r = recv(&mut b, 1, &dst);
@@ -204,10 +173,7 @@ fn data_in_the_ring_is_delivered_before_the_close_is_reported() {
     let r = recv(&mut b, 2, &dst);
     let t = Instant::now();
     let e = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)).unwrap_err();
-    assert!(
-        e.to_string().contains("rank 0 closed its connection"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("rank 0 closed its connection"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(1));
 }
 
@@ -218,24 +184,13 @@ fn cancel_in_the_middle_of_a_frame_poisons_the_connection() {
     let s = send(&mut a, 1, &src);
     assert!(a.test(s).unwrap().is_none());
     a.cancel();
-    assert!(
-        a.test(s)
-            .unwrap_err()
-            .to_string()
-            .contains("cancelled in the middle of a frame")
-    );
+    assert!(a.test(s).unwrap_err().to_string().contains("cancelled in the middle of a frame"));
     // The receiving side, cancelled mid-payload, is poisoned too.
     let dst = Region::alloc(1 << 20);
     let r = recv(&mut b, 1, &dst);
     assert!(b.test(r).unwrap().is_none());
     b.cancel();
-    assert!(
-        b.irecv(RecvRequest {
-            expect: header(2, 0, 1),
-            dst: dst.slice(0..1)
-        })
-        .is_err()
-    );
+    assert!(b.irecv(RecvRequest { expect: header(2, 0, 1), dst: dst.slice(0..1) }).is_err());
 }
 
 #[test]
@@ -249,44 +204,21 @@ fn queues_answer_not_now_when_full_and_keep_order() {
         pend.push((0, send(&mut a, i as u64, buf)));
     }
     let extra = Region::from_vec(pattern(99, 10));
-    assert!(
-        a.isend(SendRequest {
-            header: header(64, 0, 10),
-            src: extra.full()
-        })
-        .unwrap()
-        .is_none()
-    );
+    assert!(a.isend(SendRequest { header: header(64, 0, 10), src: extra.full() }).unwrap().is_none());
     let dsts: Vec<Region> = (0..64).map(|_| Region::alloc(n)).collect();
     for (i, d) in dsts.iter().enumerate() {
         pend.push((1, recv(&mut b, i as u64, d)));
     }
     let extra_dst = Region::alloc(10);
-    assert!(
-        b.irecv(RecvRequest {
-            expect: header(64, 0, 10),
-            dst: extra_dst.full()
-        })
-        .unwrap()
-        .is_none()
-    );
+    assert!(b.irecv(RecvRequest { expect: header(64, 0, 10), dst: extra_dst.full() }).unwrap().is_none());
     drive(&mut [&mut a, &mut b], &pend, Duration::from_secs(20)).unwrap();
     for (i, d) in dsts.iter().enumerate() {
-        assert_eq!(
-            d.full().to_vec().unwrap(),
-            pattern(i as u64, n),
-            "message {i}"
-        );
+        assert_eq!(d.full().to_vec().unwrap(), pattern(i as u64, n), "message {i}");
     }
     // Room again.
     let s = send(&mut a, 64, &extra);
     let r = recv(&mut b, 64, &extra_dst);
-    drive(
-        &mut [&mut a, &mut b],
-        &[(0, s), (1, r)],
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    drive(&mut [&mut a, &mut b], &[(0, s), (1, r)], Duration::from_secs(5)).unwrap();
     assert_eq!(extra_dst.full().to_vec().unwrap(), pattern(99, 10));
 }
 
@@ -298,10 +230,7 @@ fn revoked_destination_is_an_error_not_a_write() {
     let src = Region::from_vec(pattern(1, 100));
     send(&mut a, 1, &src);
     let e = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)).unwrap_err();
-    assert!(
-        e.to_string().contains("after its collective returned"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("after its collective returned"), "{e}");
     assert_eq!(buf, vec![0u8; 100]);
 }
 
@@ -345,8 +274,7 @@ fn random_sizes_both_ways_through_tiny_rings_stay_intact() {
                     next_rx += 1;
                 }
                 while next_tx < n && inflight.iter().filter(|(_, d)| d.is_none()).count() < 4 {
-                    let src =
-                        Region::from_vec(pattern(tx_seed * 10_000 + next_tx as u64, tx[next_tx]));
+                    let src = Region::from_vec(pattern(tx_seed * 10_000 + next_tx as u64, tx[next_tx]));
                     let id = send(&mut c, next_tx as u64, &src);
                     inflight.push((id, None));
                     next_tx += 1;
@@ -357,8 +285,7 @@ fn random_sizes_both_ways_through_tiny_rings_stay_intact() {
                     if c.test(inflight[i].0).unwrap().is_some() {
                         if let (_, Some((k, d))) = inflight.remove(i) {
                             assert!(
-                                d.full().to_vec().unwrap()
-                                    == pattern(rx_seed * 10_000 + k as u64, rx[k]),
+                                d.full().to_vec().unwrap() == pattern(rx_seed * 10_000 + k as u64, rx[k]),
                                 "message {k}"
                             );
                         }
@@ -399,10 +326,7 @@ fn a_sleeping_receiver_sees_a_short_wrong_frame_at_once() {
         send(&mut a, 1, &src);
         a
     });
-    assert!(
-        wait_ready(&fds, Duration::from_secs(5)).unwrap(),
-        "woken by the header"
-    );
+    assert!(wait_ready(&fds, Duration::from_secs(5)).unwrap(), "woken by the header");
     drop(fds);
     let e = b.test(r).unwrap_err().to_string();
     assert!(e.contains("protocol desync"), "{e}");

@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use devccl_core::config::parse_size;
 use devccl_core::memory::Region;
 use devccl_core::testing::conformance::header;
-use devccl_core::transport::{
-    CommContext, Connection, RecvRequest, ReqId, SendRequest, Transport, wait_ready,
-};
+use devccl_core::transport::{CommContext, Connection, RecvRequest, ReqId, SendRequest, Transport, wait_ready};
 use devccl_core::{CommId, Rank};
 use devccl_transport_tcp::{TcpOptions, TcpTransport};
 
@@ -60,24 +58,14 @@ fn parse_args() -> Args {
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--lanes" => {
-                a.lanes = val()
-                    .split(',')
-                    .map(|s| s.parse().expect("lanes"))
-                    .collect()
-            }
+            "--lanes" => a.lanes = val().split(',').map(|s| s.parse().expect("lanes")).collect(),
             "--reps" => a.reps = val().parse().expect("reps"),
             "--sizes" => a.sizes = val().split(',').map(|s| size(s.to_string())).collect(),
             "--bytes" => a.bytes = size(val()),
             "--window" => a.window = val().parse().expect("window"),
             "--iters" => a.iters = val().parse().expect("iters"),
             "--spin-us" => a.spin = Duration::from_micros(val().parse().expect("spin-us")),
-            "--bufs" => {
-                a.bufs = val()
-                    .split(',')
-                    .map(|s| (s != "auto").then(|| size(s.to_string())))
-                    .collect()
-            }
+            "--bufs" => a.bufs = val().split(',').map(|s| (s != "auto").then(|| size(s.to_string()))).collect(),
             "--only" => a.only = Some(val()),
             other => panic!("unknown flag {other} (see the example's docs)"),
         }
@@ -92,33 +80,20 @@ fn pair(lanes: usize, buf: Option<usize>) -> (Box<dyn Connection>, Box<dyn Conne
         o.lanes = lanes;
         o.socket_buffer = buf;
         let t = TcpTransport::new(o).expect("listen");
-        t.activate(CommContext {
-            comm: CommId([1; 16]),
-            rank: Rank(rank),
-            world: 2,
-            key: None,
-        })
-        .unwrap();
+        t.activate(CommContext { comm: CommId([1; 16]), rank: Rank(rank), world: 2, key: None }).unwrap();
         t
     };
     let (t0, t1) = (mk(0), mk(1));
     let deadline = Instant::now() + Duration::from_secs(10);
     std::thread::scope(|s| {
         let b = s.spawn(|| t1.accept(Rank(0), deadline).expect("accept"));
-        let a = t0
-            .connect(Rank(1), &t1.endpoint(), deadline)
-            .expect("connect");
+        let a = t0.connect(Rank(1), &t1.endpoint(), deadline).expect("connect");
         (a, b.join().unwrap())
     })
 }
 
 /// Drive `ids` (in order) to completion: busy-poll for `spin`, then sleep in poll(2).
-fn wait_all(
-    c: &mut Box<dyn Connection>,
-    ids: &mut std::collections::VecDeque<ReqId>,
-    spin: Duration,
-    until: usize,
-) {
+fn wait_all(c: &mut Box<dyn Connection>, ids: &mut std::collections::VecDeque<ReqId>, spin: Duration, until: usize) {
     let mut idle_since: Option<Instant> = None;
     while ids.len() > until {
         let id = *ids.front().unwrap();
@@ -151,23 +126,9 @@ fn latency(lanes: usize, buf: Option<usize>, args: &Args) -> f64 {
         let dst = Region::alloc(8);
         let mut q = std::collections::VecDeque::new();
         for i in 0..iters as u64 {
-            q.push_back(
-                b.irecv(RecvRequest {
-                    expect: header(i, 0, 8),
-                    dst: dst.full(),
-                })
-                .unwrap()
-                .unwrap(),
-            );
+            q.push_back(b.irecv(RecvRequest { expect: header(i, 0, 8), dst: dst.full() }).unwrap().unwrap());
             wait_all(&mut b, &mut q, spin, 0);
-            q.push_back(
-                b.isend(SendRequest {
-                    header: header(i, 0, 8),
-                    src: src.full(),
-                })
-                .unwrap()
-                .unwrap(),
-            );
+            q.push_back(b.isend(SendRequest { header: header(i, 0, 8), src: src.full() }).unwrap().unwrap());
             wait_all(&mut b, &mut q, spin, 0);
         }
     });
@@ -177,22 +138,8 @@ fn latency(lanes: usize, buf: Option<usize>, args: &Args) -> f64 {
     let mut q = std::collections::VecDeque::new();
     for i in 0..iters as u64 {
         let t = Instant::now();
-        q.push_back(
-            a.irecv(RecvRequest {
-                expect: header(i, 0, 8),
-                dst: dst.full(),
-            })
-            .unwrap()
-            .unwrap(),
-        );
-        q.push_back(
-            a.isend(SendRequest {
-                header: header(i, 0, 8),
-                src: src.full(),
-            })
-            .unwrap()
-            .unwrap(),
-        );
+        q.push_back(a.irecv(RecvRequest { expect: header(i, 0, 8), dst: dst.full() }).unwrap().unwrap());
+        q.push_back(a.isend(SendRequest { header: header(i, 0, 8), src: src.full() }).unwrap().unwrap());
         wait_all(&mut a, &mut q, spin, 0);
         rtts.push(t.elapsed().as_secs_f64() * 1e6);
     }
@@ -204,12 +151,8 @@ fn latency(lanes: usize, buf: Option<usize>, args: &Args) -> f64 {
 
 /// Buffers for `window` messages each way, allocated (and faulted in) before timing starts.
 fn buffers(size: usize, window: usize) -> (Vec<Region>, Vec<Region>) {
-    let srcs = (0..window)
-        .map(|i| Region::from_vec(vec![i as u8; size]))
-        .collect();
-    let dsts = (0..window)
-        .map(|_| Region::from_vec(vec![0xffu8; size]))
-        .collect();
+    let srcs = (0..window).map(|i| Region::from_vec(vec![i as u8; size])).collect();
+    let dsts = (0..window).map(|_| Region::from_vec(vec![0xffu8; size])).collect();
     (srcs, dsts)
 }
 
@@ -226,23 +169,14 @@ fn stream(
     window: usize,
     spin: Duration,
 ) {
-    let (mut sq, mut rq) = (
-        std::collections::VecDeque::new(),
-        std::collections::VecDeque::new(),
-    );
+    let (mut sq, mut rq) = (std::collections::VecDeque::new(), std::collections::VecDeque::new());
     let (mut ns, mut nr) = (if send { 0 } else { count }, if recv { 0 } else { count });
     let mut idle_since: Option<Instant> = None;
     while ns < count || nr < count || !sq.is_empty() || !rq.is_empty() {
         let mut moved = false;
         while nr < count && rq.len() < window {
             let h = header(nr as u64, 0, size);
-            match c
-                .irecv(RecvRequest {
-                    expect: h,
-                    dst: dsts[nr % window].full(),
-                })
-                .unwrap()
-            {
+            match c.irecv(RecvRequest { expect: h, dst: dsts[nr % window].full() }).unwrap() {
                 Some(id) => rq.push_back(id),
                 None => break,
             }
@@ -250,13 +184,7 @@ fn stream(
         }
         while ns < count && sq.len() < window {
             let h = header(ns as u64, 0, size);
-            match c
-                .isend(SendRequest {
-                    header: h,
-                    src: srcs[ns % window].full(),
-                })
-                .unwrap()
-            {
+            match c.isend(SendRequest { header: h, src: srcs[ns % window].full() }).unwrap() {
                 Some(id) => sq.push_back(id),
                 None => break,
             }
@@ -311,11 +239,7 @@ fn bandwidth(lanes: usize, buf: Option<usize>, size: usize, bidir: bool, args: &
 }
 
 fn fmt_size(n: usize) -> String {
-    if n >= 1 << 20 {
-        format!("{} MiB", n >> 20)
-    } else {
-        format!("{} KiB", n >> 10)
-    }
+    if n >= 1 << 20 { format!("{} MiB", n >> 20) } else { format!("{} KiB", n >> 10) }
 }
 
 /// Run `f(config)` `reps` times for every config, interleaved, and return the medians.
@@ -336,11 +260,8 @@ fn medians(
 fn main() {
     let args = parse_args();
     let want = |m: &str| args.only.as_deref().is_none_or(|o| o == m);
-    let configs: Vec<(usize, Option<usize>)> = args
-        .bufs
-        .iter()
-        .flat_map(|&b| args.lanes.iter().map(move |&l| (l, b)))
-        .collect();
+    let configs: Vec<(usize, Option<usize>)> =
+        args.bufs.iter().flat_map(|&b| args.lanes.iter().map(move |&l| (l, b))).collect();
     println!(
         "# TCP transport over loopback: median of {} interleaved reps, window {}, spin {:?}\n",
         args.reps, args.window, args.spin
@@ -348,10 +269,7 @@ fn main() {
     let head = || {
         let mut s = String::from("| size |");
         for (l, b) in &configs {
-            s += &format!(
-                " lanes={l} buf={} |",
-                b.map_or("auto".to_string(), fmt_size)
-            );
+            s += &format!(" lanes={l} buf={} |", b.map_or("auto".to_string(), fmt_size));
         }
         s + "\n|---|" + &"---|".repeat(configs.len())
     };
@@ -359,31 +277,18 @@ fn main() {
         println!("## 8-byte round trip, median (µs); one-way = half\n");
         println!("{}", head());
         let m = medians(&configs, args.reps, |l, b| latency(l, b, &args));
-        println!(
-            "| 8 B |{}\n",
-            m.iter().map(|x| format!(" {x:.1} |")).collect::<String>()
-        );
+        println!("| 8 B |{}\n", m.iter().map(|x| format!(" {x:.1} |")).collect::<String>());
     }
     for (mode, bidir) in [("uni", false), ("bi", true)] {
         if !want(mode) {
             continue;
         }
-        let what = if bidir {
-            "bidirectional, GB/s per direction"
-        } else {
-            "unidirectional, GB/s"
-        };
+        let what = if bidir { "bidirectional, GB/s per direction" } else { "unidirectional, GB/s" };
         println!("## {what}\n");
         println!("{}", head());
         for &size in &args.sizes {
-            let m = medians(&configs, args.reps, |l, b| {
-                bandwidth(l, b, size, bidir, &args)
-            });
-            println!(
-                "| {} |{}",
-                fmt_size(size),
-                m.iter().map(|x| format!(" {x:.2} |")).collect::<String>()
-            );
+            let m = medians(&configs, args.reps, |l, b| bandwidth(l, b, size, bidir, &args));
+            println!("| {} |{}", fmt_size(size), m.iter().map(|x| format!(" {x:.2} |")).collect::<String>());
         }
         println!();
     }

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
-    Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
-    wait_ready,
+    Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind, wait_ready,
 };
 use devccl_core::wire::{FrameHeader, FrameType, HEADER_LEN, MAX_ABORT_REASON};
 use devccl_core::{Error, Rank, Result, Seq};
@@ -145,20 +144,10 @@ pub struct TcpConnection {
 impl TcpConnection {
     /// Wrap connected, handshaken sockets (lane order) as a connection. Buffer sizes, when
     /// configured, were set before connecting (they bound the window scale negotiated then).
-    pub(crate) fn new(
-        me: Rank,
-        peer: Rank,
-        remote: SocketAddr,
-        socks: Vec<Socket>,
-    ) -> Result<TcpConnection> {
+    pub(crate) fn new(me: Rank, peer: Rank, remote: SocketAddr, socks: Vec<Socket>) -> Result<TcpConnection> {
         let mut lanes = Vec::with_capacity(socks.len());
         for (l, sock) in socks.into_iter().enumerate() {
-            let sys = |e| {
-                Error::system(
-                    format!("configure TCP lane {l} to rank {peer} ({remote})"),
-                    e,
-                )
-            };
+            let sys = |e| Error::system(format!("configure TCP lane {l} to rank {peer} ({remote})"), e);
             sock.set_nonblocking(true).map_err(sys)?;
             // Small frames (headers, 8-byte all-reduces) must leave at once, not wait
             // for an ACK to coalesce with later data.
@@ -178,9 +167,7 @@ impl TcpConnection {
             });
         }
         if lanes.is_empty() {
-            return Err(Error::Internal(format!(
-                "TCP connection to rank {peer} without sockets"
-            )));
+            return Err(Error::Internal(format!("TCP connection to rank {peer} without sockets")));
         }
         Ok(TcpConnection {
             me,
@@ -214,14 +201,9 @@ impl TcpConnection {
             None => Ok(()),
             Some(b) if b.remote => Err(Error::remote(
                 self.peer,
-                format!(
-                    "connection to rank {} is unusable after an earlier error: {}",
-                    self.peer, b.message
-                ),
+                format!("connection to rank {} is unusable after an earlier error: {}", self.peer, b.message),
             )),
-            Some(b) => Err(Error::Aborted {
-                cause: b.message.clone(),
-            }),
+            Some(b) => Err(Error::Aborted { cause: b.message.clone() }),
         }
     }
 
@@ -229,10 +211,7 @@ impl TcpConnection {
     fn fail(&mut self, e: &Error) {
         if self.broken.is_none() {
             let remote = matches!(e, Error::Remote { .. } | Error::Mismatch { .. });
-            self.broken = Some(Broken {
-                remote,
-                message: e.to_string(),
-            });
+            self.broken = Some(Broken { remote, message: e.to_string() });
         }
     }
 
@@ -246,22 +225,14 @@ impl TcpConnection {
     fn io_error(&self, lane: usize, doing: &str, e: io::Error) -> Error {
         use io::ErrorKind as K;
         match e.kind() {
-            K::ConnectionReset
-            | K::ConnectionAborted
-            | K::BrokenPipe
-            | K::NotConnected
-            | K::UnexpectedEof => self.closed_error(lane, &format!("{doing}: {e}")),
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::NotConnected | K::UnexpectedEof => {
+                self.closed_error(lane, &format!("{doing}: {e}"))
+            }
             K::TimedOut | K::HostUnreachable | K::NetworkUnreachable => Error::remote(
                 self.peer,
-                format!(
-                    "rank {} ({}) is unreachable (lane {lane}, {doing}): {e}",
-                    self.peer, self.remote
-                ),
+                format!("rank {} ({}) is unreachable (lane {lane}, {doing}): {e}", self.peer, self.remote),
             ),
-            _ => Error::system(
-                format!("{doing} rank {} ({}), lane {lane}", self.peer, self.remote),
-                e,
-            ),
+            _ => Error::system(format!("{doing} rank {} ({}), lane {lane}", self.peer, self.remote), e),
         }
     }
 
@@ -305,10 +276,7 @@ impl TcpConnection {
                 let hdr = &slot.hdr;
                 let r = slot.src.with_bytes(|p| {
                     if sent < HEADER_LEN {
-                        sock.send_vectored_with_flags(
-                            &[IoSlice::new(&hdr[sent..]), IoSlice::new(p)],
-                            flags,
-                        )
+                        sock.send_vectored_with_flags(&[IoSlice::new(&hdr[sent..]), IoSlice::new(p)], flags)
                     } else {
                         sock.send_with_flags(&p[sent - HEADER_LEN..], flags)
                     }
@@ -323,12 +291,7 @@ impl TcpConnection {
             if slot.sent == total {
                 let slot = lane.sendq.pop_front().expect("front");
                 self.pending[SEND as usize] -= 1;
-                self.done.insert(
-                    slot.id,
-                    Completion::Sent {
-                        bytes: slot.src.len(),
-                    },
-                );
+                self.done.insert(slot.id, Completion::Sent { bytes: slot.src.len() });
                 if front_only {
                     return Ok(());
                 }
@@ -354,15 +317,8 @@ impl TcpConnection {
             match sock.read(&mut lane.rbuf[lane.rend..]) {
                 Ok(0) => {
                     let mid = lane.buffered() > 0
-                        || matches!(
-                            lane.recvq.front().map(|s| &s.phase),
-                            Some(RecvPhase::Payload { .. })
-                        );
-                    let detail = if mid {
-                        "end of stream in the middle of a frame"
-                    } else {
-                        "end of stream"
-                    };
+                        || matches!(lane.recvq.front().map(|s| &s.phase), Some(RecvPhase::Payload { .. }));
+                    let detail = if mid { "end of stream in the middle of a frame" } else { "end of stream" };
                     return Err(self.closed_error(l, detail));
                 }
                 Ok(n) => {
@@ -419,10 +375,7 @@ impl TcpConnection {
                         let at = lane.rstart + HEADER_LEN;
                         let reason = String::from_utf8_lossy(&lane.rbuf[at..at + len]).into_owned();
                         lane.rstart = at + len;
-                        return Err(Error::remote(
-                            self.peer,
-                            format!("rank {} aborted: {reason}", self.peer),
-                        ));
+                        return Err(Error::remote(self.peer, format!("rank {} aborted: {reason}", self.peer)));
                     }
                     slot.expect.check(&got, self.me, self.peer)?;
                     lane.rstart += HEADER_LEN;
@@ -435,10 +388,7 @@ impl TcpConnection {
                         self.pending[RECV as usize] -= 1;
                         self.done.insert(
                             slot.id,
-                            Completion::Received {
-                                bytes: slot.dst.len(),
-                                layout: RecvLayout::InPlace,
-                            },
+                            Completion::Received { bytes: slot.dst.len(), layout: RecvLayout::InPlace },
                         );
                         continue;
                     }
@@ -446,9 +396,7 @@ impl TcpConnection {
                     if have > 0 {
                         let n = have.min(need);
                         let src = &lane.rbuf[lane.rstart..lane.rstart + n];
-                        slot.dst
-                            .sub(got..got + n)
-                            .with_bytes_mut(|d| d.copy_from_slice(src))?;
+                        slot.dst.sub(got..got + n).with_bytes_mut(|d| d.copy_from_slice(src))?;
                         lane.rstart += n;
                         slot.phase = RecvPhase::Payload { got: got + n };
                         continue;
@@ -467,9 +415,7 @@ impl TcpConnection {
                     })?;
                     match r {
                         Ok(0) => {
-                            return Err(
-                                self.closed_error(l, "end of stream in the middle of a frame")
-                            );
+                            return Err(self.closed_error(l, "end of stream in the middle of a frame"));
                         }
                         Ok(n) => slot.phase = RecvPhase::Payload { got: got + n },
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -489,13 +435,10 @@ impl TcpConnection {
         while sent < total {
             let lane = &self.lanes[l];
             let r = if sent < parts[0].len() {
-                lane.sock.send_vectored_with_flags(
-                    &[IoSlice::new(&parts[0][sent..]), IoSlice::new(parts[1])],
-                    send_flags(),
-                )
-            } else {
                 lane.sock
-                    .send_with_flags(&parts[1][sent - parts[0].len()..], send_flags())
+                    .send_vectored_with_flags(&[IoSlice::new(&parts[0][sent..]), IoSlice::new(parts[1])], send_flags())
+            } else {
+                lane.sock.send_with_flags(&parts[1][sent - parts[0].len()..], send_flags())
             };
             match r {
                 Ok(n) => sent += n,
@@ -526,11 +469,7 @@ fn wait_writable(sock: &Socket, deadline: Instant) -> bool {
 
 fn check_len(what: &str, hdr: &FrameHeader, slice: &RegionSlice) -> Result<()> {
     if hdr.len as usize != slice.len() {
-        return Err(Error::Internal(format!(
-            "{what}: header len {} != buffer {}",
-            hdr.len,
-            slice.len()
-        )));
+        return Err(Error::Internal(format!("{what}: header len {} != buffer {}", hdr.len, slice.len())));
     }
     Ok(())
 }
@@ -554,12 +493,7 @@ impl Connection for TcpConnection {
         self.posted[SEND as usize] += 1;
         let id = self.new_id(SEND);
         let idle = self.lanes[l].sendq.is_empty();
-        self.lanes[l].sendq.push_back(SendSlot {
-            id,
-            hdr: req.header.encode(),
-            src: req.src,
-            sent: 0,
-        });
+        self.lanes[l].sendq.push_back(SendSlot { id, hdr: req.header.encode(), src: req.src, sent: 0 });
         self.pending[SEND as usize] += 1;
         if idle {
             // Eager: an idle lane takes the frame now (one syscall for a small message), so
@@ -581,12 +515,7 @@ impl Connection for TcpConnection {
         let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
         self.posted[RECV as usize] += 1;
         let id = self.new_id(RECV);
-        self.lanes[l].recvq.push_back(RecvSlot {
-            id,
-            expect: req.expect,
-            dst: req.dst,
-            phase: RecvPhase::Header,
-        });
+        self.lanes[l].recvq.push_back(RecvSlot { id, expect: req.expect, dst: req.dst, phase: RecvPhase::Header });
         self.pending[RECV as usize] += 1;
         Ok(Some(id))
     }
@@ -646,20 +575,14 @@ impl Connection for TcpConnection {
         for l in 0..self.lanes.len() {
             // Finish a frame already partly on the wire first: an abort inside it would be
             // read as payload.
-            let partial = self.lanes[l]
-                .sendq
-                .front()
-                .is_some_and(|s| s.sent > 0 && s.sent < s.total());
+            let partial = self.lanes[l].sendq.front().is_some_and(|s| s.sent > 0 && s.sent < s.total());
             if partial && self.lanes[l].tx_in_sync {
                 loop {
                     if self.progress_send_lane(l, true).is_err() {
                         self.lanes[l].tx_in_sync = false;
                         break;
                     }
-                    let still = self.lanes[l]
-                        .sendq
-                        .front()
-                        .is_some_and(|s| s.sent > 0 && s.sent < s.total());
+                    let still = self.lanes[l].sendq.front().is_some_and(|s| s.sent > 0 && s.sent < s.total());
                     if !still {
                         break;
                     }
@@ -678,10 +601,7 @@ impl Connection for TcpConnection {
         }
         // Frames queued behind the abort must never follow it.
         if self.broken.is_none() {
-            self.broken = Some(Broken {
-                remote: false,
-                message: format!("this rank aborted: {reason}"),
-            });
+            self.broken = Some(Broken { remote: false, message: format!("this rank aborted: {reason}") });
         }
     }
 
@@ -752,19 +672,12 @@ impl Connection for TcpConnection {
     fn cancel(&mut self) {
         let mut desync = false;
         for lane in &mut self.lanes {
-            if lane
-                .sendq
-                .front()
-                .is_some_and(|s| s.sent > 0 && s.sent < s.total())
-            {
+            if lane.sendq.front().is_some_and(|s| s.sent > 0 && s.sent < s.total()) {
                 // The peer would read whatever we write next as this frame's payload.
                 lane.tx_in_sync = false;
                 desync = true;
             }
-            if matches!(
-                lane.recvq.front().map(|s| &s.phase),
-                Some(RecvPhase::Payload { .. })
-            ) {
+            if matches!(lane.recvq.front().map(|s| &s.phase), Some(RecvPhase::Payload { .. })) {
                 desync = true;
                 lane.rx_in_sync = false;
             }
@@ -778,10 +691,7 @@ impl Connection for TcpConnection {
         if desync && self.broken.is_none() {
             self.broken = Some(Broken {
                 remote: false,
-                message: format!(
-                    "connection to rank {} was cancelled in the middle of a frame",
-                    self.peer
-                ),
+                message: format!("connection to rank {} was cancelled in the middle of a frame", self.peer),
             });
         }
     }

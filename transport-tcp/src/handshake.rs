@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use devccl_core::auth::{self, AuthKey};
 use devccl_core::transport::{CommContext, TransportKind};
-use devccl_core::wire::{
-    CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus,
-};
+use devccl_core::wire::{CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus};
 use devccl_core::{CommId, Error, Rank, Result};
 use nix::sys::socket::MsgFlags;
 use socket2::Socket;
@@ -60,10 +58,7 @@ impl Stop {
 }
 
 fn is_would_block(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Time left before `deadline`, at least 1 ms (a zero socket timeout means "forever").
@@ -102,11 +97,7 @@ pub(crate) fn read_exact_by(
 
 /// Write all of `buf` before `deadline` (MSG_NOSIGNAL: a closed peer is an error, not a
 /// SIGPIPE that kills the process).
-pub(crate) fn write_all_by(
-    sock: &Socket,
-    buf: &[u8],
-    deadline: Instant,
-) -> std::result::Result<(), Stop> {
+pub(crate) fn write_all_by(sock: &Socket, buf: &[u8], deadline: Instant) -> std::result::Result<(), Stop> {
     let mut sent = 0;
     while sent < buf.len() {
         let t = left(deadline).ok_or(Stop::Timeout)?;
@@ -127,11 +118,7 @@ fn prefix_of(encoded: &[u8]) -> [u8; 6] {
 
 /// An early check for a partially received message: rejects as soon as the received bytes
 /// disagree with the fixed prefix, explaining why with the codec's own words.
-fn prefix_check(
-    prefix: [u8; 6],
-    full_len: usize,
-    decode: fn(&[u8]) -> Result<()>,
-) -> impl Fn(&[u8]) -> Option<String> {
+fn prefix_check(prefix: [u8; 6], full_len: usize, decode: fn(&[u8]) -> Result<()>) -> impl Fn(&[u8]) -> Option<String> {
     move |got: &[u8]| {
         let n = got.len().min(prefix.len());
         if got[..n] == prefix[..n] {
@@ -169,37 +156,19 @@ pub(crate) fn acceptor_read_hello(
 ) -> std::result::Result<Hello, Stop> {
     write_all_by(sock, &Challenge { nonce }.encode(), deadline)?;
     let mut buf = [0u8; HELLO_LEN];
-    let sample = Hello {
-        transport: 0,
-        comm: CommId::default(),
-        from: Rank(0),
-        to: Rank(0),
-        lane: 0,
-        lanes: 0,
-        auth: [0; 32],
-    };
-    let check = prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| {
-        Hello::decode(b).map(drop)
-    });
+    let sample =
+        Hello { transport: 0, comm: CommId::default(), from: Rank(0), to: Rank(0), lane: 0, lanes: 0, auth: [0; 32] };
+    let check = prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| Hello::decode(b).map(drop));
     read_exact_by(sock, &mut buf, deadline, check)?;
     Hello::decode(&buf).map_err(|e| Stop::Invalid(describe_codec_error(&e)))
 }
 
 /// Acceptor side, step 3: is this Hello for us? Lane bookkeeping (duplicates, lane count
 /// agreement) is the caller's, under its lock.
-pub(crate) fn judge_hello(
-    ctx: &CommContext,
-    nonce: &[u8; 16],
-    h: &Hello,
-) -> (VerdictStatus, String) {
+pub(crate) fn judge_hello(ctx: &CommContext, nonce: &[u8; 16], h: &Hello) -> (VerdictStatus, String) {
     // Authentication first: with a different secret every other field is untrustworthy,
     // and "DEVCCL_SECRET differs" is the most useful thing to tell either side.
-    if !auth::verify_opt(
-        ctx.key.as_ref(),
-        HELLO_DOMAIN,
-        &[nonce, &h.signed_part()],
-        &h.auth,
-    ) {
+    if !auth::verify_opt(ctx.key.as_ref(), HELLO_DOMAIN, &[nonce, &h.signed_part()], &h.auth) {
         let why = if ctx.key.is_none() {
             "the peer sent an auth tag but this rank has no DEVCCL_SECRET"
         } else {
@@ -208,34 +177,19 @@ pub(crate) fn judge_hello(
         return (VerdictStatus::BadAuth, why.into());
     }
     if h.transport != TransportKind::Tcp as u8 {
-        return (
-            VerdictStatus::WrongComm,
-            format!("Hello is for transport code {}, not tcp", h.transport),
-        );
+        return (VerdictStatus::WrongComm, format!("Hello is for transport code {}, not tcp", h.transport));
     }
     if h.comm != ctx.comm {
-        return (
-            VerdictStatus::WrongComm,
-            format!("communicator {} is not ours ({})", h.comm, ctx.comm),
-        );
+        return (VerdictStatus::WrongComm, format!("communicator {} is not ours ({})", h.comm, ctx.comm));
     }
     if h.to != ctx.rank {
-        return (
-            VerdictStatus::WrongRank,
-            format!("addressed to rank {}, this is rank {}", h.to, ctx.rank),
-        );
+        return (VerdictStatus::WrongRank, format!("addressed to rank {}, this is rank {}", h.to, ctx.rank));
     }
     if h.from.idx() >= ctx.world || h.from == ctx.rank {
-        return (
-            VerdictStatus::WrongRank,
-            format!("rank {} is not a peer in a world of {}", h.from, ctx.world),
-        );
+        return (VerdictStatus::WrongRank, format!("rank {} is not a peer in a world of {}", h.from, ctx.world));
     }
     if h.lanes == 0 || h.lanes > MAX_LANES || h.lane >= h.lanes {
-        return (
-            VerdictStatus::BadLane,
-            format!("lane {} of {} (at most {MAX_LANES} lanes)", h.lane, h.lanes),
-        );
+        return (VerdictStatus::BadLane, format!("lane {} of {} (at most {MAX_LANES} lanes)", h.lane, h.lanes));
     }
     (VerdictStatus::Ok, String::new())
 }
@@ -259,14 +213,7 @@ pub(crate) struct Dial {
 
 /// Connector side: answer the challenge on a freshly connected socket and read the verdict.
 pub(crate) fn connector_handshake(sock: &Socket, ctx: &CommContext, dial: &Dial) -> Result<()> {
-    let Dial {
-        peer,
-        remote,
-        lane,
-        lanes,
-        deadline,
-        limit,
-    } = *dial;
+    let Dial { peer, remote, lane, lanes, deadline, limit } = *dial;
     let fail = |stage: &str, s: Stop| -> Error {
         match s {
             Stop::Timeout => Error::Timeout {
@@ -286,14 +233,11 @@ pub(crate) fn connector_handshake(sock: &Socket, ctx: &CommContext, dial: &Dial)
         }
     };
     let mut cbuf = [0u8; CHALLENGE_LEN];
-    let check = prefix_check(
-        prefix_of(&Challenge { nonce: [0; 16] }.encode()),
-        CHALLENGE_LEN,
-        |b| Challenge::decode(b).map(drop),
-    );
+    let check = prefix_check(prefix_of(&Challenge { nonce: [0; 16] }.encode()), CHALLENGE_LEN, |b| {
+        Challenge::decode(b).map(drop)
+    });
     read_exact_by(sock, &mut cbuf, deadline, check).map_err(|s| fail("challenge", s))?;
-    let challenge = Challenge::decode(&cbuf)
-        .map_err(|e| fail("challenge", Stop::Invalid(describe_codec_error(&e))))?;
+    let challenge = Challenge::decode(&cbuf).map_err(|e| fail("challenge", Stop::Invalid(describe_codec_error(&e))))?;
     let mut hello = Hello {
         transport: TransportKind::Tcp as u8,
         comm: ctx.comm,
@@ -306,19 +250,11 @@ pub(crate) fn connector_handshake(sock: &Socket, ctx: &CommContext, dial: &Dial)
     hello.auth = hello_tag(ctx.key.as_ref(), &challenge.nonce, &hello);
     write_all_by(sock, &hello.encode(), deadline).map_err(|s| fail("hello", s))?;
     let mut vbuf = [0u8; VERDICT_LEN];
-    let check = prefix_check(
-        prefix_of(
-            &Verdict {
-                status: VerdictStatus::Ok,
-            }
-            .encode(),
-        ),
-        VERDICT_LEN,
-        |b| Verdict::decode(b).map(drop),
-    );
+    let check = prefix_check(prefix_of(&Verdict { status: VerdictStatus::Ok }.encode()), VERDICT_LEN, |b| {
+        Verdict::decode(b).map(drop)
+    });
     read_exact_by(sock, &mut vbuf, deadline, check).map_err(|s| fail("verdict", s))?;
-    let verdict = Verdict::decode(&vbuf)
-        .map_err(|e| fail("verdict", Stop::Invalid(describe_codec_error(&e))))?;
+    let verdict = Verdict::decode(&vbuf).map_err(|e| fail("verdict", Stop::Invalid(describe_codec_error(&e))))?;
     if verdict.status != VerdictStatus::Ok {
         return Err(Error::remote(
             peer,
@@ -337,24 +273,12 @@ mod tests {
     use super::*;
 
     fn ctx(key: Option<&str>) -> CommContext {
-        CommContext {
-            comm: CommId([7; 16]),
-            rank: Rank(1),
-            world: 3,
-            key: key.map(AuthKey::from_secret),
-        }
+        CommContext { comm: CommId([7; 16]), rank: Rank(1), world: 3, key: key.map(AuthKey::from_secret) }
     }
 
     fn hello(key: Option<&str>, nonce: &[u8; 16]) -> Hello {
-        let mut h = Hello {
-            transport: 1,
-            comm: CommId([7; 16]),
-            from: Rank(0),
-            to: Rank(1),
-            lane: 0,
-            lanes: 2,
-            auth: [0; 32],
-        };
+        let mut h =
+            Hello { transport: 1, comm: CommId([7; 16]), from: Rank(0), to: Rank(1), lane: 0, lanes: 2, auth: [0; 32] };
         h.auth = hello_tag(key.map(AuthKey::from_secret).as_ref(), nonce, &h);
         h
     }
@@ -362,26 +286,11 @@ mod tests {
     #[test]
     fn judge_accepts_and_rejects() {
         let n = [3u8; 16];
-        assert_eq!(
-            judge_hello(&ctx(None), &n, &hello(None, &n)).0,
-            VerdictStatus::Ok
-        );
-        assert_eq!(
-            judge_hello(&ctx(Some("s")), &n, &hello(Some("s"), &n)).0,
-            VerdictStatus::Ok
-        );
-        assert_eq!(
-            judge_hello(&ctx(Some("s")), &n, &hello(Some("t"), &n)).0,
-            VerdictStatus::BadAuth
-        );
-        assert_eq!(
-            judge_hello(&ctx(Some("s")), &n, &hello(None, &n)).0,
-            VerdictStatus::BadAuth
-        );
-        assert_eq!(
-            judge_hello(&ctx(None), &n, &hello(Some("s"), &n)).0,
-            VerdictStatus::BadAuth
-        );
+        assert_eq!(judge_hello(&ctx(None), &n, &hello(None, &n)).0, VerdictStatus::Ok);
+        assert_eq!(judge_hello(&ctx(Some("s")), &n, &hello(Some("s"), &n)).0, VerdictStatus::Ok);
+        assert_eq!(judge_hello(&ctx(Some("s")), &n, &hello(Some("t"), &n)).0, VerdictStatus::BadAuth);
+        assert_eq!(judge_hello(&ctx(Some("s")), &n, &hello(None, &n)).0, VerdictStatus::BadAuth);
+        assert_eq!(judge_hello(&ctx(None), &n, &hello(Some("s"), &n)).0, VerdictStatus::BadAuth);
         assert_eq!(
             judge_hello(&ctx(Some("s")), &[4; 16], &hello(Some("s"), &n)).0,
             VerdictStatus::BadAuth,
@@ -410,11 +319,7 @@ mod tests {
         let n = [9u8; 16];
         let mut h = hello(Some("k"), &n);
         h.from = Rank(2);
-        assert_eq!(
-            judge_hello(&ctx(Some("k")), &n, &h).0,
-            VerdictStatus::BadAuth,
-            "from is signed"
-        );
+        assert_eq!(judge_hello(&ctx(Some("k")), &n, &h).0, VerdictStatus::BadAuth, "from is signed");
     }
 
     #[test]
@@ -428,15 +333,10 @@ mod tests {
             lanes: 0,
             auth: [0; 32],
         };
-        let check = prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| {
-            Hello::decode(b).map(drop)
-        });
+        let check = prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| Hello::decode(b).map(drop));
         assert_eq!(check(b"DV"), None, "a matching prefix waits for more");
         assert!(check(b"GET / HTTP/1.1\r\n").unwrap().contains("magic"));
-        assert!(
-            check(&[0x16, 0x03, 0x01]).unwrap().contains("magic"),
-            "TLS ClientHello"
-        );
+        assert!(check(&[0x16, 0x03, 0x01]).unwrap().contains("magic"), "TLS ClientHello");
         assert!(check(b"DVCH\x09").unwrap().contains("version"));
         assert!(check(b"DVCH\x01\x01").unwrap().contains("kind"));
     }

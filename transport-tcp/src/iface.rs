@@ -78,28 +78,13 @@ impl IfFilter {
         if exact {
             s = &s[1..];
         }
-        let names = s
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(String::from)
-            .collect();
-        IfFilter {
-            exclude,
-            exact,
-            names,
-        }
+        let names = s.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
+        IfFilter { exclude, exact, names }
     }
 
     /// True when interface `name` passes the filter.
     pub fn matches(&self, name: &str) -> bool {
-        let listed = self.names.iter().any(|n| {
-            if self.exact {
-                name == n
-            } else {
-                name.starts_with(n.as_str())
-            }
-        });
+        let listed = self.names.iter().any(|n| if self.exact { name == n } else { name.starts_with(n.as_str()) });
         listed != self.exclude
     }
 }
@@ -127,11 +112,7 @@ fn best(cands: Vec<&InterfaceAddr>) -> Option<&InterfaceAddr> {
         let link_local = matches!(a.addr, IpAddr::V4(v4) if v4.is_link_local());
         (link_local, a.addr.is_ipv6())
     };
-    cands
-        .into_iter()
-        .enumerate()
-        .min_by_key(|(i, a)| (score(a), *i))
-        .map(|(_, a)| a)
+    cands.into_iter().enumerate().min_by_key(|(i, a)| (score(a), *i)).map(|(_, a)| a)
 }
 
 /// "lo (127.0.0.1, ::1), eth0 (192.0.2.2)" for error messages.
@@ -143,11 +124,7 @@ fn describe(all: &[InterfaceAddr]) -> String {
     if by_name.is_empty() {
         return "none with an address".into();
     }
-    by_name
-        .iter()
-        .map(|(n, a)| format!("{n} ({})", a.join(", ")))
-        .collect::<Vec<_>>()
-        .join(", ")
+    by_name.iter().map(|(n, a)| format!("{n} ({})", a.join(", "))).collect::<Vec<_>>().join(", ")
 }
 
 /// Pick the local address (and its interface name) for data sockets.
@@ -168,10 +145,8 @@ pub fn select_address(
     let all = interfaces()?;
     if let Some(spec) = cfg_ifname.map(str::trim).filter(|s| !s.is_empty()) {
         let filter = IfFilter::parse(spec);
-        let cands: Vec<&InterfaceAddr> = all
-            .iter()
-            .filter(|a| filter.matches(&a.name) && family_ok(&a.addr, family))
-            .collect();
+        let cands: Vec<&InterfaceAddr> =
+            all.iter().filter(|a| filter.matches(&a.name) && family_ok(&a.addr, family)).collect();
         return best(cands).map(|a| (a.addr, a.name.clone())).ok_or_else(|| {
             Error::usage(format!(
                 "DEVCCL_SOCKET_IFNAME={spec} matches no interface that is up with an {} address; interfaces: {}",
@@ -188,12 +163,8 @@ pub fn select_address(
         }
         tracing::debug!(%local, %dest, "route source address belongs to no listed interface; using the fallback");
     }
-    let non_loop: Vec<&InterfaceAddr> = all
-        .iter()
-        .filter(|a| !a.loopback && family_ok(&a.addr, family))
-        .collect();
-    let pick = best(non_loop)
-        .or_else(|| best(all.iter().filter(|a| family_ok(&a.addr, family)).collect()));
+    let non_loop: Vec<&InterfaceAddr> = all.iter().filter(|a| !a.loopback && family_ok(&a.addr, family)).collect();
+    let pick = best(non_loop).or_else(|| best(all.iter().filter(|a| family_ok(&a.addr, family)).collect()));
     pick.map(|a| (a.addr, a.name.clone())).ok_or_else(|| {
         Error::usage(format!(
             "no interface that is up has an {} address (DEVCCL_SOCKET_FAMILY); interfaces: {}",
@@ -206,18 +177,10 @@ pub fn select_address(
 /// The local address the kernel would use to reach `dest` (no packet is sent: connecting a
 /// UDP socket only consults the routing table).
 fn route_source(dest: SocketAddr) -> Option<IpAddr> {
-    let bind: SocketAddr = if dest.is_ipv4() {
-        "0.0.0.0:0".parse().ok()?
-    } else {
-        "[::]:0".parse().ok()?
-    };
+    let bind: SocketAddr = if dest.is_ipv4() { "0.0.0.0:0".parse().ok()? } else { "[::]:0".parse().ok()? };
     let s = UdpSocket::bind(bind).ok()?;
     // Port 0 cannot be connected to; any port gives the same route.
-    let dest = if dest.port() == 0 {
-        SocketAddr::new(dest.ip(), 9)
-    } else {
-        dest
-    };
+    let dest = if dest.port() == 0 { SocketAddr::new(dest.ip(), 9) } else { dest };
     s.connect(dest).ok()?;
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then_some(ip)
@@ -225,11 +188,7 @@ fn route_source(dest: SocketAddr) -> Option<IpAddr> {
 
 /// The interface that owns `addr`, when one does.
 pub fn interface_of(addr: IpAddr) -> Option<String> {
-    interfaces()
-        .ok()?
-        .into_iter()
-        .find(|a| a.addr == addr)
-        .map(|a| a.name)
+    interfaces().ok()?.into_iter().find(|a| a.addr == addr).map(|a| a.name)
 }
 
 #[cfg(test)]
@@ -250,11 +209,7 @@ mod tests {
 
     #[test]
     fn ranking_prefers_routable_ipv4() {
-        let a = |n: &str, s: &str| InterfaceAddr {
-            name: n.into(),
-            addr: s.parse().unwrap(),
-            loopback: false,
-        };
+        let a = |n: &str, s: &str| InterfaceAddr { name: n.into(), addr: s.parse().unwrap(), loopback: false };
         let list = [a("x", "169.254.1.1"), a("y", "fd00::1"), a("z", "10.0.0.1")];
         assert_eq!(best(list.iter().collect()).unwrap().name, "z");
         assert_eq!(best(list[..2].iter().collect()).unwrap().name, "y");

@@ -9,9 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devccl_core::config::Config;
-use devccl_core::transport::{
-    CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind,
-};
+use devccl_core::transport::{CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind};
 use devccl_core::wire::{Verdict, VerdictStatus};
 use devccl_core::{Error, Rank, Result, auth};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -79,13 +77,8 @@ impl TcpOptions {
     /// Options from the communicator's configuration: the address from
     /// `DEVCCL_SOCKET_IFNAME` / `DEVCCL_SOCKET_FAMILY` (or the route toward `rendezvous`),
     /// lanes from `DEVCCL_NSOCKS`, the activation wait from `DEVCCL_INIT_TIMEOUT`.
-    pub fn from_config(
-        cfg: &Config,
-        rank: Rank,
-        rendezvous: Option<SocketAddr>,
-    ) -> Result<TcpOptions> {
-        let (addr, ifname) =
-            iface::select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, rendezvous)?;
+    pub fn from_config(cfg: &Config, rank: Rank, rendezvous: Option<SocketAddr>) -> Result<TcpOptions> {
+        let (addr, ifname) = iface::select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, rendezvous)?;
         Ok(TcpOptions {
             lanes: cfg.nsocks,
             ifname: Some(ifname),
@@ -156,11 +149,7 @@ impl Shared {
             if now >= deadline || self.closed.load(Ordering::Acquire) {
                 return None;
             }
-            g = self
-                .ctx_cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.ctx_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -202,20 +191,16 @@ impl TcpTransport {
             let what = format!("{what} TCP listener on {bind}");
             move |e| Error::system(what, e)
         };
-        let listener = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))
-            .map_err(sys("create"))?;
+        let listener =
+            Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP)).map_err(sys("create"))?;
         // A fixed port must be reusable right after a previous run's sockets linger in
         // TIME_WAIT.
         listener.set_reuse_address(true).map_err(sys("configure"))?;
         if let Some(n) = opts.socket_buffer {
             // Set on the listener so accepted sockets inherit it before the window scale
             // is negotiated.
-            listener
-                .set_recv_buffer_size(n)
-                .map_err(sys("size buffers of"))?;
-            listener
-                .set_send_buffer_size(n)
-                .map_err(sys("size buffers of"))?;
+            listener.set_recv_buffer_size(n).map_err(sys("size buffers of"))?;
+            listener.set_send_buffer_size(n).map_err(sys("size buffers of"))?;
         }
         listener.bind(&SockAddr::from(bind)).map_err(sys("bind"))?;
         listener.listen(1024).map_err(sys("listen on"))?;
@@ -245,22 +230,10 @@ impl TcpTransport {
             .name(format!("devccl-tcp-accept-{}", local.port()))
             .spawn(move || acceptor_loop(&s2, listener))
             .map_err(|e| Error::system("spawn TCP acceptor thread", e))?;
-        let ifname = opts
-            .ifname
-            .clone()
-            .or_else(|| iface::interface_of(opts.addr))
-            .unwrap_or_else(|| "?".into());
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let ifname = opts.ifname.clone().or_else(|| iface::interface_of(opts.addr)).unwrap_or_else(|| "?".into());
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
         tracing::debug!(%local, ifname, lanes = opts.lanes, "TCP transport listening");
-        Ok(TcpTransport {
-            shared,
-            opts,
-            ifname,
-            host,
-            acceptor: Mutex::new(Some(acceptor)),
-        })
+        Ok(TcpTransport { shared, opts, ifname, host, acceptor: Mutex::new(Some(acceptor)) })
     }
 
     /// The address the listener is bound to (with the actual port).
@@ -281,17 +254,13 @@ impl TcpTransport {
     }
 
     fn ctx(&self) -> Result<CommContext> {
-        lock(&self.shared.ctx).clone().ok_or_else(|| {
-            Error::usage("TCP transport used before activate() (the rendezvous must finish first)")
-        })
+        lock(&self.shared.ctx)
+            .clone()
+            .ok_or_else(|| Error::usage("TCP transport used before activate() (the rendezvous must finish first)"))
     }
 }
 
-fn connect_socket(
-    remote: SocketAddr,
-    deadline: Instant,
-    buf: Option<usize>,
-) -> std::result::Result<Socket, String> {
+fn connect_socket(remote: SocketAddr, deadline: Instant, buf: Option<usize>) -> std::result::Result<Socket, String> {
     let mut backoff = Duration::from_millis(5);
     let mut last = String::from("no attempt");
     loop {
@@ -300,11 +269,7 @@ fn connect_socket(
             return Err(last);
         }
         let attempt = (|| {
-            let s = Socket::new(
-                Domain::for_address(remote),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )?;
+            let s = Socket::new(Domain::for_address(remote), Type::STREAM, Some(Protocol::TCP))?;
             if let Some(n) = buf {
                 s.set_recv_buffer_size(n)?;
                 s.set_send_buffer_size(n)?;
@@ -374,27 +339,13 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
-    fn connect(
-        &self,
-        peer: Rank,
-        remote: &Endpoint,
-        deadline: Instant,
-    ) -> Result<Box<dyn Connection>> {
+    fn connect(&self, peer: Rank, remote: &Endpoint, deadline: Instant) -> Result<Box<dyn Connection>> {
         let ctx = self.ctx()?;
         if remote.kind != TransportKind::Tcp {
-            return Err(Error::usage(format!(
-                "rank {peer} published a {} endpoint, not tcp",
-                remote.kind
-            )));
+            return Err(Error::usage(format!("rank {peer} published a {} endpoint, not tcp", remote.kind)));
         }
         let addr: SocketAddr = remote.address.parse().map_err(|_| {
-            Error::remote(
-                peer,
-                format!(
-                    "rank {peer} published an invalid TCP address {:?}",
-                    remote.address
-                ),
-            )
+            Error::remote(peer, format!("rank {peer} published an invalid TCP address {:?}", remote.address))
         })?;
         let start = Instant::now();
         let limit = deadline.saturating_duration_since(start);
@@ -408,14 +359,7 @@ impl Transport for TcpTransport {
                 ),
                 after: limit,
             })?;
-            let dial = handshake::Dial {
-                peer,
-                remote: addr,
-                lane,
-                lanes,
-                deadline,
-                limit,
-            };
+            let dial = handshake::Dial { peer, remote: addr, lane, lanes, deadline, limit };
             handshake::connector_handshake(&sock, &ctx, &dial)?;
             socks.push(sock);
         }
@@ -428,34 +372,21 @@ impl Transport for TcpTransport {
         let mut g = lock(&self.shared.arrivals);
         loop {
             if self.shared.closed.load(Ordering::Acquire) {
-                return Err(Error::usage(
-                    "TCP transport closed while waiting for a connection",
-                ));
+                return Err(Error::usage("TCP transport closed while waiting for a connection"));
             }
             if g.peers.get(&peer.0).is_some_and(Arriving::complete) {
                 let arriving = g.peers.remove(&peer.0).expect("present");
                 g.taken.insert(peer.0);
                 drop(g);
-                let socks: Vec<Socket> = arriving
-                    .socks
-                    .into_iter()
-                    .map(|s| s.expect("complete"))
-                    .collect();
-                let addr = socks[0]
-                    .peer_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(self.shared.local);
+                let socks: Vec<Socket> = arriving.socks.into_iter().map(|s| s.expect("complete")).collect();
+                let addr = socks[0].peer_addr().ok().and_then(|a| a.as_socket()).unwrap_or(self.shared.local);
                 let me = self.ctx().map_or(self.opts.rank, |c| c.rank);
                 tracing::debug!(rank = %me, %peer, %addr, lanes = socks.len(), "TCP connection established (acceptor)");
                 return Ok(Box::new(TcpConnection::new(me, peer, addr, socks)?));
             }
             let now = Instant::now();
             if now >= deadline {
-                let (got, of) = g
-                    .peers
-                    .get(&peer.0)
-                    .map_or((0, 0), |a| (a.socks.iter().flatten().count(), a.lanes));
+                let (got, of) = g.peers.get(&peer.0).map_or((0, 0), |a| (a.socks.iter().flatten().count(), a.lanes));
                 return Err(Error::Timeout {
                     what: format!(
                         "rank {} waiting for rank {peer} to connect to {} ({got} of {of} lanes arrived; {} rejected handshakes)",
@@ -466,12 +397,7 @@ impl Transport for TcpTransport {
                     after: deadline.saturating_duration_since(start),
                 });
             }
-            g = self
-                .shared
-                .arrivals_cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.shared.arrivals_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -502,10 +428,8 @@ impl Drop for TcpTransport {
 
 fn acceptor_loop(shared: &Arc<Shared>, listener: Socket) {
     loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds =
+            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
@@ -539,17 +463,12 @@ fn acceptor_loop(shared: &Arc<Shared>, listener: Socket) {
 fn spawn_handshake(shared: &Arc<Shared>, sock: Socket, remote: SocketAddr) {
     if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
         shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        shared.reject(
-            remote,
-            &format!("more than {MAX_HANDSHAKES} handshakes in progress"),
-        );
+        shared.reject(remote, &format!("more than {MAX_HANDSHAKES} handshakes in progress"));
         return;
     }
     let s2 = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("devccl-tcp-handshake".into())
-        .stack_size(128 << 10)
-        .spawn(move || {
+    let spawned =
+        std::thread::Builder::new().name("devccl-tcp-handshake".into()).stack_size(128 << 10).spawn(move || {
             if let Err(reason) = serve_handshake(&s2, sock, remote) {
                 s2.reject(remote, &reason);
             }
@@ -563,30 +482,19 @@ fn spawn_handshake(shared: &Arc<Shared>, sock: Socket, remote: SocketAddr) {
 
 /// Run one incoming handshake. `Ok` means the socket was handed to a waiting `accept`;
 /// `Err` carries the reason for the log (the socket is closed on return).
-fn serve_handshake(
-    shared: &Shared,
-    sock: Socket,
-    remote: SocketAddr,
-) -> std::result::Result<(), String> {
+fn serve_handshake(shared: &Shared, sock: Socket, remote: SocketAddr) -> std::result::Result<(), String> {
     let deadline = Instant::now() + shared.handshake_timeout;
     let nonce = auth::nonce();
-    let hello = handshake::acceptor_read_hello(&sock, nonce, deadline)
-        .map_err(|s| s.describe("handshake hello"))?;
+    let hello = handshake::acceptor_read_hello(&sock, nonce, deadline).map_err(|s| s.describe("handshake hello"))?;
     let ctx = shared.wait_ctx().ok_or_else(|| {
-        format!(
-            "Hello from rank {} arrived but this transport was not activated in time",
-            hello.from
-        )
+        format!("Hello from rank {} arrived but this transport was not activated in time", hello.from)
     })?;
     let (mut status, mut why) = handshake::judge_hello(&ctx, &nonce, &hello);
     let (from, lane) = (hello.from.0, usize::from(hello.lane));
     if status == VerdictStatus::Ok {
         let mut g = lock(&shared.arrivals);
         if g.taken.contains(&from) {
-            (status, why) = (
-                VerdictStatus::BadLane,
-                format!("rank {from} is already connected"),
-            );
+            (status, why) = (VerdictStatus::BadLane, format!("rank {from} is already connected"));
         } else {
             let a = g.peers.entry(from).or_insert_with(|| Arriving {
                 lanes: hello.lanes,
@@ -596,10 +504,7 @@ fn serve_handshake(
             if a.lanes != hello.lanes {
                 (status, why) = (
                     VerdictStatus::BadLane,
-                    format!(
-                        "lane count {} differs from earlier lanes' {}",
-                        hello.lanes, a.lanes
-                    ),
+                    format!("lane count {} differs from earlier lanes' {}", hello.lanes, a.lanes),
                 );
             } else if a.reserved[lane] {
                 (status, why) = (VerdictStatus::BadLane, format!("duplicate lane {lane}"));
@@ -626,10 +531,7 @@ fn serve_handshake(
         if let Some(a) = g.peers.get_mut(&from) {
             a.reserved[lane] = false;
         }
-        return Err(format!(
-            "rank {from} lane {lane}: {}",
-            s.describe("verdict")
-        ));
+        return Err(format!("rank {from} lane {lane}: {}", s.describe("verdict")));
     }
     match g.peers.get_mut(&from) {
         Some(a) => a.socks[lane] = Some(sock),

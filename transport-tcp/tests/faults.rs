@@ -13,32 +13,12 @@ use devccl_core::transport::{Completion, Connection, RecvRequest, SendRequest, T
 use devccl_core::wire::VerdictStatus;
 use devccl_core::{Error, Rank, Seq};
 
-fn recv(
-    c: &mut Box<dyn Connection>,
-    seq: u64,
-    msg: u32,
-    dst: &Region,
-) -> devccl_core::transport::ReqId {
-    c.irecv(RecvRequest {
-        expect: header(seq, msg, dst.len()),
-        dst: dst.full(),
-    })
-    .unwrap()
-    .unwrap()
+fn recv(c: &mut Box<dyn Connection>, seq: u64, msg: u32, dst: &Region) -> devccl_core::transport::ReqId {
+    c.irecv(RecvRequest { expect: header(seq, msg, dst.len()), dst: dst.full() }).unwrap().unwrap()
 }
 
-fn send(
-    c: &mut Box<dyn Connection>,
-    seq: u64,
-    msg: u32,
-    src: &Region,
-) -> devccl_core::transport::ReqId {
-    c.isend(SendRequest {
-        header: header(seq, msg, src.len()),
-        src: src.full(),
-    })
-    .unwrap()
-    .unwrap()
+fn send(c: &mut Box<dyn Connection>, seq: u64, msg: u32, src: &Region) -> devccl_core::transport::ReqId {
+    c.isend(SendRequest { header: header(seq, msg, src.len()), src: src.full() }).unwrap().unwrap()
 }
 
 #[test]
@@ -61,28 +41,10 @@ fn garbage_mid_stream_is_a_remote_error_naming_the_peer() {
     let r1 = recv(&mut b, 1, 1, &d1);
     let e = drive(&mut [&mut b], &[(0, r1)], Duration::from_secs(5)).unwrap_err();
     let msg = e.to_string();
-    assert!(
-        matches!(
-            e,
-            Error::Remote {
-                peer: Some(Rank(0)),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    assert!(
-        msg.contains("garbage on the data connection from rank 0") && msg.contains("magic"),
-        "{msg}"
-    );
+    assert!(matches!(e, Error::Remote { peer: Some(Rank(0)), .. }), "{e:?}");
+    assert!(msg.contains("garbage on the data connection from rank 0") && msg.contains("magic"), "{msg}");
     // The connection stays failed.
-    assert!(
-        b.irecv(RecvRequest {
-            expect: header(1, 2, 10),
-            dst: d1.full()
-        })
-        .is_err()
-    );
+    assert!(b.irecv(RecvRequest { expect: header(1, 2, 10), dst: d1.full() }).is_err());
     // A corrupted header (valid magic, bad checksum) is caught the same way.
     let t1 = transport(v4(), 1, 1);
     t1.activate(ctx(COMM, 1, 2, None)).unwrap();
@@ -92,9 +54,7 @@ fn garbage_mid_stream_is_a_remote_error_naming_the_peer() {
     h[30] ^= 0x10;
     raw.write_all(&h).unwrap();
     let r = recv(&mut b, 1, 0, &d0);
-    let msg = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5))
-        .unwrap_err()
-        .to_string();
+    let msg = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)).unwrap_err().to_string();
     assert!(msg.contains("checksum"), "{msg}");
 }
 
@@ -109,10 +69,7 @@ fn killed_peer_fails_a_pending_receive_within_a_second() {
         t1.activate(ctx(COMM, 1, 2, None)).unwrap();
         let (a, mut b) = std::thread::scope(|s| {
             let acc = s.spawn(|| t1.accept(Rank(0), far()).unwrap());
-            (
-                t0.connect(Rank(1), &t1.endpoint(), far()).unwrap(),
-                acc.join().unwrap(),
-            )
+            (t0.connect(Rank(1), &t1.endpoint(), far()).unwrap(), acc.join().unwrap())
         });
         if unread {
             let src = Region::from_vec(pattern(1, 64 << 10));
@@ -123,11 +80,7 @@ fn killed_peer_fails_a_pending_receive_within_a_second() {
         }
         // Receives pending on every lane.
         let dsts: Vec<Region> = (0..lanes).map(|_| Region::alloc(1 << 20)).collect();
-        let ids: Vec<_> = dsts
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (0, recv(&mut b, 5, i as u32, d)))
-            .collect();
+        let ids: Vec<_> = dsts.iter().enumerate().map(|(i, d)| (0, recv(&mut b, 5, i as u32, d))).collect();
         let killed = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             let t = Instant::now();
@@ -137,22 +90,9 @@ fn killed_peer_fails_a_pending_receive_within_a_second() {
         });
         let e = drive(&mut [&mut b], &ids, Duration::from_secs(10)).unwrap_err();
         let at = killed.join().unwrap();
-        assert!(
-            at.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            at.elapsed()
-        );
+        assert!(at.elapsed() < Duration::from_secs(1), "took {:?}", at.elapsed());
         let msg = e.to_string();
-        assert!(
-            matches!(
-                e,
-                Error::Remote {
-                    peer: Some(Rank(0)),
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(matches!(e, Error::Remote { peer: Some(Rank(0)), .. }), "{e:?}");
         assert!(msg.contains("rank 0 closed the connection"), "{msg}");
         // Linux resets a connection closed with unread data; both paths must read the same.
         assert_eq!(msg.contains("reset"), unread, "{msg}");
@@ -168,10 +108,7 @@ fn sending_to_a_dead_peer_fails_naming_it() {
     let mut msg = 0;
     let e = loop {
         // The first sends may still land in kernel buffers; the reset shows up soon after.
-        match a.isend(SendRequest {
-            header: header(1, msg, src.len()),
-            src: src.full(),
-        }) {
+        match a.isend(SendRequest { header: header(1, msg, src.len()), src: src.full() }) {
             Err(e) => break e,
             Ok(Some(id)) => {
                 msg += 1;
@@ -181,21 +118,9 @@ fn sending_to_a_dead_peer_fails_naming_it() {
             }
             Ok(None) => unreachable!("one request in flight at a time"),
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "no error after {msg} sends"
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "no error after {msg} sends");
     };
-    assert!(
-        matches!(
-            e,
-            Error::Remote {
-                peer: Some(Rank(1)),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::Remote { peer: Some(Rank(1)), .. }), "{e:?}");
 }
 
 #[test]
@@ -206,27 +131,13 @@ fn abort_reaches_the_peer_on_whichever_lane_it_waits() {
     let d = Region::alloc(100);
     let r = recv(&mut b, 1, 0, &d);
     let s = send(&mut a, 1, 0, &src);
-    drive(
-        &mut [&mut a, &mut b],
-        &[(0, s), (1, r)],
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    drive(&mut [&mut a, &mut b], &[(0, s), (1, r)], Duration::from_secs(5)).unwrap();
     let r = recv(&mut b, 1, 1, &d);
     a.send_abort(Seq(1), "rank 0 lost rank 3");
     let e = drive(&mut [&mut b], &[(0, r)], Duration::from_secs(5)).unwrap_err();
-    assert!(
-        e.to_string().contains("rank 0 aborted: rank 0 lost rank 3"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("rank 0 aborted: rank 0 lost rank 3"), "{e}");
     // After its own abort, a refuses new sends.
-    assert!(
-        a.isend(SendRequest {
-            header: header(2, 0, 100),
-            src: src.full()
-        })
-        .is_err()
-    );
+    assert!(a.isend(SendRequest { header: header(2, 0, 100), src: src.full() }).is_err());
 }
 
 #[test]
@@ -269,25 +180,11 @@ fn cancel_mid_frame_marks_the_connection_broken() {
     let (mut a, _b) = pair_on(v4(), 1);
     let big = Region::from_vec(pattern(2, 64 << 20));
     let s = send(&mut a, 1, 0, &big);
-    assert!(
-        a.test(s).unwrap().is_none(),
-        "64 MiB cannot fit in socket buffers"
-    );
+    assert!(a.test(s).unwrap().is_none(), "64 MiB cannot fit in socket buffers");
     a.cancel();
-    assert!(
-        a.test(s)
-            .unwrap_err()
-            .to_string()
-            .contains("cancelled in the middle of a frame")
-    );
+    assert!(a.test(s).unwrap_err().to_string().contains("cancelled in the middle of a frame"));
     let small = Region::from_vec(vec![1u8; 8]);
-    assert!(
-        a.isend(SendRequest {
-            header: header(2, 0, 8),
-            src: small.full()
-        })
-        .is_err()
-    );
+    assert!(a.isend(SendRequest { header: header(2, 0, 8), src: small.full() }).is_err());
 }
 
 #[test]
@@ -304,12 +201,7 @@ fn cancel_between_frames_keeps_the_connection_usable() {
     // and a's message 0 went to lane 0: counting continues, so this is a wait, not data
     // corruption. Post a's message 1 and both lanes line up again.
     let s1 = send(&mut a, 1, 0, &src);
-    let done = drive(
-        &mut [&mut a, &mut b],
-        &[(0, s), (0, s1), (1, r)],
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let done = drive(&mut [&mut a, &mut b], &[(0, s), (0, s1), (1, r)], Duration::from_secs(5)).unwrap();
     assert!(matches!(done[2], Completion::Received { bytes: 8, .. }));
     assert_eq!(d.full().to_vec().unwrap(), pattern(4, 8));
 }
@@ -328,21 +220,9 @@ fn mismatch_on_a_later_lane_names_both_calls() {
     // Message 2 (lane 2): a sends seq 8, b expects seq 7.
     let r = recv(&mut b, 7, 2, &d);
     let s = send(&mut a, 8, 2, &src);
-    match drive(
-        &mut [&mut a, &mut b],
-        &[(0, s), (1, r)],
-        Duration::from_secs(5),
-    ) {
-        Err(Error::Mismatch {
-            local_rank: Rank(1),
-            peer: Rank(0),
-            local,
-            remote,
-        }) => {
-            assert!(
-                local.contains("seq=7") && remote.contains("seq=8"),
-                "{local} / {remote}"
-            );
+    match drive(&mut [&mut a, &mut b], &[(0, s), (1, r)], Duration::from_secs(5)) {
+        Err(Error::Mismatch { local_rank: Rank(1), peer: Rank(0), local, remote }) => {
+            assert!(local.contains("seq=7") && remote.contains("seq=8"), "{local} / {remote}");
         }
         other => panic!("expected a mismatch, got {other:?}"),
     }
@@ -354,10 +234,7 @@ fn mismatch_on_a_later_lane_names_both_calls() {
 fn both_ranks_waiting_on_large_sends_do_not_deadlock() {
     let (mut a, mut b) = pair_on(v4(), 2);
     let n = 32 << 20;
-    let (sa, sb) = (
-        Region::from_vec(pattern(1, n)),
-        Region::from_vec(pattern(2, n)),
-    );
+    let (sa, sb) = (Region::from_vec(pattern(1, n)), Region::from_vec(pattern(2, n)));
     let (da, db) = (Region::alloc(n), Region::alloc(n));
     let ra = recv(&mut a, 1, 0, &da);
     let rb = recv(&mut b, 1, 0, &db);
@@ -382,9 +259,7 @@ fn pipelined_stream_keeps_order_over_lanes() {
     let (mut a, mut b) = pair_on(v4(), 3);
     let count = 600u32;
     let size = |m: u32| [0usize, 1, 8, 56, 57, 1000, 4096, 16 << 10, 70_000][m as usize % 9];
-    let srcs: Vec<Region> = (0..count)
-        .map(|m| Region::from_vec(pattern(m as u64, size(m))))
-        .collect();
+    let srcs: Vec<Region> = (0..count).map(|m| Region::from_vec(pattern(m as u64, size(m)))).collect();
     let dsts: Vec<Region> = (0..count).map(|m| Region::alloc(size(m))).collect();
     let (mut next_s, mut next_r) = (0u32, 0u32);
     let mut sends = std::collections::VecDeque::new();
@@ -392,19 +267,10 @@ fn pipelined_stream_keeps_order_over_lanes() {
     let mut saw_full = false;
     let t = Instant::now();
     while !(next_s == count && next_r == count && sends.is_empty() && recvs.is_empty()) {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "stalled at send {next_s} recv {next_r}"
-        );
+        assert!(t.elapsed() < Duration::from_secs(30), "stalled at send {next_s} recv {next_r}");
         while next_r < count {
             let m = next_r;
-            match b
-                .irecv(RecvRequest {
-                    expect: header(1, m, size(m)),
-                    dst: dsts[m as usize].full(),
-                })
-                .unwrap()
-            {
+            match b.irecv(RecvRequest { expect: header(1, m, size(m)), dst: dsts[m as usize].full() }).unwrap() {
                 Some(id) => {
                     recvs.push_back(id);
                     next_r += 1;
@@ -417,13 +283,7 @@ fn pipelined_stream_keeps_order_over_lanes() {
         }
         while next_s < count {
             let m = next_s;
-            match a
-                .isend(SendRequest {
-                    header: header(1, m, size(m)),
-                    src: srcs[m as usize].full(),
-                })
-                .unwrap()
-            {
+            match a.isend(SendRequest { header: header(1, m, size(m)), src: srcs[m as usize].full() }).unwrap() {
                 Some(id) => {
                     sends.push_back(id);
                     next_s += 1;
@@ -444,16 +304,9 @@ fn pipelined_stream_keeps_order_over_lanes() {
             recvs.pop_front();
         }
     }
-    assert!(
-        saw_full,
-        "the receive queue should have filled at some point"
-    );
+    assert!(saw_full, "the receive queue should have filled at some point");
     for m in 0..count {
-        assert_eq!(
-            dsts[m as usize].full().to_vec().unwrap(),
-            pattern(m as u64, size(m)),
-            "message {m}"
-        );
+        assert_eq!(dsts[m as usize].full().to_vec().unwrap(), pattern(m as u64, size(m)), "message {m}");
     }
 }
 

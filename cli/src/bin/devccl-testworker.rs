@@ -35,22 +35,15 @@ fn main() {
     }
     let iters: usize = env("WORKER_ITERS").unwrap_or(20);
     let count: usize = env("WORKER_COUNT").unwrap_or(100_000);
-    let dtype: DType = std::env::var("WORKER_DTYPE")
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(DType::F32);
+    let dtype: DType = std::env::var("WORKER_DTYPE").ok().and_then(|d| d.parse().ok()).unwrap_or(DType::F32);
     let sleep = Duration::from_millis(env("WORKER_SLEEP_MS").unwrap_or(0));
     let n = comm.world_size();
     let op = ReduceOp::Sum;
     for it in 0..iters {
-        if env::<usize>("WORKER_DIE_RANK") == Some(rank)
-            && env::<usize>("WORKER_DIE_AT") == Some(it)
-        {
+        if env::<usize>("WORKER_DIE_RANK") == Some(rank) && env::<usize>("WORKER_DIE_AT") == Some(it) {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
-        if env::<usize>("WORKER_STALL_RANK") == Some(rank)
-            && env::<usize>("WORKER_STALL_AT") == Some(it)
-        {
+        if env::<usize>("WORKER_STALL_RANK") == Some(rank) && env::<usize>("WORKER_STALL_AT") == Some(it) {
             std::thread::sleep(Duration::from_secs(3600));
         }
         let (mut dt, mut cnt) = (dtype, count);
@@ -79,10 +72,6 @@ fn main() {
         }
         std::thread::sleep(sleep);
     }
-    let counters: Vec<String> = comm
-        .transport_counters()
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let counters: Vec<String> = comm.transport_counters().iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("ok {iters} {}", counters.join(" "));
 }

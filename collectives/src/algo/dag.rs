@@ -96,24 +96,12 @@ struct Segs(BTreeMap<usize, Seg>);
 impl Segs {
     fn new() -> Segs {
         let mut m = BTreeMap::new();
-        m.insert(
-            0,
-            Seg {
-                writer: None,
-                readers: Vec::new(),
-                defined: false,
-                input_ok: true,
-            },
-        );
+        m.insert(0, Seg { writer: None, readers: Vec::new(), defined: false, input_ok: true });
         Segs(m)
     }
 
     fn split(&mut self, at: usize) {
-        let (&start, seg) = self
-            .0
-            .range(..=at)
-            .next_back()
-            .expect("segment map starts at 0");
+        let (&start, seg) = self.0.range(..=at).next_back().expect("segment map starts at 0");
         if start != at {
             let seg = seg.clone();
             self.0.insert(at, seg);
@@ -122,12 +110,7 @@ impl Segs {
 
     /// Segments overlapping `r` (read only, no splitting).
     fn overlapping(&self, r: &Range<usize>) -> impl Iterator<Item = &Seg> {
-        let first = *self
-            .0
-            .range(..=r.start)
-            .next_back()
-            .expect("segment map starts at 0")
-            .0;
+        let first = *self.0.range(..=r.start).next_back().expect("segment map starts at 0").0;
         self.0.range(first..r.end).map(|(_, s)| s)
     }
 
@@ -173,13 +156,7 @@ pub(crate) struct Dag<'b> {
 impl<'b> Dag<'b> {
     /// A tracker over `b` for a call whose Input has `in_len` and Output `out_len` elements
     /// of `esize` bytes.
-    pub(crate) fn new(
-        b: &'b mut Builder,
-        esize: usize,
-        io: Io,
-        in_len: usize,
-        out_len: usize,
-    ) -> Dag<'b> {
+    pub(crate) fn new(b: &'b mut Builder, esize: usize, io: Io, in_len: usize, out_len: usize) -> Dag<'b> {
         debug_assert!(esize > 0, "zero-sized elements");
         let first = b.len() as StepId;
         Dag {
@@ -211,13 +188,9 @@ impl<'b> Dag<'b> {
     fn access(&self, at: At, len: usize) -> Access {
         let (buf, off) = at;
         let (space, base, view, limit) = match (buf, self.io) {
-            (Buf::Input, Io::Shared { in_base, .. }) => {
-                (Space::Io, in_base, View::Input, self.in_len)
-            }
+            (Buf::Input, Io::Shared { in_base, .. }) => (Space::Io, in_base, View::Input, self.in_len),
             (Buf::Input, Io::Separate) => (Space::In, 0, View::Input, self.in_len),
-            (Buf::Output, Io::Shared { out_base, .. }) => {
-                (Space::Io, out_base, View::Output, self.out_len)
-            }
+            (Buf::Output, Io::Shared { out_base, .. }) => (Space::Io, out_base, View::Output, self.out_len),
             (Buf::Output, Io::Separate) => (Space::Io, 0, View::Output, self.out_len),
             (Buf::Scratch(i), _) => (
                 Space::Scratch(i),
@@ -227,24 +200,12 @@ impl<'b> Dag<'b> {
                 self.scratch_len.get(&i).copied().unwrap_or(usize::MAX),
             ),
         };
-        debug_assert!(
-            off + len <= limit,
-            "{buf:?}[{off}..{}] is outside its {limit} elements",
-            off + len
-        );
-        Access {
-            space,
-            range: base + off..base + off + len,
-            view,
-        }
+        debug_assert!(off + len <= limit, "{buf:?}[{off}..{}] is outside its {limit} elements", off + len);
+        Access { space, range: base + off..base + off + len, view }
     }
 
     fn wait_of(&self, s: StepId) -> Wait {
-        if s < self.first {
-            Wait::Local
-        } else {
-            self.waits[(s - self.first) as usize]
-        }
+        if s < self.first { Wait::Local } else { self.waits[(s - self.first) as usize] }
     }
 
     /// Emit `kind`, which reads `reads` and writes `writes` (Input writes are bugs), after
@@ -259,10 +220,7 @@ impl<'b> Dag<'b> {
         extra: &[Option<StepId>],
     ) -> StepId {
         let mut deps: Vec<Option<StepId>> = extra.to_vec();
-        let tagged = reads
-            .iter()
-            .map(|a| (a, false))
-            .chain(writes.iter().map(|a| (a, true)));
+        let tagged = reads.iter().map(|a| (a, false)).chain(writes.iter().map(|a| (a, true)));
         for (a, is_write) in tagged.filter(|(a, _)| !a.range.is_empty()) {
             let Some(segs) = self.spaces.get(&a.space) else {
                 continue;
@@ -278,10 +236,7 @@ impl<'b> Dag<'b> {
         deps.dedup();
         let peer = kind.peer().map(Rank::idx);
         let staged = matches!(kind, StepKind::RecvReduce { .. });
-        let mut wait = deps
-            .iter()
-            .flatten()
-            .fold(Wait::Local, |w, &d| w.join(self.wait_of(d)));
+        let mut wait = deps.iter().flatten().fold(Wait::Local, |w, &d| w.join(self.wait_of(d)));
         if let (true, Some(p)) = (staged, peer) {
             debug_assert!(
                 matches!(wait, Wait::Local) || wait == Wait::Peer(p),
@@ -292,11 +247,7 @@ impl<'b> Dag<'b> {
             wait = wait.join(Wait::Peer(p));
         }
         let id = self.b.step(kind, &deps);
-        debug_assert_eq!(
-            id,
-            self.first + self.waits.len() as StepId,
-            "steps added behind the Dag's back"
-        );
+        debug_assert_eq!(id, self.first + self.waits.len() as StepId, "steps added behind the Dag's back");
         self.waits.push(wait);
         for a in reads.iter().filter(|a| !a.range.is_empty()) {
             let segs = self.spaces.entry(a.space).or_insert_with(Segs::new);
@@ -307,11 +258,9 @@ impl<'b> Dag<'b> {
                         "reads Input after its in-place alias was overwritten: {:?}",
                         a
                     ),
-                    View::Output | View::Scratch => debug_assert!(
-                        s.defined,
-                        "reads {:?} {:?} before writing it",
-                        a.view, a.range
-                    ),
+                    View::Output | View::Scratch => {
+                        debug_assert!(s.defined, "reads {:?} {:?} before writing it", a.view, a.range)
+                    }
                 }
                 s.readers.push(id);
             }
@@ -335,19 +284,9 @@ impl<'b> Dag<'b> {
     }
 
     /// [`Dag::send`] with extra ordering (control dependencies, e.g. barrier rounds).
-    pub(crate) fn send_after(
-        &mut self,
-        peer: usize,
-        src: At,
-        len: usize,
-        after: &[Option<StepId>],
-    ) -> StepId {
+    pub(crate) fn send_after(&mut self, peer: usize, src: At, len: usize, after: &[Option<StepId>]) -> StepId {
         let r = self.access(src, len);
-        let kind = StepKind::Send {
-            peer: Rank::from(peer),
-            src: self.loc(src),
-            len: len * self.esize,
-        };
+        let kind = StepKind::Send { peer: Rank::from(peer), src: self.loc(src), len: len * self.esize };
         self.emit(kind, &[r], &[], false, after)
     }
 
@@ -357,36 +296,16 @@ impl<'b> Dag<'b> {
     }
 
     /// [`Dag::recv`] with extra ordering.
-    pub(crate) fn recv_after(
-        &mut self,
-        peer: usize,
-        dst: At,
-        len: usize,
-        after: &[Option<StepId>],
-    ) -> StepId {
+    pub(crate) fn recv_after(&mut self, peer: usize, dst: At, len: usize, after: &[Option<StepId>]) -> StepId {
         let w = self.access(dst, len);
-        let kind = StepKind::Recv {
-            peer: Rank::from(peer),
-            dst: self.loc(dst),
-            len: len * self.esize,
-        };
+        let kind = StepKind::Recv { peer: Rank::from(peer), dst: self.loc(dst), len: len * self.esize };
         self.emit(kind, &[], &[w], false, after)
     }
 
     /// Receive `len` elements from `peer` and store `dst = base op incoming`.
-    pub(crate) fn recv_reduce(
-        &mut self,
-        peer: usize,
-        dst: At,
-        base: At,
-        len: usize,
-        finish: bool,
-    ) -> StepId {
+    pub(crate) fn recv_reduce(&mut self, peer: usize, dst: At, base: At, len: usize, finish: bool) -> StepId {
         let (r, w) = (self.access(base, len), self.access(dst, len));
-        debug_assert!(
-            same_or_disjoint(&r, &w),
-            "RecvReduce base {base:?} partly overlaps dst {dst:?}"
-        );
+        debug_assert!(same_or_disjoint(&r, &w), "RecvReduce base {base:?} partly overlaps dst {dst:?}");
         let kind = StepKind::RecvReduce {
             peer: Rank::from(peer),
             dst: self.loc(dst),
@@ -400,16 +319,9 @@ impl<'b> Dag<'b> {
     /// Local `dst = src` (skipped by the executor when both are the same memory).
     pub(crate) fn copy(&mut self, src: At, dst: At, len: usize) -> StepId {
         let (r, w) = (self.access(src, len), self.access(dst, len));
-        debug_assert!(
-            same_or_disjoint(&r, &w),
-            "Copy {src:?} partly overlaps {dst:?}"
-        );
+        debug_assert!(same_or_disjoint(&r, &w), "Copy {src:?} partly overlaps {dst:?}");
         let identity = r.space == w.space && r.range == w.range;
-        let kind = StepKind::Copy {
-            src: self.loc(src),
-            dst: self.loc(dst),
-            len: len * self.esize,
-        };
+        let kind = StepKind::Copy { src: self.loc(src), dst: self.loc(dst), len: len * self.esize };
         self.emit(kind, &[r], &[w], identity, &[])
     }
 
@@ -417,27 +329,16 @@ impl<'b> Dag<'b> {
     pub(crate) fn reduce(&mut self, src: At, dst: At, len: usize, finish: bool) -> StepId {
         let (r, w) = (self.access(src, len), self.access(dst, len));
         debug_assert!(
-            r.space != w.space
-                || r.range.end <= w.range.start
-                || w.range.end <= r.range.start
-                || len == 0,
+            r.space != w.space || r.range.end <= w.range.start || w.range.end <= r.range.start || len == 0,
             "Reduce {src:?} overlaps its destination {dst:?}"
         );
-        let kind = StepKind::Reduce {
-            src: self.loc(src),
-            dst: self.loc(dst),
-            len: len * self.esize,
-            finish,
-        };
+        let kind = StepKind::Reduce { src: self.loc(src), dst: self.loc(dst), len: len * self.esize, finish };
         self.emit(kind, &[r, w.clone()], &[w], false, &[])
     }
 }
 
 fn same_or_disjoint(a: &Access, b: &Access) -> bool {
-    a.space != b.space
-        || a.range == b.range
-        || a.range.end <= b.range.start
-        || b.range.end <= a.range.start
+    a.space != b.space || a.range == b.range || a.range.end <= b.range.start || b.range.end <= a.range.start
 }
 
 #[cfg(test)]
@@ -445,24 +346,13 @@ mod tests {
     use super::*;
 
     fn deps_of(s: &crate::schedule::Schedule, step: StepId) -> Vec<StepId> {
-        (0..s.len() as StepId)
-            .filter(|&p| s.successors(p).contains(&step))
-            .collect()
+        (0..s.len() as StepId).filter(|&p| s.successors(p).contains(&step)).collect()
     }
 
     #[test]
     fn derives_raw_war_waw() {
         let mut b = Builder::new();
-        let mut d = Dag::new(
-            &mut b,
-            4,
-            Io::Shared {
-                in_base: 0,
-                out_base: 0,
-            },
-            100,
-            100,
-        );
+        let mut d = Dag::new(&mut b, 4, Io::Shared { in_base: 0, out_base: 0 }, 100, 100);
         let s0 = d.send(1, (Buf::Input, 0), 10); // reads In[0..10] (= Out[0..10] in place)
         let r1 = d.recv(1, (Buf::Output, 5), 10); // WAR on s0 (overlap 5..10)
         let s2 = d.send(2, (Buf::Output, 12), 2); // RAW on r1
@@ -478,16 +368,7 @@ mod tests {
     #[test]
     fn identity_copy_keeps_input_readable() {
         let mut b = Builder::new();
-        let mut d = Dag::new(
-            &mut b,
-            1,
-            Io::Shared {
-                in_base: 8,
-                out_base: 0,
-            },
-            4,
-            16,
-        );
+        let mut d = Dag::new(&mut b, 1, Io::Shared { in_base: 8, out_base: 0 }, 4, 16);
         d.copy((Buf::Input, 0), (Buf::Output, 8), 4);
         d.send(1, (Buf::Input, 0), 4);
         d.send(1, (Buf::Output, 8), 4);
@@ -498,16 +379,7 @@ mod tests {
     #[should_panic(expected = "in-place alias was overwritten")]
     fn reading_clobbered_input_is_caught() {
         let mut b = Builder::new();
-        let mut d = Dag::new(
-            &mut b,
-            1,
-            Io::Shared {
-                in_base: 0,
-                out_base: 0,
-            },
-            4,
-            4,
-        );
+        let mut d = Dag::new(&mut b, 1, Io::Shared { in_base: 0, out_base: 0 }, 4, 4);
         d.recv(1, (Buf::Output, 0), 4);
         d.send(2, (Buf::Input, 2), 1);
     }
@@ -517,16 +389,7 @@ mod tests {
     #[should_panic(expected = "another peer's data")]
     fn cross_peer_recv_reduce_is_caught() {
         let mut b = Builder::new();
-        let mut d = Dag::new(
-            &mut b,
-            1,
-            Io::Shared {
-                in_base: 0,
-                out_base: 0,
-            },
-            4,
-            4,
-        );
+        let mut d = Dag::new(&mut b, 1, Io::Shared { in_base: 0, out_base: 0 }, 4, 4);
         d.recv_reduce(1, (Buf::Output, 0), (Buf::Input, 0), 4, false);
         d.recv_reduce(2, (Buf::Output, 0), (Buf::Output, 0), 4, true);
     }

@@ -21,14 +21,7 @@ use crate::schedule::{Buf, Builder};
 /// `range` (elements), with this rank's own `mine`: `dst = mine op p0 op p1 ...`, finished.
 /// Every stream is cut into the same chunks, chunk `c` of each peer's stream being the
 /// `c`-th message from it.
-fn reduce_from(
-    d: &mut Dag<'_>,
-    peers: &[usize],
-    mine: (Buf, usize),
-    dst: (Buf, usize),
-    len: usize,
-    ce: usize,
-) {
+fn reduce_from(d: &mut Dag<'_>, peers: &[usize], mine: (Buf, usize), dst: (Buf, usize), len: usize, ce: usize) {
     if len == 0 {
         return;
     }
@@ -37,19 +30,10 @@ fn reduce_from(
         return;
     };
     let nch = len.div_ceil(ce);
-    let rings: Vec<SlotRing> = rest
-        .iter()
-        .map(|_| SlotRing::new(d, nch, ce, len))
-        .collect();
+    let rings: Vec<SlotRing> = rest.iter().map(|_| SlotRing::new(d, nch, ce, len)).collect();
     for (k, c) in pieces(0..len, ce).enumerate() {
         let at = (dst.0, dst.1 + c.start);
-        d.recv_reduce(
-            first,
-            at,
-            (mine.0, mine.1 + c.start),
-            c.len(),
-            rest.is_empty(),
-        );
+        d.recv_reduce(first, at, (mine.0, mine.1 + c.start), c.len(), rest.is_empty());
         for (i, (&p, ring)) in rest.iter().zip(&rings).enumerate() {
             let s = ring.at(k, c.len());
             d.recv(p, s, c.len());
@@ -80,29 +64,13 @@ pub fn reduce_scatter(b: &mut Builder, sh: Shape) {
         return;
     }
     let ce = sh.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: r * cnt,
-        },
-        n * cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: r * cnt }, n * cnt, cnt);
     for k in 1..n {
         let to = (r + k) % n;
         send_range(&mut d, to, Buf::Input, to * cnt..(to + 1) * cnt, ce);
     }
     let from: Vec<usize> = (1..n).map(|k| sub_mod(r, k, n)).collect();
-    reduce_from(
-        &mut d,
-        &from,
-        (Buf::Input, r * cnt),
-        (Buf::Output, 0),
-        cnt,
-        ce,
-    );
+    reduce_from(&mut d, &from, (Buf::Input, r * cnt), (Buf::Output, 0), cnt, ce);
 }
 
 /// Direct all-gather: every rank sends its input to every peer.
@@ -112,16 +80,7 @@ pub fn all_gather(b: &mut Builder, sh: Shape) {
         return;
     }
     let ce = sh.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: r * cnt,
-            out_base: 0,
-        },
-        cnt,
-        n * cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: r * cnt, out_base: 0 }, cnt, n * cnt);
     d.copy((Buf::Input, 0), (Buf::Output, r * cnt), cnt);
     for k in 1..n {
         send_range(&mut d, (r + k) % n, Buf::Input, 0..cnt, ce);
@@ -138,16 +97,7 @@ pub fn broadcast(b: &mut Builder, sh: Shape) {
         return;
     }
     let ce = sh.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if r == root {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         for c in pieces(0..cnt, ce) {
@@ -168,16 +118,7 @@ pub fn reduce(b: &mut Builder, sh: Shape) {
         return;
     }
     let ce = sh.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if r == root {
         let from: Vec<usize> = (1..n).map(|k| (root + k) % n).collect();
         reduce_from(&mut d, &from, (Buf::Input, 0), (Buf::Output, 0), cnt, ce);
@@ -193,17 +134,7 @@ pub fn all_to_all(b: &mut Builder, sh: Shape) {
     let (n, cnt) = (sh.n, sh.count);
     let counts = vec![cnt; n];
     let displs: Vec<usize> = (0..n).map(|i| i * cnt).collect();
-    all_to_all_v(
-        b,
-        sh.rank,
-        n,
-        sh.esize,
-        &counts,
-        &displs,
-        &counts,
-        &displs,
-        sh.chunk_bytes,
-    );
+    all_to_all_v(b, sh.rank, n, sh.esize, &counts, &displs, &counts, &displs, sh.chunk_bytes);
 }
 
 /// Direct all-to-all with per-peer counts and displacements (in elements): rank `r` sends
@@ -224,58 +155,23 @@ pub fn all_to_all_v(
     chunk_bytes: usize,
 ) {
     debug_assert!(rank < n);
-    debug_assert!(
-        send_counts.len() == n
-            && send_displs.len() == n
-            && recv_counts.len() == n
-            && recv_displs.len() == n
-    );
+    debug_assert!(send_counts.len() == n && send_displs.len() == n && recv_counts.len() == n && recv_displs.len() == n);
     debug_assert_eq!(
         send_counts[rank], recv_counts[rank],
         "rank {rank} sends itself a different count than it expects"
     );
     let ext = |c: &[usize], d: &[usize]| c.iter().zip(d).map(|(c, d)| c + d).max().unwrap_or(0);
-    let shape = Shape {
-        rank,
-        n,
-        count: 0,
-        esize,
-        chunk_bytes,
-        root: 0,
-    };
+    let shape = Shape { rank, n, count: 0, esize, chunk_bytes, root: 0 };
     let ce = shape.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        esize,
-        Io::Separate,
-        ext(send_counts, send_displs),
-        ext(recv_counts, recv_displs),
-    );
+    let mut d = Dag::new(b, esize, Io::Separate, ext(send_counts, send_displs), ext(recv_counts, recv_displs));
     if send_counts[rank] > 0 {
-        d.copy(
-            (Buf::Input, send_displs[rank]),
-            (Buf::Output, recv_displs[rank]),
-            send_counts[rank],
-        );
+        d.copy((Buf::Input, send_displs[rank]), (Buf::Output, recv_displs[rank]), send_counts[rank]);
     }
     for k in 1..n {
         let to = (rank + k) % n;
-        send_range(
-            &mut d,
-            to,
-            Buf::Input,
-            send_displs[to]..send_displs[to] + send_counts[to],
-            ce,
-        );
+        send_range(&mut d, to, Buf::Input, send_displs[to]..send_displs[to] + send_counts[to], ce);
         let from = sub_mod(rank, k, n);
-        recv_range(
-            &mut d,
-            from,
-            Buf::Output,
-            recv_displs[from],
-            recv_counts[from],
-            ce,
-        );
+        recv_range(&mut d, from, Buf::Output, recv_displs[from], recv_counts[from], ce);
     }
 }
 
@@ -287,16 +183,7 @@ pub fn gather(b: &mut Builder, sh: Shape) {
         return;
     }
     let ce = sh.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: r * cnt,
-            out_base: 0,
-        },
-        cnt,
-        n * cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: r * cnt, out_base: 0 }, cnt, n * cnt);
     if r == root {
         d.copy((Buf::Input, 0), (Buf::Output, root * cnt), cnt);
         for k in 1..n {
@@ -315,16 +202,7 @@ pub fn scatter(b: &mut Builder, sh: Shape) {
         return;
     }
     let ce = sh.chunk_elems();
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: r * cnt,
-        },
-        n * cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: r * cnt }, n * cnt, cnt);
     if r == root {
         d.copy((Buf::Input, root * cnt), (Buf::Output, 0), cnt);
         for k in 1..n {

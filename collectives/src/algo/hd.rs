@@ -40,11 +40,7 @@ fn halving(nr: usize, p: usize, rem: usize, unit: &dyn Fn(usize) -> Range<usize>
     let mut dist = p / 2;
     while dist >= 1 {
         let lo = nr & !(2 * dist - 1);
-        let (mine, theirs) = if nr & dist == 0 {
-            (lo, lo + dist)
-        } else {
-            (lo + dist, lo)
-        };
+        let (mine, theirs) = if nr & dist == 0 { (lo, lo + dist) } else { (lo + dist, lo) };
         out.push(Halving {
             peer: unfold_rank(nr ^ dist, rem),
             give: span(theirs, theirs + dist),
@@ -61,16 +57,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;
@@ -90,13 +77,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     let folded = r < 2 * rem;
     if folded {
         for c in pieces(0..cnt, ce) {
-            d.recv_reduce(
-                r - 1,
-                (Buf::Output, c.start),
-                (Buf::Input, c.start),
-                c.len(),
-                false,
-            );
+            d.recv_reduce(r - 1, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), false);
         }
     }
     let unit = |i: usize| block(cnt, p, i);
@@ -104,13 +85,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     // Steps that reduce into Output already reduced from another peer receive into `tmp`
     // first (a RecvReduce there would hold a staging slot waiting on that other peer).
     let fresh = |k: usize| k == 0 && !folded;
-    let tmp_len = steps
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| !fresh(*k))
-        .map(|(_, s)| s.keep.len())
-        .max()
-        .unwrap_or(0);
+    let tmp_len = steps.iter().enumerate().filter(|(k, _)| !fresh(*k)).map(|(_, s)| s.keep.len()).max().unwrap_or(0);
     let tmp = (tmp_len > 0).then(|| d.scratch(tmp_len));
     for (k, st) in steps.iter().enumerate() {
         let last = k + 1 == steps.len();
@@ -120,13 +95,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
         }
         for c in pieces(st.keep.clone(), ce) {
             if fresh(k) {
-                d.recv_reduce(
-                    st.peer,
-                    (Buf::Output, c.start),
-                    (Buf::Input, c.start),
-                    c.len(),
-                    last,
-                );
+                d.recv_reduce(st.peer, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), last);
             } else {
                 let t = (tmp.expect("sized for this step"), c.start - st.keep.start);
                 d.recv(st.peer, t, c.len());
@@ -163,16 +132,7 @@ pub fn reduce_scatter(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: r * cnt,
-        },
-        n * cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: r * cnt }, n * cnt, cnt);
     if n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;
@@ -192,44 +152,24 @@ pub fn reduce_scatter(b: &mut Builder, sh: Shape) {
     let folded = r < 2 * rem;
     // Active rank i owns the blocks of the real ranks it stands for.
     let unit = |i: usize| {
-        if i < rem {
-            2 * i * cnt..(2 * i + 2) * cnt
-        } else {
-            (i + rem) * cnt..(i + rem + 1) * cnt
-        }
+        if i < rem { 2 * i * cnt..(2 * i + 2) * cnt } else { (i + rem) * cnt..(i + rem + 1) * cnt }
     };
     let steps = halving(nr, p, rem, &unit);
     let mine = r * cnt..(r + 1) * cnt;
     debug_assert_eq!(steps.last().map(|s| s.keep.clone()), Some(unit(nr)));
     // Accumulator, in Input coordinates shifted by `acc_lo`: all of Input for a folded rank
     // (it first absorbs its neighbour's whole input), else the first step's half.
-    let (acc_lo, acc_len) = if folded {
-        (0, n * cnt)
-    } else {
-        (steps[0].keep.start, steps[0].keep.len())
-    };
+    let (acc_lo, acc_len) = if folded { (0, n * cnt) } else { (steps[0].keep.start, steps[0].keep.len()) };
     let needs_acc = folded || steps.len() > 1;
     let acc = needs_acc.then(|| d.scratch(acc_len));
     let at_acc = |e: usize| (acc.expect("accumulator in use"), e - acc_lo);
     if folded {
         for c in pieces(0..n * cnt, ce) {
-            d.recv_reduce(
-                r - 1,
-                at_acc(c.start),
-                (Buf::Input, c.start),
-                c.len(),
-                false,
-            );
+            d.recv_reduce(r - 1, at_acc(c.start), (Buf::Input, c.start), c.len(), false);
         }
     }
     let fresh = |k: usize| k == 0 && !folded;
-    let tmp_len = steps
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| !fresh(*k))
-        .map(|(_, s)| s.keep.len())
-        .max()
-        .unwrap_or(0);
+    let tmp_len = steps.iter().enumerate().filter(|(k, _)| !fresh(*k)).map(|(_, s)| s.keep.len()).max().unwrap_or(0);
     let tmp = (tmp_len > 0).then(|| d.scratch(tmp_len));
     // Messages of the last step never straddle a block boundary: a merged unit's two blocks
     // end up in different places (Output here, the sat-out neighbour there). Both partners
@@ -239,40 +179,22 @@ pub fn reduce_scatter(b: &mut Builder, sh: Shape) {
             return pieces(range, ce).collect();
         }
         let blocks = range.start / cnt..range.end.div_ceil(cnt);
-        blocks
-            .flat_map(|bk| pieces(range.start.max(bk * cnt)..range.end.min((bk + 1) * cnt), ce))
-            .collect()
+        blocks.flat_map(|bk| pieces(range.start.max(bk * cnt)..range.end.min((bk + 1) * cnt), ce)).collect()
     };
     for (k, st) in steps.iter().enumerate() {
         let last = k + 1 == steps.len();
         for c in cut(st.give.clone(), last) {
-            let src = if fresh(k) {
-                (Buf::Input, c.start)
-            } else {
-                at_acc(c.start)
-            };
+            let src = if fresh(k) { (Buf::Input, c.start) } else { at_acc(c.start) };
             d.send(st.peer, src, c.len());
         }
         for c in cut(st.keep.clone(), last) {
             let into_output = last && c.start >= mine.start && c.end <= mine.end;
             match (fresh(k), into_output) {
                 (true, true) => {
-                    d.recv_reduce(
-                        st.peer,
-                        (Buf::Output, c.start - mine.start),
-                        (Buf::Input, c.start),
-                        c.len(),
-                        true,
-                    );
+                    d.recv_reduce(st.peer, (Buf::Output, c.start - mine.start), (Buf::Input, c.start), c.len(), true);
                 }
                 (true, false) => {
-                    d.recv_reduce(
-                        st.peer,
-                        at_acc(c.start),
-                        (Buf::Input, c.start),
-                        c.len(),
-                        last,
-                    );
+                    d.recv_reduce(st.peer, at_acc(c.start), (Buf::Input, c.start), c.len(), last);
                 }
                 (false, true) => {
                     let o = (Buf::Output, c.start - mine.start);

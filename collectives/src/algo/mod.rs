@@ -106,20 +106,12 @@ impl SlotRing {
     pub(crate) fn new(d: &mut dag::Dag<'_>, nchunks: usize, ce: usize, count: usize) -> SlotRing {
         let slot = ce.min(count).max(1);
         let nslots = nchunks.clamp(1, SLOTS);
-        SlotRing {
-            buf: d.scratch(slot * nslots),
-            slot,
-            nslots,
-        }
+        SlotRing { buf: d.scratch(slot * nslots), slot, nslots }
     }
 
     /// Where chunk `c` (of `len` elements, at most one slot) goes.
     pub(crate) fn at(&self, c: usize, len: usize) -> dag::At {
-        debug_assert!(
-            len <= self.slot,
-            "chunk of {len} elements in a {}-element slot",
-            self.slot
-        );
+        debug_assert!(len <= self.slot, "chunk of {len} elements in a {}-element slot", self.slot);
         (self.buf, (c % self.nslots) * self.slot)
     }
 }
@@ -154,14 +146,8 @@ pub enum Algo {
 
 impl Algo {
     /// Every algorithm, in code order.
-    pub const ALL: [Algo; 6] = [
-        Algo::Ring,
-        Algo::RecursiveDoubling,
-        Algo::HalvingDoubling,
-        Algo::Tree,
-        Algo::Direct,
-        Algo::Dissemination,
-    ];
+    pub const ALL: [Algo; 6] =
+        [Algo::Ring, Algo::RecursiveDoubling, Algo::HalvingDoubling, Algo::Tree, Algo::Direct, Algo::Dissemination];
 
     /// Name as in `DEVCCL_ALGO`.
     pub const fn name(self) -> &'static str {
@@ -229,10 +215,7 @@ pub fn supported(coll: CollKind) -> &'static [Algo] {
 /// everything but all_to_all_v and send/recv, whose shapes are per peer). Errors name the
 /// pair when `algo` does not implement `coll`.
 pub fn build(coll: CollKind, algo: Algo, b: &mut Builder, sh: Shape) -> Result<(), String> {
-    debug_assert!(
-        sh.n >= 1 && sh.rank < sh.n && sh.root < sh.n,
-        "bad shape {sh:?}"
-    );
+    debug_assert!(sh.n >= 1 && sh.rank < sh.n && sh.root < sh.n, "bad shape {sh:?}");
     use Algo::*;
     match (coll, algo) {
         (CollKind::AllReduce, Ring) => ring::all_reduce(b, sh),
@@ -258,9 +241,7 @@ pub fn build(coll: CollKind, algo: Algo, b: &mut Builder, sh: Shape) -> Result<(
         (CollKind::Scatter, Tree) => tree::scatter(b, sh),
         (CollKind::Barrier, Dissemination) => dissemination::barrier(b, sh),
         (CollKind::AllToAllV, _) => {
-            return Err(
-                "all_to_all_v has per-peer counts: build it with algo::direct::all_to_all_v".into(),
-            );
+            return Err("all_to_all_v has per-peer counts: build it with algo::direct::all_to_all_v".into());
         }
         (CollKind::SendRecv, _) => {
             return Err("send/recv are built with algo::p2p::{send, recv}".into());

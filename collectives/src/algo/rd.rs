@@ -27,11 +27,7 @@ pub(crate) fn pof2_floor(n: usize) -> usize {
 /// Where rank `r` stands after the non-power-of-two fold: `None` for the even ranks below
 /// `2*rem` (they sit out), else its rank among the `2^k` active ones.
 pub(crate) fn fold_rank(r: usize, rem: usize) -> Option<usize> {
-    if r < 2 * rem {
-        (r % 2 == 1).then_some(r / 2)
-    } else {
-        Some(r - rem)
-    }
+    if r < 2 * rem { (r % 2 == 1).then_some(r / 2) } else { Some(r - rem) }
 }
 
 /// The real rank of active rank `nr`.
@@ -45,16 +41,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;
@@ -77,13 +64,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     if folded {
         // rounds >= 1 here (n >= 3), so the fold never finishes an element.
         for c in pieces(0..cnt, ce) {
-            d.recv_reduce(
-                r - 1,
-                (Buf::Output, c.start),
-                (Buf::Input, c.start),
-                c.len(),
-                false,
-            );
+            d.recv_reduce(r - 1, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), false);
         }
     }
     // Incoming vectors of rounds that reduce into an already reduced Output land here
@@ -95,20 +76,10 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
         // Round 0 of an unfolded rank reads its input directly (no copy into Output).
         let fresh = k == 0 && !folded;
         for c in pieces(0..cnt, ce) {
-            let src = if fresh {
-                (Buf::Input, c.start)
-            } else {
-                (Buf::Output, c.start)
-            };
+            let src = if fresh { (Buf::Input, c.start) } else { (Buf::Output, c.start) };
             d.send(peer, src, c.len());
             if fresh {
-                d.recv_reduce(
-                    peer,
-                    (Buf::Output, c.start),
-                    (Buf::Input, c.start),
-                    c.len(),
-                    last,
-                );
+                d.recv_reduce(peer, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), last);
             } else {
                 let t = (tmp.expect("allocated for reducing rounds"), c.start);
                 d.recv(peer, t, c.len());
@@ -141,16 +112,7 @@ pub fn all_gather(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: r * cnt,
-            out_base: 0,
-        },
-        cnt,
-        n * cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: r * cnt, out_base: 0 }, cnt, n * cnt);
     d.copy((Buf::Input, 0), (Buf::Output, r * cnt), cnt);
     let ce = sh.chunk_elems();
     let mut dist = 1;
@@ -158,12 +120,7 @@ pub fn all_gather(b: &mut Builder, sh: Shape) {
         let (to, from, mine, theirs) = if n.is_power_of_two() {
             // Swap aligned groups of `dist` blocks with the partner across bit log2(dist).
             let p = r ^ dist;
-            let group = |x: usize| {
-                [
-                    (x & !(dist - 1)) * cnt..((x & !(dist - 1)) + dist) * cnt,
-                    0..0,
-                ]
-            };
+            let group = |x: usize| [(x & !(dist - 1)) * cnt..((x & !(dist - 1)) + dist) * cnt, 0..0];
             (p, p, group(r), group(p))
         } else {
             let m = dist.min(n - dist);
@@ -178,11 +135,7 @@ pub fn all_gather(b: &mut Builder, sh: Shape) {
             for c in pieces(range, ce) {
                 // The first round sends this rank's own block: read it from Input rather
                 // than wait for the copy into Output.
-                let src = if dist == 1 {
-                    (Buf::Input, c.start - r * cnt)
-                } else {
-                    (Buf::Output, c.start)
-                };
+                let src = if dist == 1 { (Buf::Input, c.start - r * cnt) } else { (Buf::Output, c.start) };
                 d.send(to, src, c.len());
             }
         }

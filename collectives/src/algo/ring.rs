@@ -27,11 +27,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     }
     if n == 1 {
         b.step(
-            StepKind::Copy {
-                src: Loc::new(Buf::Input, 0),
-                dst: Loc::new(Buf::Output, 0),
-                len: sh.count * esize,
-            },
+            StepKind::Copy { src: Loc::new(Buf::Input, 0), dst: Loc::new(Buf::Output, 0), len: sh.count * esize },
             &[],
         );
         return;
@@ -53,19 +49,9 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
         for c in 0..nch {
             let sc = chunk_of(&sb, ce, c);
             if !sc.is_empty() {
-                let src = Loc::new(
-                    if s == 0 { Buf::Input } else { Buf::Output },
-                    sc.start * esize,
-                );
+                let src = Loc::new(if s == 0 { Buf::Input } else { Buf::Output }, sc.start * esize);
                 let dep = if s == 0 { None } else { reduced[c] };
-                sent[c] = Some(b.step(
-                    StepKind::Send {
-                        peer: next,
-                        src,
-                        len: sc.len() * esize,
-                    },
-                    &[dep],
-                ));
+                sent[c] = Some(b.step(StepKind::Send { peer: next, src, len: sc.len() * esize }, &[dep]));
             }
             let rc = chunk_of(&rb, ce, c);
             reduced[c] = if rc.is_empty() {
@@ -95,11 +81,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
             let sc = chunk_of(&sb, ce, c);
             if !sc.is_empty() {
                 b.step(
-                    StepKind::Send {
-                        peer: next,
-                        src: Loc::new(Buf::Output, sc.start * esize),
-                        len: sc.len() * esize,
-                    },
+                    StepKind::Send { peer: next, src: Loc::new(Buf::Output, sc.start * esize), len: sc.len() * esize },
                     &[got[c]],
                 );
             }
@@ -110,11 +92,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
                 // The destination was last read by our reduce-scatter send of the same block.
                 let war = rs_sent[c];
                 Some(b.step(
-                    StepKind::Recv {
-                        peer: prev,
-                        dst: Loc::new(Buf::Output, rc.start * esize),
-                        len: rc.len() * esize,
-                    },
+                    StepKind::Recv { peer: prev, dst: Loc::new(Buf::Output, rc.start * esize), len: rc.len() * esize },
                     &[war],
                 ))
             };
@@ -136,40 +114,20 @@ pub fn reduce_scatter(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: r * cnt,
-        },
-        n * cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: r * cnt }, n * cnt, cnt);
     if n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;
     }
     let (next, prev) = ((r + 1) % n, sub_mod(r, 1, n));
     let ce = sh.chunk_elems();
-    let partial = if n > 2 {
-        [d.scratch(cnt), d.scratch(cnt)]
-    } else {
-        [Buf::Output; 2]
-    };
+    let partial = if n > 2 { [d.scratch(cnt), d.scratch(cnt)] } else { [Buf::Output; 2] };
     for s in 0..n - 1 {
         let sb = sub_mod(r, s + 1, n);
         let rb = sub_mod(r, s + 2, n);
-        debug_assert!(
-            s < n - 2 || rb == r,
-            "the last step reduces this rank's block"
-        );
+        debug_assert!(s < n - 2 || rb == r, "the last step reduces this rank's block");
         for c in pieces(0..cnt, ce) {
-            let src = if s == 0 {
-                (Buf::Input, sb * cnt + c.start)
-            } else {
-                (partial[(s - 1) % 2], c.start)
-            };
+            let src = if s == 0 { (Buf::Input, sb * cnt + c.start) } else { (partial[(s - 1) % 2], c.start) };
             d.send(next, src, c.len());
             let base = (Buf::Input, rb * cnt + c.start);
             if s == n - 2 {
@@ -193,16 +151,7 @@ pub fn all_gather(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: r * cnt,
-            out_base: 0,
-        },
-        cnt,
-        n * cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: r * cnt, out_base: 0 }, cnt, n * cnt);
     d.copy((Buf::Input, 0), (Buf::Output, r * cnt), cnt);
     let (next, prev) = ((r + 1) % n, sub_mod(r, 1, n));
     let ce = sh.chunk_elems();
@@ -210,11 +159,7 @@ pub fn all_gather(b: &mut Builder, sh: Shape) {
         let sb = sub_mod(r, s, n);
         let rb = sub_mod(r, s + 1, n);
         for c in pieces(0..cnt, ce) {
-            let src = if s == 0 {
-                (Buf::Input, c.start)
-            } else {
-                (Buf::Output, sb * cnt + c.start)
-            };
+            let src = if s == 0 { (Buf::Input, c.start) } else { (Buf::Output, sb * cnt + c.start) };
             d.send(next, src, c.len());
             d.recv(prev, (Buf::Output, rb * cnt + c.start), c.len());
         }
@@ -231,16 +176,7 @@ pub fn broadcast(b: &mut Builder, sh: Shape) {
     }
     let v = sub_mod(sh.rank, sh.root, n);
     let real = |v: usize| (v + sh.root) % n;
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     let ce = sh.chunk_elems();
     if v == 0 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
@@ -270,16 +206,7 @@ pub fn reduce(b: &mut Builder, sh: Shape) {
     }
     let v = sub_mod(sh.rank, sh.root, n);
     let real = |v: usize| (v + sh.root) % n;
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;

@@ -77,18 +77,9 @@ pub(crate) struct Node {
 /// Rank `v`'s node in tree `t` (children found by asking every rank for its parent, so
 /// parent and child lists agree by construction).
 pub(crate) fn dtree_node(t: usize, v: usize, n: usize) -> Node {
-    let children: Vec<usize> = (0..n)
-        .filter(|&u| u != v && dtree_parent(t, u, n) == Some(v))
-        .collect();
-    debug_assert!(
-        children.len() <= 2,
-        "binary tree node with {} children",
-        children.len()
-    );
-    Node {
-        parent: dtree_parent(t, v, n),
-        children,
-    }
+    let children: Vec<usize> = (0..n).filter(|&u| u != v && dtree_parent(t, u, n) == Some(v)).collect();
+    debug_assert!(children.len() <= 2, "binary tree node with {} children", children.len());
+    Node { parent: dtree_parent(t, v, n), children }
 }
 
 /// The double binary tree as seen by one rank, in relabelled ranks (`v = rank - root`).
@@ -121,11 +112,7 @@ impl Trees {
     }
 
     fn nchunks(&self) -> usize {
-        self.halves
-            .iter()
-            .map(|h| h.len().div_ceil(self.ce))
-            .max()
-            .unwrap_or(0)
+        self.halves.iter().map(|h| h.len().div_ceil(self.ce)).max().unwrap_or(0)
     }
 
     /// Chunk `c` of tree `t`'s half (empty past its end).
@@ -137,8 +124,7 @@ impl Trees {
     fn second_child_slots(&self, d: &mut Dag<'_>) -> [Option<SlotRing>; 2] {
         let ring = |d: &mut Dag<'_>, t: usize| {
             let h = &self.halves[t];
-            (self.nodes[t].children.len() == 2)
-                .then(|| SlotRing::new(d, h.len().div_ceil(self.ce), self.ce, h.len()))
+            (self.nodes[t].children.len() == 2).then(|| SlotRing::new(d, h.len().div_ceil(self.ce), self.ce, h.len()))
         };
         [ring(d, 0), ring(d, 1)]
     }
@@ -150,14 +136,7 @@ impl Trees {
     /// The first child's data is reduced as it arrives (its destination is untouched so
     /// far); the second child's lands in a slot and is added once the first is in, so no
     /// staged receive waits on another peer.
-    fn up(
-        &self,
-        d: &mut Dag<'_>,
-        t: usize,
-        c: usize,
-        acc: Option<Buf>,
-        slots: &[Option<SlotRing>; 2],
-    ) -> At {
+    fn up(&self, d: &mut Dag<'_>, t: usize, c: usize, acc: Option<Buf>, slots: &[Option<SlotRing>; 2]) -> At {
         let r = self.chunk(t, c);
         let len = r.len();
         let node = &self.nodes[t];
@@ -167,13 +146,7 @@ impl Trees {
             [first, ..] => {
                 let at = (acc.expect("interior ranks have an accumulator"), r.start);
                 let root = node.parent.is_none();
-                d.recv_reduce(
-                    self.real(first),
-                    at,
-                    mine,
-                    len,
-                    root && node.children.len() == 1,
-                );
+                d.recv_reduce(self.real(first), at, mine, len, root && node.children.len() == 1);
                 if let Some(&second) = node.children.get(1) {
                     let s = slots[t].expect("two children have a slot ring").at(c, len);
                     d.recv(self.real(second), s, len);
@@ -195,16 +168,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if sh.n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;
@@ -245,16 +209,7 @@ pub fn broadcast(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     let tr = Trees::new(&sh);
     if tr.v == 0 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
@@ -297,16 +252,7 @@ pub fn reduce(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: 0,
-        },
-        cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: 0 }, cnt, cnt);
     if sh.n == 1 {
         d.copy((Buf::Input, 0), (Buf::Output, 0), cnt);
         return;
@@ -316,11 +262,7 @@ pub fn reduce(b: &mut Builder, sh: Shape) {
     let interior = tr.nodes.iter().any(|nd| !nd.children.is_empty());
     // A full-size accumulator (not a slot ring): the first child's staged receive must not
     // wait for a slot freed by the second child's stream.
-    let acc = if tr.v == 0 {
-        Some(Buf::Output)
-    } else {
-        interior.then(|| d.scratch(cnt))
-    };
+    let acc = if tr.v == 0 { Some(Buf::Output) } else { interior.then(|| d.scratch(cnt)) };
     let slots = tr.second_child_slots(&mut d);
     let nch = tr.nchunks();
     for i in 0..nch + LAG {
@@ -337,11 +279,7 @@ pub fn reduce(b: &mut Builder, sh: Shape) {
             continue;
         }
         if tr.v == x1 {
-            d.send(
-                tr.real(0),
-                (acc.expect("tree 1's root is interior"), r.start),
-                r.len(),
-            );
+            d.send(tr.real(0), (acc.expect("tree 1's root is interior"), r.start), r.len());
         } else if tr.v == 0 {
             d.recv(tr.real(x1), (Buf::Output, r.start), r.len());
         }
@@ -350,11 +288,7 @@ pub fn reduce(b: &mut Builder, sh: Shape) {
 
 /// Lowest set bit of relabelled rank `v`, `n` (the whole world) for the root.
 fn binomial_span(v: usize, n: usize) -> usize {
-    if v == 0 {
-        n.next_power_of_two().max(1)
-    } else {
-        1 << v.trailing_zeros()
-    }
+    if v == 0 { n.next_power_of_two().max(1) } else { 1 << v.trailing_zeros() }
 }
 
 /// Relabelled ranks of `v`'s binomial subtree: `v` and everything below it.
@@ -365,12 +299,7 @@ fn subtree(v: usize, n: usize) -> Range<usize> {
 /// Children of `v`, smallest subtree first.
 fn binomial_children(v: usize, n: usize) -> Vec<usize> {
     let span = binomial_span(v, n);
-    (0..usize::BITS)
-        .map(|k| 1usize << k)
-        .take_while(|&bit| bit < span)
-        .map(|bit| v + bit)
-        .filter(|&u| u < n)
-        .collect()
+    (0..usize::BITS).map(|k| 1usize << k).take_while(|&bit| bit < span).map(|bit| v + bit).filter(|&u| u < n).collect()
 }
 
 /// Parent of `v` (not the root).
@@ -383,11 +312,7 @@ fn binomial_parent(v: usize) -> usize {
 /// contiguous in real-rank order too. Both ends of an edge cut the same run the same way.
 fn wrap_split(run: Range<usize>, root: usize, n: usize) -> Vec<Range<usize>> {
     let w = n - root;
-    if root != 0 && run.start < w && w < run.end {
-        vec![run.start..w, w..run.end]
-    } else {
-        vec![run]
-    }
+    if root != 0 && run.start < w && w < run.end { vec![run.start..w, w..run.end] } else { vec![run] }
 }
 
 /// Binomial-tree gather to `root`: interior ranks collect their subtree's blocks in
@@ -398,16 +323,7 @@ pub fn gather(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: sh.rank * cnt,
-            out_base: 0,
-        },
-        cnt,
-        n * cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: sh.rank * cnt, out_base: 0 }, cnt, n * cnt);
     let v = sub_mod(sh.rank, root, n);
     let real = |v: usize| (v + root) % n;
     let ce = sh.chunk_elems();
@@ -457,16 +373,7 @@ pub fn scatter(b: &mut Builder, sh: Shape) {
     if cnt == 0 {
         return;
     }
-    let mut d = Dag::new(
-        b,
-        sh.esize,
-        Io::Shared {
-            in_base: 0,
-            out_base: sh.rank * cnt,
-        },
-        n * cnt,
-        cnt,
-    );
+    let mut d = Dag::new(b, sh.esize, Io::Shared { in_base: 0, out_base: sh.rank * cnt }, n * cnt, cnt);
     let v = sub_mod(sh.rank, root, n);
     let real = |v: usize| (v + root) % n;
     let ce = sh.chunk_elems();
@@ -476,11 +383,7 @@ pub fn scatter(b: &mut Builder, sh: Shape) {
         Buf::Input
     } else {
         let mine = subtree(v, n);
-        let store = if children.is_empty() {
-            Buf::Output
-        } else {
-            d.scratch(mine.len() * cnt)
-        };
+        let store = if children.is_empty() { Buf::Output } else { d.scratch(mine.len() * cnt) };
         for run in wrap_split(mine, root, n) {
             let base = (run.start - v) * cnt;
             for c in pieces(0..run.len() * cnt, ce) {
@@ -512,9 +415,7 @@ mod tests {
     fn double_binary_trees_are_trees() {
         for n in 1..=70 {
             for t in 0..2 {
-                let roots: Vec<usize> = (0..n)
-                    .filter(|&v| dtree_parent(t, v, n).is_none())
-                    .collect();
+                let roots: Vec<usize> = (0..n).filter(|&v| dtree_parent(t, v, n).is_none()).collect();
                 assert_eq!(roots, vec![dtree_root(t, n)], "n={n} t={t}");
                 for v in 0..n {
                     let node = dtree_node(t, v, n);
@@ -536,9 +437,7 @@ mod tests {
         // NCCL's point: a rank is interior (forwards data) in at most one tree, for even n.
         for n in (2..=64).step_by(2) {
             for v in 0..n {
-                let interior = (0..2)
-                    .filter(|&t| !dtree_node(t, v, n).children.is_empty())
-                    .count();
+                let interior = (0..2).filter(|&t| !dtree_node(t, v, n).children.is_empty()).count();
                 assert!(interior <= 1, "n={n} v={v} interior in both trees");
             }
         }

@@ -11,13 +11,11 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 use tonic::{Code, Request, Status};
 
 use super::codec::{
-    CallContext, DOMAIN_ABORT, DOMAIN_ABORT_EVENT, DOMAIN_JOIN, DOMAIN_JOIN_REPLY, DOMAIN_LEAVE,
-    DOMAIN_WATCH, endpoint_to_pb, host_to_pb, remaining, table_from_pb,
+    CallContext, DOMAIN_ABORT, DOMAIN_ABORT_EVENT, DOMAIN_JOIN, DOMAIN_JOIN_REPLY, DOMAIN_LEAVE, DOMAIN_WATCH,
+    endpoint_to_pb, host_to_pb, remaining, table_from_pb,
 };
 use super::server::error_chain;
-use super::{
-    AbortEvent, CONTROL_TIMEOUT, JoinRequest, PeerTable, block_on, runtime, tokio_deadline,
-};
+use super::{AbortEvent, CONTROL_TIMEOUT, JoinRequest, PeerTable, block_on, runtime, tokio_deadline};
 use crate::auth::{self, AuthKey, tag_opt, verify_opt};
 use crate::error::{Error, Result};
 use crate::types::{CommId, Rank};
@@ -85,19 +83,10 @@ impl RendezvousClient {
     /// is retried (with backoff up to 0.5 s) until `deadline`, then fails with
     /// [`Error::Timeout`] naming `addr` and the last connection error. Succeeds only when a
     /// devccl rendezvous answers there (a challenge round trip).
-    pub fn connect(
-        addr: &str,
-        key: Option<AuthKey>,
-        deadline: Instant,
-    ) -> Result<RendezvousClient> {
+    pub fn connect(addr: &str, key: Option<AuthKey>, deadline: Instant) -> Result<RendezvousClient> {
         let started = Instant::now();
         let endpoint = TonicEndpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| {
-                Error::usage(format!(
-                    "rendezvous address {addr:?} is not host:port ({})",
-                    error_chain(&e)
-                ))
-            })?
+            .map_err(|e| Error::usage(format!("rendezvous address {addr:?} is not host:port ({})", error_chain(&e))))?
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
@@ -113,46 +102,25 @@ impl RendezvousClient {
                     if left.is_zero() {
                         break;
                     }
-                    let ep = endpoint
-                        .clone()
-                        .connect_timeout(left.min(Duration::from_secs(5)));
+                    let ep = endpoint.clone().connect_timeout(left.min(Duration::from_secs(5)));
                     match tokio::time::timeout_at(tokio_deadline(deadline), ep.connect()).await {
                         Err(_) => break,
                         Ok(Err(e)) => last = error_chain(&e),
                         Ok(Ok(channel)) => {
                             let client = RendezvousClient {
-                                inner: Arc::new(Inner {
-                                    addr: addr.clone(),
-                                    key: key.clone(),
-                                    channel,
-                                }),
+                                inner: Arc::new(Inner { addr: addr.clone(), key: key.clone(), channel }),
                             };
-                            match tokio::time::timeout_at(
-                                tokio_deadline(deadline),
-                                client.challenge(deadline),
-                            )
-                            .await
-                            {
+                            match tokio::time::timeout_at(tokio_deadline(deadline), client.challenge(deadline)).await {
                                 Err(_) => break,
                                 Ok(Ok(_)) => {
                                     tracing::debug!(%addr, "connected to the rendezvous server");
                                     return Ok(client);
                                 }
-                                Ok(Err(s))
-                                    if matches!(
-                                        s.code(),
-                                        Code::Unavailable | Code::ResourceExhausted
-                                    ) =>
-                                {
+                                Ok(Err(s)) if matches!(s.code(), Code::Unavailable | Code::ResourceExhausted) => {
                                     last = s.message().to_string();
                                 }
                                 Ok(Err(s)) => {
-                                    let cx = CallContext {
-                                        addr: &addr,
-                                        group: None,
-                                        started,
-                                        deadline,
-                                    };
+                                    let cx = CallContext { addr: &addr, group: None, started, deadline };
                                     return Err(cx.error(&s));
                                 }
                             }
@@ -190,35 +158,15 @@ impl RendezvousClient {
     /// another's), a server that cannot prove it knows the secret, or an unreachable server.
     pub fn join(&self, req: JoinRequest, deadline: Instant) -> Result<PeerTable> {
         let world = u32::try_from(req.world).map_err(|_| {
-            Error::usage(format!(
-                "rendezvous group '{}': world size {} is too large",
-                req.group, req.world
-            ))
+            Error::usage(format!("rendezvous group '{}': world size {} is too large", req.group, req.world))
         })?;
         let this = self.clone();
-        let what = format!(
-            "joining rendezvous group '{}' at {}",
-            req.group, self.inner.addr
-        );
-        block_on(
-            async move { this.join_async(req, world, deadline).await },
-            deadline,
-            move || what,
-        )
+        let what = format!("joining rendezvous group '{}' at {}", req.group, self.inner.addr);
+        block_on(async move { this.join_async(req, world, deadline).await }, deadline, move || what)
     }
 
-    async fn join_async(
-        &self,
-        req: JoinRequest,
-        world: u32,
-        deadline: Instant,
-    ) -> Result<PeerTable> {
-        let cx = CallContext {
-            addr: &self.inner.addr,
-            group: Some(&req.group),
-            started: Instant::now(),
-            deadline,
-        };
+    async fn join_async(&self, req: JoinRequest, world: u32, deadline: Instant) -> Result<PeerTable> {
+        let cx = CallContext { addr: &self.inner.addr, group: Some(&req.group), started: Instant::now(), deadline };
         let rank = req.rank;
         let call = async {
             let server_nonce = self.challenge(deadline).await.map_err(|s| cx.error(&s))?;
@@ -237,23 +185,10 @@ impl RendezvousClient {
             .encode_to_vec();
             let auth = self.sign(DOMAIN_JOIN, server_nonce, &body);
             let client_nonce = auth.client_nonce.clone();
-            let mut r = Request::new(pb::JoinRequest {
-                body,
-                auth: Some(auth),
-            });
+            let mut r = Request::new(pb::JoinRequest { body, auth: Some(auth) });
             r.set_timeout(left);
-            let resp = self
-                .rpc()
-                .join(r)
-                .await
-                .map_err(|s| cx.error(&s))?
-                .into_inner();
-            if !verify_opt(
-                self.inner.key.as_ref(),
-                DOMAIN_JOIN_REPLY,
-                &[&client_nonce, &resp.table],
-                &resp.tag,
-            ) {
+            let resp = self.rpc().join(r).await.map_err(|s| cx.error(&s))?.into_inner();
+            if !verify_opt(self.inner.key.as_ref(), DOMAIN_JOIN_REPLY, &[&client_nonce, &resp.table], &resp.tag) {
                 return Err(Error::Remote {
                     peer: None,
                     message: format!(
@@ -261,11 +196,7 @@ impl RendezvousClient {
                          (a rogue or misconfigured rendezvous server?)",
                         req.group,
                         self.inner.addr,
-                        if self.inner.key.is_some() {
-                            "this process's DEVCCL_SECRET"
-                        } else {
-                            "an empty secret"
-                        }
+                        if self.inner.key.is_some() { "this process's DEVCCL_SECRET" } else { "an empty secret" }
                     ),
                 });
             }
@@ -276,8 +207,7 @@ impl RendezvousClient {
                     req.group, self.inner.addr
                 ),
             };
-            let table = pb::PeerTable::decode(resp.table.as_slice())
-                .map_err(|e| inconsistent(e.to_string()))?;
+            let table = pb::PeerTable::decode(resp.table.as_slice()).map_err(|e| inconsistent(e.to_string()))?;
             let table = table_from_pb(&table, &req.group, req.world).map_err(inconsistent)?;
             match table.peer(rank) {
                 Some(me) if me.host == req.host => {}
@@ -302,12 +232,7 @@ impl RendezvousClient {
     /// (on every rank) gets an [`AbortEvent`]; only the first abort of a communicator counts.
     /// Returns within [`CONTROL_TIMEOUT`], whatever the state of the collectives.
     pub fn abort(&self, comm: CommId, rank: Rank, reason: &str) -> Result<()> {
-        let body = pb::AbortBody {
-            comm_id: comm.0.to_vec(),
-            rank: rank.0,
-            reason: reason.to_string(),
-        }
-        .encode_to_vec();
+        let body = pb::AbortBody { comm_id: comm.0.to_vec(), rank: rank.0, reason: reason.to_string() }.encode_to_vec();
         let this = self.clone();
         let deadline = Instant::now() + CONTROL_TIMEOUT;
         let what = format!("aborting communicator {comm} at {}", self.inner.addr);
@@ -348,11 +273,7 @@ impl RendezvousClient {
         rank: Rank,
         on_abort: Box<dyn Fn(AbortEvent) + Send + Sync>,
     ) -> Result<WatchHandle> {
-        let body = pb::WatchBody {
-            comm_id: comm.0.to_vec(),
-            rank: rank.0,
-        }
-        .encode_to_vec();
+        let body = pb::WatchBody { comm_id: comm.0.to_vec(), rank: rank.0 }.encode_to_vec();
         let this = self.clone();
         let deadline = Instant::now() + CONTROL_TIMEOUT;
         let what = format!("watching communicator {comm} at {}", self.inner.addr);
@@ -363,15 +284,7 @@ impl RendezvousClient {
                     let client_nonce = auth.client_nonce.clone();
                     let mut rpc = c.rpc();
                     async move {
-                        let s = rpc
-                            .watch(timed(
-                                pb::WatchRequest {
-                                    body,
-                                    auth: Some(auth),
-                                },
-                                deadline,
-                            ))
-                            .await?;
+                        let s = rpc.watch(timed(pb::WatchRequest { body, auth: Some(auth) }, deadline)).await?;
                         Ok((s.into_inner(), client_nonce))
                     }
                 })
@@ -410,22 +323,14 @@ impl RendezvousClient {
                 }
             }
         });
-        Ok(WatchHandle {
-            task: task.abort_handle(),
-            comm,
-            rank,
-        })
+        Ok(WatchHandle { task: task.abort_handle(), comm, rank })
     }
 
     /// `rank` destroyed its communicator cleanly; once every rank left, the server forgets the
     /// communicator and its watch streams end. Leaving twice is fine. Returns within
     /// [`CONTROL_TIMEOUT`].
     pub fn leave(&self, comm: CommId, rank: Rank) -> Result<()> {
-        let body = pb::LeaveBody {
-            comm_id: comm.0.to_vec(),
-            rank: rank.0,
-        }
-        .encode_to_vec();
+        let body = pb::LeaveBody { comm_id: comm.0.to_vec(), rank: rank.0 }.encode_to_vec();
         let this = self.clone();
         let deadline = Instant::now() + CONTROL_TIMEOUT;
         let what = format!("leaving communicator {comm} at {}", self.inner.addr);
@@ -459,12 +364,7 @@ impl RendezvousClient {
         F: FnOnce(&Self, Vec<u8>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, Status>>,
     {
-        let cx = CallContext {
-            addr: &self.inner.addr,
-            group: None,
-            started: Instant::now(),
-            deadline,
-        };
+        let cx = CallContext { addr: &self.inner.addr, group: None, started: Instant::now(), deadline };
         let call = async {
             let nonce = self.challenge(deadline).await.map_err(|s| cx.error(&s))?;
             f(self, nonce).await.map_err(|s| cx.error(&s))
@@ -481,17 +381,9 @@ impl RendezvousClient {
 
     /// A fresh server nonce.
     async fn challenge(&self, deadline: Instant) -> std::result::Result<Vec<u8>, Status> {
-        let nonce = self
-            .rpc()
-            .challenge(timed(pb::ChallengeRequest {}, deadline))
-            .await?
-            .into_inner()
-            .nonce;
+        let nonce = self.rpc().challenge(timed(pb::ChallengeRequest {}, deadline)).await?.into_inner().nonce;
         if nonce.len() != 16 {
-            return Err(Status::internal(format!(
-                "the server's challenge nonce has {} bytes, not 16",
-                nonce.len()
-            )));
+            return Err(Status::internal(format!("the server's challenge nonce has {} bytes, not 16", nonce.len())));
         }
         Ok(nonce)
     }
@@ -499,16 +391,8 @@ impl RendezvousClient {
     /// The signature of a request body.
     fn sign(&self, domain: &str, server_nonce: Vec<u8>, body: &[u8]) -> pb::Auth {
         let client_nonce = auth::nonce();
-        let tag = tag_opt(
-            self.inner.key.as_ref(),
-            domain,
-            &[&server_nonce, &client_nonce, body],
-        );
-        pb::Auth {
-            server_nonce,
-            client_nonce: client_nonce.to_vec(),
-            tag: tag.to_vec(),
-        }
+        let tag = tag_opt(self.inner.key.as_ref(), domain, &[&server_nonce, &client_nonce, body]);
+        pb::Auth { server_nonce, client_nonce: client_nonce.to_vec(), tag: tag.to_vec() }
     }
 }
 
@@ -543,26 +427,12 @@ mod tests {
             Ok(Response::new(pb::ChallengeResponse { nonce: vec![1; 16] }))
         }
 
-        async fn join(
-            &self,
-            req: Request<pb::JoinRequest>,
-        ) -> std::result::Result<Response<pb::JoinResponse>, Status> {
+        async fn join(&self, req: Request<pb::JoinRequest>) -> std::result::Result<Response<pb::JoinResponse>, Status> {
             let body = pb::JoinBody::decode(req.get_ref().body.as_slice())
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let peer = pb::Peer {
-                rank: body.rank,
-                host: body.host,
-                endpoints: body.endpoints,
-            };
-            let table = pb::PeerTable {
-                comm_id: vec![9; 16],
-                group: body.group,
-                peers: vec![peer],
-            };
-            Ok(Response::new(pb::JoinResponse {
-                table: table.encode_to_vec(),
-                tag: vec![0; 32],
-            }))
+            let peer = pb::Peer { rank: body.rank, host: body.host, endpoints: body.endpoints };
+            let table = pb::PeerTable { comm_id: vec![9; 16], group: body.group, peers: vec![peer] };
+            Ok(Response::new(pb::JoinResponse { table: table.encode_to_vec(), tag: vec![0; 32] }))
         }
 
         async fn abort(
@@ -580,18 +450,9 @@ mod tests {
         ) -> std::result::Result<Response<Self::WatchStream>, Status> {
             let body = pb::WatchBody::decode(req.get_ref().body.as_slice())
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let event = pb::AbortEvent {
-                comm_id: body.comm_id,
-                from_rank: 0,
-                reason: "forged".into(),
-            };
+            let event = pb::AbortEvent { comm_id: body.comm_id, from_rank: 0, reason: "forged".into() };
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let _ = tx
-                .send(Ok(pb::WatchEvent {
-                    event: event.encode_to_vec(),
-                    tag: vec![7; 32],
-                }))
-                .await;
+            let _ = tx.send(Ok(pb::WatchEvent { event: event.encode_to_vec(), tag: vec![7; 32] })).await;
             Ok(Response::new(ReceiverStream::new(rx)))
         }
 
@@ -632,30 +493,18 @@ mod tests {
         let key = Some(AuthKey::from_secret("s"));
         let c = RendezvousClient::connect(&addr, key, deadline).unwrap();
         let err = c.join(req.clone(), deadline).unwrap_err().to_string();
-        assert!(
-            err.contains("not signed with this process's DEVCCL_SECRET"),
-            "{err}"
-        );
+        assert!(err.contains("not signed with this process's DEVCCL_SECRET"), "{err}");
 
         // A forged abort event is ignored; the stream then ends.
         let fired = Arc::new(AtomicBool::new(false));
         let f = Arc::clone(&fired);
-        let w = c
-            .watch(
-                CommId([9; 16]),
-                Rank(0),
-                Box::new(move |_| f.store(true, Ordering::SeqCst)),
-            )
-            .unwrap();
+        let w = c.watch(CommId([9; 16]), Rank(0), Box::new(move |_| f.store(true, Ordering::SeqCst))).unwrap();
         let t0 = Instant::now();
         while w.is_active() && t0.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!w.is_active());
-        assert!(
-            !fired.load(Ordering::SeqCst),
-            "forged abort event delivered"
-        );
+        assert!(!fired.load(Ordering::SeqCst), "forged abort event delivered");
 
         // Without a secret on either side the zero tags verify (the check above is real).
         let c = RendezvousClient::connect(&addr, None, deadline).unwrap();

@@ -35,25 +35,13 @@ pub(crate) const TIMEOUT_MS_KEY: &str = "devccl-timeout-ms";
 pub(crate) const MAX_WORLD: u32 = 1 << 20;
 
 pub(crate) fn host_to_pb(h: &HostIdentity) -> pb::HostIdentity {
-    pb::HostIdentity {
-        hostname: h.hostname.clone(),
-        boot_id: h.boot_id.clone(),
-        pid: h.pid,
-    }
+    pb::HostIdentity { hostname: h.hostname.clone(), boot_id: h.boot_id.clone(), pid: h.pid }
 }
 
 pub(crate) fn host_from_pb(h: Option<&pb::HostIdentity>) -> HostIdentity {
     match h {
-        Some(h) => HostIdentity {
-            hostname: h.hostname.clone(),
-            boot_id: h.boot_id.clone(),
-            pid: h.pid,
-        },
-        None => HostIdentity {
-            hostname: "unknown-host".into(),
-            boot_id: String::new(),
-            pid: 0,
-        },
+        Some(h) => HostIdentity { hostname: h.hostname.clone(), boot_id: h.boot_id.clone(), pid: h.pid },
+        None => HostIdentity { hostname: "unknown-host".into(), boot_id: String::new(), pid: 0 },
     }
 }
 
@@ -61,14 +49,7 @@ pub(crate) fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
     pb::Endpoint {
         kind: e.kind.name().to_string(),
         address: e.address.clone(),
-        caps: e
-            .caps
-            .iter()
-            .map(|(k, v)| pb::Capability {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
+        caps: e.caps.iter().map(|(k, v)| pb::Capability { key: k.clone(), value: v.clone() }).collect(),
     }
 }
 
@@ -78,33 +59,19 @@ pub(crate) fn endpoint_from_pb(e: &pb::Endpoint) -> Option<Endpoint> {
     Some(Endpoint {
         kind,
         address: e.address.clone(),
-        caps: e
-            .caps
-            .iter()
-            .map(|c| (c.key.clone(), c.value.clone()))
-            .collect(),
+        caps: e.caps.iter().map(|c| (c.key.clone(), c.value.clone())).collect(),
     })
 }
 
 /// Decode and check a peer table: the right group and size, index == rank, 16-byte id.
-pub(crate) fn table_from_pb(
-    t: &pb::PeerTable,
-    group: &str,
-    world: usize,
-) -> Result<PeerTable, String> {
+pub(crate) fn table_from_pb(t: &pb::PeerTable, group: &str, world: usize) -> Result<PeerTable, String> {
     let comm = CommId::from_slice(&t.comm_id)
         .ok_or_else(|| format!("communicator id has {} bytes, not 16", t.comm_id.len()))?;
     if t.group != group {
-        return Err(format!(
-            "the table is for group '{}', not '{group}'",
-            t.group
-        ));
+        return Err(format!("the table is for group '{}', not '{group}'", t.group));
     }
     if t.peers.len() != world {
-        return Err(format!(
-            "the table has {} ranks, not {world}",
-            t.peers.len()
-        ));
+        return Err(format!("the table has {} ranks, not {world}", t.peers.len()));
     }
     let mut peers = Vec::with_capacity(t.peers.len());
     for (i, p) in t.peers.iter().enumerate() {
@@ -120,17 +87,9 @@ pub(crate) fn table_from_pb(
                 }
             }
         }
-        peers.push(PeerInfo {
-            rank: Rank(p.rank),
-            host: host_from_pb(p.host.as_ref()),
-            endpoints,
-        });
+        peers.push(PeerInfo { rank: Rank(p.rank), host: host_from_pb(p.host.as_ref()), endpoints });
     }
-    Ok(PeerTable {
-        comm,
-        group: t.group.clone(),
-        peers,
-    })
+    Ok(PeerTable { comm, group: t.group.clone(), peers })
 }
 
 /// `[0, 2, 5]`, shortened after 32 entries.
@@ -206,14 +165,8 @@ impl CallContext<'_> {
             // tonic's server-side grpc-timeout layer answers "Timeout expired" as Cancelled.
             Code::Cancelled if s.message().contains("Timeout expired") => Error::Timeout {
                 what: match self.group {
-                    Some(g) => format!(
-                        "rendezvous group '{g}' at {}: the server gave up at the deadline",
-                        self.addr
-                    ),
-                    None => format!(
-                        "rendezvous server at {}: the call reached its deadline",
-                        self.addr
-                    ),
+                    Some(g) => format!("rendezvous group '{g}' at {}: the server gave up at the deadline", self.addr),
+                    None => format!("rendezvous server at {}: the call reached its deadline", self.addr),
                 },
                 after: self.budget(),
             },
@@ -227,20 +180,10 @@ impl CallContext<'_> {
             },
             Code::Unavailable => Error::Remote {
                 peer: None,
-                message: format!(
-                    "rendezvous server at {} is unreachable or shutting down: {}",
-                    self.addr,
-                    s.message()
-                ),
+                message: format!("rendezvous server at {} is unreachable or shutting down: {}", self.addr, s.message()),
             },
-            Code::PermissionDenied | Code::Unauthenticated => Error::Remote {
-                peer: None,
-                message: msg,
-            },
-            _ => Error::Remote {
-                peer: fault,
-                message: msg,
-            },
+            Code::PermissionDenied | Code::Unauthenticated => Error::Remote { peer: None, message: msg },
+            _ => Error::Remote { peer: fault, message: msg },
         }
     }
 
@@ -251,15 +194,9 @@ impl CallContext<'_> {
                 "rendezvous group '{g}' at {}: no answer from the server to {doing} before the deadline",
                 self.addr
             ),
-            None => format!(
-                "rendezvous server at {}: no answer to {doing} before the deadline",
-                self.addr
-            ),
+            None => format!("rendezvous server at {}: no answer to {doing} before the deadline", self.addr),
         };
-        Error::Timeout {
-            what,
-            after: self.budget(),
-        }
+        Error::Timeout { what, after: self.budget() }
     }
 
     /// The time the caller allowed.
@@ -305,45 +242,15 @@ mod tests {
 
     #[test]
     fn inconsistent_tables_are_refused() {
-        let peer = |rank| pb::Peer {
-            rank,
-            host: None,
-            endpoints: vec![],
-        };
-        let good = pb::PeerTable {
-            comm_id: vec![1; 16],
-            group: "g".into(),
-            peers: vec![peer(0), peer(1)],
-        };
+        let peer = |rank| pb::Peer { rank, host: None, endpoints: vec![] };
+        let good = pb::PeerTable { comm_id: vec![1; 16], group: "g".into(), peers: vec![peer(0), peer(1)] };
         assert!(table_from_pb(&good, "g", 2).is_ok());
-        assert!(
-            table_from_pb(&good, "h", 2)
-                .unwrap_err()
-                .contains("group 'g'")
-        );
-        assert!(
-            table_from_pb(&good, "g", 3)
-                .unwrap_err()
-                .contains("2 ranks")
-        );
-        let swapped = pb::PeerTable {
-            peers: vec![peer(1), peer(0)],
-            ..good.clone()
-        };
-        assert!(
-            table_from_pb(&swapped, "g", 2)
-                .unwrap_err()
-                .contains("entry 0 is for rank 1")
-        );
-        let short_id = pb::PeerTable {
-            comm_id: vec![1; 8],
-            ..good
-        };
-        assert!(
-            table_from_pb(&short_id, "g", 2)
-                .unwrap_err()
-                .contains("8 bytes")
-        );
+        assert!(table_from_pb(&good, "h", 2).unwrap_err().contains("group 'g'"));
+        assert!(table_from_pb(&good, "g", 3).unwrap_err().contains("2 ranks"));
+        let swapped = pb::PeerTable { peers: vec![peer(1), peer(0)], ..good.clone() };
+        assert!(table_from_pb(&swapped, "g", 2).unwrap_err().contains("entry 0 is for rank 1"));
+        let short_id = pb::PeerTable { comm_id: vec![1; 8], ..good };
+        assert!(table_from_pb(&short_id, "g", 2).unwrap_err().contains("8 bytes"));
     }
 
     #[test]
@@ -364,48 +271,28 @@ mod tests {
             started: now,
             deadline: now + Duration::from_secs(9),
         };
-        let mut s = Status::deadline_exceeded(
-            "rendezvous group 'world': 3 of 4 ranks joined; missing ranks [2]",
-        );
-        s.metadata_mut()
-            .insert(TIMEOUT_MS_KEY, "1500".parse().unwrap());
+        let mut s = Status::deadline_exceeded("rendezvous group 'world': 3 of 4 ranks joined; missing ranks [2]");
+        s.metadata_mut().insert(TIMEOUT_MS_KEY, "1500".parse().unwrap());
         match &cx.error(&s) {
             Error::Timeout { what, after } => {
-                assert_eq!(
-                    what,
-                    "rendezvous group 'world' at 10.0.0.1:29500: 3 of 4 ranks joined; missing ranks [2]"
-                );
+                assert_eq!(what, "rendezvous group 'world' at 10.0.0.1:29500: 3 of 4 ranks joined; missing ranks [2]");
                 assert_eq!(*after, Duration::from_millis(1500));
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            cx.error(&Status::invalid_argument(
-                "rendezvous group 'world': rank 5"
-            )),
+            cx.error(&Status::invalid_argument("rendezvous group 'world': rank 5")),
             Error::InvalidUsage(_)
         ));
         let mut s = Status::already_exists("rendezvous group 'world': rank 1 joined twice");
-        s.metadata_mut()
-            .insert(FAULT_RANK_KEY, "1".parse().unwrap());
-        assert!(matches!(
-            cx.error(&s),
-            Error::Remote {
-                peer: Some(Rank(1)),
-                ..
-            }
-        ));
+        s.metadata_mut().insert(FAULT_RANK_KEY, "1".parse().unwrap());
+        assert!(matches!(cx.error(&s), Error::Remote { peer: Some(Rank(1)), .. }));
         let e = cx.error(&Status::unimplemented("nope")).to_string();
         assert!(e.contains("not a devccl rendezvous server"), "{e}");
         assert!(
             matches!(cx.error(&Status::deadline_exceeded("x")), Error::Timeout { after, .. } if after == Duration::from_secs(9))
         );
-        let other = CallContext {
-            addr: "h:1",
-            group: None,
-            started: now,
-            deadline: now,
-        };
+        let other = CallContext { addr: "h:1", group: None, started: now, deadline: now };
         assert_eq!(other.localize("boom"), "rendezvous server at h:1: boom");
     }
 }

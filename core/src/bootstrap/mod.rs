@@ -106,11 +106,7 @@ impl HostIdentity {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        HostIdentity {
-            hostname,
-            boot_id,
-            pid: std::process::id(),
-        }
+        HostIdentity { hostname, boot_id, pid: std::process::id() }
     }
 
     /// True when both processes run on the same machine and boot (same host name and boot
@@ -202,11 +198,7 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions {
-            world: None,
-            key: None,
-            group_timeout: DEFAULT_GROUP_TIMEOUT,
-        }
+        ServerOptions { world: None, key: None, group_timeout: DEFAULT_GROUP_TIMEOUT }
     }
 }
 
@@ -254,10 +246,7 @@ where
         Err(_) => {
             task.abort();
             Err(Error::Timeout {
-                what: format!(
-                    "{} (the devccl runtime did not run it; is every devccl-rt worker blocked?)",
-                    what()
-                ),
+                what: format!("{} (the devccl runtime did not run it; is every devccl-rt worker blocked?)", what()),
                 after: started.elapsed(),
             })
         }

@@ -19,12 +19,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
 use super::codec::{
-    DOMAIN_ABORT, DOMAIN_ABORT_EVENT, DOMAIN_JOIN, DOMAIN_JOIN_REPLY, DOMAIN_LEAVE, DOMAIN_WATCH,
-    FAULT_RANK_KEY, MAX_WORLD, TIMEOUT_MS_KEY, fmt_ranks, host_from_pb, host_to_pb,
+    DOMAIN_ABORT, DOMAIN_ABORT_EVENT, DOMAIN_JOIN, DOMAIN_JOIN_REPLY, DOMAIN_LEAVE, DOMAIN_WATCH, FAULT_RANK_KEY,
+    MAX_WORLD, TIMEOUT_MS_KEY, fmt_ranks, host_from_pb, host_to_pb,
 };
-use super::{
-    CHALLENGE_TTL, HostIdentity, ServerOptions, WORLD_GROUP, block_on, runtime, tokio_deadline,
-};
+use super::{CHALLENGE_TTL, HostIdentity, ServerOptions, WORLD_GROUP, block_on, runtime, tokio_deadline};
 use crate::auth::{self, tag_opt, verify_opt};
 use crate::error::{Error, Result};
 use crate::types::CommId;
@@ -56,29 +54,20 @@ impl RendezvousServer {
     /// [`Error::System`] when the address cannot be resolved or bound (e.g. the port is in use).
     pub fn start(listen: &str, opts: ServerOptions) -> Result<RendezvousServer> {
         if opts.group_timeout.is_zero() {
-            return Err(Error::usage(
-                "rendezvous server: group_timeout must be positive",
-            ));
+            return Err(Error::usage("rendezvous server: group_timeout must be positive"));
         }
         if let Some(w) = opts.world
             && !(1..=MAX_WORLD as usize).contains(&w)
         {
-            return Err(Error::usage(format!(
-                "rendezvous server: world size {w} is not in 1..={MAX_WORLD}"
-            )));
+            return Err(Error::usage(format!("rendezvous server: world size {w} is not in 1..={MAX_WORLD}")));
         }
         let addrs: Vec<SocketAddr> = listen
             .to_socket_addrs()
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::InvalidInput {
-                    Error::usage(format!(
-                        "rendezvous listen address {listen:?} is not host:port ({e})"
-                    ))
+                    Error::usage(format!("rendezvous listen address {listen:?} is not host:port ({e})"))
                 } else {
-                    Error::system(
-                        format!("resolving the rendezvous listen address {listen:?}"),
-                        e,
-                    )
+                    Error::system(format!("resolving the rendezvous listen address {listen:?}"), e)
                 }
             })?
             .collect();
@@ -96,34 +85,20 @@ impl RendezvousServer {
         let Some(std_listener) = bound else {
             return Err(match last_err {
                 Some(e) => Error::system(format!("binding the rendezvous server to {listen}"), e),
-                None => Error::usage(format!(
-                    "rendezvous listen address {listen:?} resolves to no address"
-                )),
+                None => Error::usage(format!("rendezvous listen address {listen:?} resolves to no address")),
             });
         };
         let ctx = || format!("setting up the rendezvous listener on {listen}");
-        std_listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::system(ctx(), e))?;
-        let local = std_listener
-            .local_addr()
-            .map_err(|e| Error::system(ctx(), e))?;
+        std_listener.set_nonblocking(true).map_err(|e| Error::system(ctx(), e))?;
+        let local = std_listener.local_addr().map_err(|e| Error::system(ctx(), e))?;
         let listener = {
             let _rt = runtime().enter();
             tokio::net::TcpListener::from_std(std_listener).map_err(|e| Error::system(ctx(), e))?
         };
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(30)));
-        let shared = Arc::new(Shared {
-            opts,
-            local,
-            next_id: AtomicU64::new(1),
-            state: Mutex::new(State::default()),
-        });
-        let service = RendezvousService::new(Service {
-            shared: Arc::clone(&shared),
-        });
+        let incoming =
+            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
+        let shared = Arc::new(Shared { opts, local, next_id: AtomicU64::new(1), state: Mutex::new(State::default()) });
+        let service = RendezvousService::new(Service { shared: Arc::clone(&shared) });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -133,12 +108,7 @@ impl RendezvousServer {
             let _ = stop_rx.await;
         }));
         tracing::info!(addr = %local, world = ?shared.opts.world, secret = shared.opts.key.is_some(), "rendezvous server listening");
-        Ok(RendezvousServer {
-            local,
-            shared,
-            stop_tx: Some(stop_tx),
-            task: Some(task),
-        })
+        Ok(RendezvousServer { local, shared, stop_tx: Some(stop_tx), task: Some(task) })
     }
 
     /// The address the server listens on (with the port chosen when 0 was asked for).
@@ -181,9 +151,7 @@ impl RendezvousServer {
             ));
         }
         let Some(mut task) = self.task.take() else {
-            return Err(Error::Internal(
-                "rendezvous server: serve_forever on a stopped server".into(),
-            ));
+            return Err(Error::Internal("rendezvous server: serve_forever on a stopped server".into()));
         };
         let local = self.local;
         let outcome = runtime().block_on(async move {
@@ -191,10 +159,7 @@ impl RendezvousServer {
             let mut term = match signal(SignalKind::terminate()) {
                 Ok(t) => t,
                 Err(e) => {
-                    return (
-                        Some(task),
-                        Err(Error::system("installing the SIGTERM handler", e)),
-                    );
+                    return (Some(task), Err(Error::system("installing the SIGTERM handler", e)));
                 }
             };
             tokio::select! {
@@ -234,11 +199,7 @@ impl RendezvousServer {
         let abort = task.abort_handle();
         let until = Instant::now() + SHUTDOWN_GRACE;
         let closed = block_on(
-            async move {
-                Ok(tokio::time::timeout_at(tokio_deadline(until), task)
-                    .await
-                    .is_ok())
-            },
+            async move { Ok(tokio::time::timeout_at(tokio_deadline(until), task).await.is_ok()) },
             until,
             || "stopping the rendezvous server".to_string(),
         );
@@ -307,21 +268,11 @@ struct Failure {
 
 impl Failure {
     fn new(code: Code, message: impl Into<String>, fault: Option<u32>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-            fault,
-            after: None,
-        }
+        Failure { code, message: message.into(), fault, after: None }
     }
 
     fn timeout(message: impl Into<String>, after: Duration) -> Failure {
-        Failure {
-            code: Code::DeadlineExceeded,
-            message: message.into(),
-            fault: None,
-            after: Some(after),
-        }
+        Failure { code: Code::DeadlineExceeded, message: message.into(), fault: None, after: Some(after) }
     }
 
     fn status(&self) -> Status {
@@ -365,24 +316,11 @@ struct Forming {
 impl Forming {
     /// `3 of 4 ranks joined; missing ranks [2]`.
     fn summary(&self) -> String {
-        let joined: BTreeSet<u32> = self
-            .members
-            .keys()
-            .chain(self.departed.keys())
-            .copied()
-            .collect();
+        let joined: BTreeSet<u32> = self.members.keys().chain(self.departed.keys()).copied().collect();
         let missing = (0..self.world).filter(|r| !joined.contains(r));
-        let mut s = format!(
-            "{} of {} ranks joined; missing ranks {}",
-            joined.len(),
-            self.world,
-            fmt_ranks(missing)
-        );
+        let mut s = format!("{} of {} ranks joined; missing ranks {}", joined.len(), self.world, fmt_ranks(missing));
         if !self.departed.is_empty() {
-            s.push_str(&format!(
-                "; ranks {} joined but stopped waiting",
-                fmt_ranks(self.departed.keys().copied())
-            ));
+            s.push_str(&format!("; ranks {} joined but stopped waiting", fmt_ranks(self.departed.keys().copied())));
         }
         s
     }
@@ -428,8 +366,7 @@ struct State {
 
 impl State {
     fn purge(&mut self, now: Instant) {
-        self.groups
-            .retain(|_, g| !matches!(g, Group::Failed(f) if f.expires <= now));
+        self.groups.retain(|_, g| !matches!(g, Group::Failed(f) if f.expires <= now));
         if self.nonces.len() > 1024 {
             self.nonces.retain(|_, exp| *exp > now);
         }
@@ -471,12 +408,7 @@ impl State {
         if self.groups.len() >= MAX_GROUPS {
             return;
         }
-        let failed = Failed {
-            failure: failure.clone(),
-            world,
-            told,
-            expires: Instant::now() + linger,
-        };
+        let failed = Failed { failure: failure.clone(), world, told, expires: Instant::now() + linger };
         self.groups.insert(name.to_string(), Group::Failed(failed));
     }
 
@@ -581,12 +513,7 @@ enum Verdict {
     /// Add the joiner to the forming group.
     Add,
     /// Fail the group (`others`, world) and answer the joiner with `offender`.
-    Fail {
-        others: Failure,
-        world: u32,
-        offender: Failure,
-        offender_told: bool,
-    },
+    Fail { others: Failure, world: u32, offender: Failure, offender_told: bool },
 }
 
 impl Shared {
@@ -601,10 +528,7 @@ impl Shared {
     fn shutting_down(&self, name: &str) -> Failure {
         Failure::new(
             Code::Unavailable,
-            format!(
-                "rendezvous group '{name}': the rendezvous server at {} is shutting down",
-                self.local
-            ),
+            format!("rendezvous group '{name}': the rendezvous server at {} is shutting down", self.local),
             None,
         )
     }
@@ -613,18 +537,13 @@ impl Shared {
     fn challenge(&self) -> std::result::Result<[u8; 16], Status> {
         let mut st = self.lock();
         if st.closed {
-            return Err(Status::unavailable(format!(
-                "the rendezvous server at {} is shutting down",
-                self.local
-            )));
+            return Err(Status::unavailable(format!("the rendezvous server at {} is shutting down", self.local)));
         }
         let now = Instant::now();
         if st.nonces.len() >= MAX_NONCES {
             st.nonces.retain(|_, exp| *exp > now);
             if st.nonces.len() >= MAX_NONCES {
-                return Err(Status::resource_exhausted(
-                    "rendezvous: too many outstanding challenges; retry shortly",
-                ));
+                return Err(Status::resource_exhausted("rendezvous: too many outstanding challenges; retry shortly"));
             }
         }
         let n = auth::nonce();
@@ -633,12 +552,7 @@ impl Shared {
     }
 
     /// Check a signed request (consumes its nonce).
-    fn check_auth(
-        &self,
-        domain: &str,
-        auth: &pb::Auth,
-        body: &[u8],
-    ) -> std::result::Result<(), AuthProblem> {
+    fn check_auth(&self, domain: &str, auth: &pb::Auth, body: &[u8]) -> std::result::Result<(), AuthProblem> {
         let Ok(nonce) = <[u8; 16]>::try_from(auth.server_nonce.as_slice()) else {
             return Err(AuthProblem::BadNonce);
         };
@@ -647,12 +561,7 @@ impl Shared {
             _ => return Err(AuthProblem::BadNonce),
         }
         let key = self.opts.key.as_ref();
-        if verify_opt(
-            key,
-            domain,
-            &[&auth.server_nonce, &auth.client_nonce, body],
-            &auth.tag,
-        ) {
+        if verify_opt(key, domain, &[&auth.server_nonce, &auth.client_nonce, body], &auth.tag) {
             return Ok(());
         }
         Err(match key {
@@ -664,13 +573,7 @@ impl Shared {
 
     /// A join with a bad secret: fail the group for its waiters (or remember the failure for
     /// those still to come) and return the offender's answer.
-    fn secret_mismatch(
-        &self,
-        name: &str,
-        who: &Who,
-        claimed_world: u32,
-        problem: AuthProblem,
-    ) -> Status {
+    fn secret_mismatch(&self, name: &str, who: &Who, claimed_world: u32, problem: AuthProblem) -> Status {
         let offender = problem.status(&format!("rendezvous group '{name}': rank {}", who.rank));
         let others = Failure::new(
             Code::PermissionDenied,
@@ -684,11 +587,7 @@ impl Shared {
         );
         let mut st = self.lock();
         if !st.closed && !name.is_empty() {
-            let world = if (1..=MAX_WORLD).contains(&claimed_world) {
-                claimed_world
-            } else {
-                0
-            };
+            let world = if (1..=MAX_WORLD).contains(&claimed_world) { claimed_world } else { 0 };
             st.fail_group(name, &others, world, None, self.opts.group_timeout);
         }
         offender
@@ -706,19 +605,12 @@ impl Shared {
         let g = format!("rendezvous group '{name}'");
         let rank = who.rank;
         if name.is_empty() {
-            return Err(Failure::new(
-                Code::InvalidArgument,
-                "rendezvous group '': the group name is empty",
-                None,
-            ));
+            return Err(Failure::new(Code::InvalidArgument, "rendezvous group '': the group name is empty", None));
         }
         if world == 0 || world > MAX_WORLD {
             return Err(Failure::new(
                 Code::InvalidArgument,
-                format!(
-                    "{g}: {} says world size {world}, which is not in 1..={MAX_WORLD}",
-                    who.describe()
-                ),
+                format!("{g}: {} says world size {world}, which is not in 1..={MAX_WORLD}", who.describe()),
                 Some(rank),
             ));
         }
@@ -758,12 +650,7 @@ impl Shared {
                         ),
                         Some(rank),
                     );
-                    Verdict::Fail {
-                        others: f.clone(),
-                        world: w as u32,
-                        offender: f,
-                        offender_told: true,
-                    }
+                    Verdict::Fail { others: f.clone(), world: w as u32, offender: f, offender_told: true }
                 }
                 _ => Verdict::Open,
             },
@@ -778,48 +665,25 @@ impl Shared {
                     ),
                     Some(rank),
                 );
-                Verdict::Fail {
-                    others: fail.clone(),
-                    world: f.world,
-                    offender: fail,
-                    offender_told: true,
-                }
+                Verdict::Fail { others: fail.clone(), world: f.world, offender: fail, offender_told: true }
             }
             Some(Group::Forming(f)) => match f.members.get(&rank) {
                 Some(m) => {
                     let fail = Failure::new(
                         Code::AlreadyExists,
-                        format!(
-                            "{g}: rank {rank} joined twice: by {} and by {}",
-                            m.who.origin(),
-                            who.origin()
-                        ),
+                        format!("{g}: rank {rank} joined twice: by {} and by {}", m.who.origin(), who.origin()),
                         Some(rank),
                     );
-                    Verdict::Fail {
-                        others: fail.clone(),
-                        world: f.world,
-                        offender: fail,
-                        offender_told: true,
-                    }
+                    Verdict::Fail { others: fail.clone(), world: f.world, offender: fail, offender_told: true }
                 }
                 None => Verdict::Add,
             },
             Some(Group::Failed(_)) => {
-                return Err(Failure::new(
-                    Code::Internal,
-                    format!("{g}: inconsistent server state"),
-                    None,
-                ));
+                return Err(Failure::new(Code::Internal, format!("{g}: inconsistent server state"), None));
             }
         };
         match verdict {
-            Verdict::Fail {
-                others,
-                world,
-                offender,
-                offender_told,
-            } => {
+            Verdict::Fail { others, world, offender, offender_told } => {
                 st.fail_group(name, &others, world, offender_told.then_some(rank), linger);
                 return Err(offender);
             }
@@ -853,24 +717,12 @@ impl Shared {
             Verdict::Add => {}
         }
         let Some(Group::Forming(f)) = st.groups.get_mut(name) else {
-            return Err(Failure::new(
-                Code::Internal,
-                format!("{g}: inconsistent server state"),
-                None,
-            ));
+            return Err(Failure::new(Code::Internal, format!("{g}: inconsistent server state"), None));
         };
         let (tx, rx) = oneshot::channel();
         f.departed.remove(&rank);
         tracing::debug!(group = name, rank, host = %who.host, "rendezvous: rank joined");
-        f.members.insert(
-            rank,
-            Member {
-                who,
-                token,
-                endpoints,
-                tx,
-            },
-        );
+        f.members.insert(rank, Member { who, token, endpoints, tx });
         if f.members.len() == f.world as usize {
             Self::complete(&mut st, name);
         }
@@ -892,28 +744,15 @@ impl Shared {
         let mut peers = Vec::with_capacity(g.members.len());
         let mut txs = Vec::with_capacity(g.members.len());
         for (rank, m) in g.members {
-            peers.push(pb::Peer {
-                rank,
-                host: Some(host_to_pb(&m.who.host)),
-                endpoints: m.endpoints,
-            });
+            peers.push(pb::Peer { rank, host: Some(host_to_pb(&m.who.host)), endpoints: m.endpoints });
             txs.push(m.tx);
         }
-        let table = pb::PeerTable {
-            comm_id: comm.0.to_vec(),
-            group: name.to_string(),
-            peers,
-        };
+        let table = pb::PeerTable { comm_id: comm.0.to_vec(), group: name.to_string(), peers };
         let bytes = Arc::new(table.encode_to_vec());
         let (abort, _) = watch::channel(None);
         st.comms.insert(
             comm,
-            CommRecord {
-                group: name.to_string(),
-                world: g.world,
-                remaining: (0..g.world).collect(),
-                abort,
-            },
+            CommRecord { group: name.to_string(), world: g.world, remaining: (0..g.world).collect(), abort },
         );
         tracing::info!(group = name, world = g.world, comm = %comm, "rendezvous group complete");
         for tx in txs {
@@ -939,13 +778,7 @@ impl Shared {
 
     /// A member's own deadline is near: its timeout error, and it leaves the group. `None` when
     /// the group already answered it.
-    fn member_deadline(
-        &self,
-        name: &str,
-        rank: u32,
-        token: u64,
-        limit: Duration,
-    ) -> Option<Failure> {
+    fn member_deadline(&self, name: &str, rank: u32, token: u64, limit: Duration) -> Option<Failure> {
         let mut st = self.lock();
         let msg = match st.groups.get(name) {
             Some(Group::Forming(g)) if g.members.get(&rank).map(|m| m.token) == Some(token) => {
@@ -983,18 +816,9 @@ impl Shared {
     }
 
     /// Look up a communicator for abort/watch and check the rank.
-    fn comm_check(
-        &self,
-        st: &State,
-        comm_id: &[u8],
-        rank: u32,
-        doing: &str,
-    ) -> std::result::Result<CommId, Status> {
+    fn comm_check(&self, st: &State, comm_id: &[u8], rank: u32, doing: &str) -> std::result::Result<CommId, Status> {
         if st.closed {
-            return Err(Status::unavailable(format!(
-                "the rendezvous server at {} is shutting down",
-                self.local
-            )));
+            return Err(Status::unavailable(format!("the rendezvous server at {} is shutting down", self.local)));
         }
         let comm = CommId::from_slice(comm_id).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -1035,17 +859,9 @@ impl Drop for DepartGuard {
     }
 }
 
-fn decode<M: Message + Default>(
-    bytes: &[u8],
-    what: &str,
-    peer: Option<SocketAddr>,
-) -> std::result::Result<M, Status> {
-    M::decode(bytes).map_err(|e| {
-        Status::invalid_argument(format!(
-            "rendezvous: malformed {what} from {}: {e}",
-            peer_str(peer)
-        ))
-    })
+fn decode<M: Message + Default>(bytes: &[u8], what: &str, peer: Option<SocketAddr>) -> std::result::Result<M, Status> {
+    M::decode(bytes)
+        .map_err(|e| Status::invalid_argument(format!("rendezvous: malformed {what} from {}: {e}", peer_str(peer))))
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -1072,32 +888,21 @@ impl Rendezvous for Service {
         _req: Request<pb::ChallengeRequest>,
     ) -> std::result::Result<Response<pb::ChallengeResponse>, Status> {
         let nonce = self.shared.challenge()?;
-        Ok(Response::new(pb::ChallengeResponse {
-            nonce: nonce.to_vec(),
-        }))
+        Ok(Response::new(pb::ChallengeResponse { nonce: nonce.to_vec() }))
     }
 
-    async fn join(
-        &self,
-        req: Request<pb::JoinRequest>,
-    ) -> std::result::Result<Response<pb::JoinResponse>, Status> {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> std::result::Result<Response<pb::JoinResponse>, Status> {
         let received = Instant::now();
         let peer = req.remote_addr();
         let req = req.into_inner();
         let body: pb::JoinBody = decode(&req.body, "join request", peer)?;
         let auth = req.auth.unwrap_or_default();
-        let who = Who {
-            rank: body.rank,
-            host: host_from_pb(body.host.as_ref()),
-            peer,
-        };
+        let who = Who { rank: body.rank, host: host_from_pb(body.host.as_ref()), peer };
         let name = body.group;
         let rank = body.rank;
         if let Err(p) = self.shared.check_auth(DOMAIN_JOIN, &auth, &req.body) {
             return Err(match p {
-                AuthProblem::BadNonce => {
-                    p.status(&format!("rendezvous group '{name}': rank {rank}"))
-                }
+                AuthProblem::BadNonce => p.status(&format!("rendezvous group '{name}': rank {rank}")),
                 p => self.shared.secret_mismatch(&name, &who, body.world, p),
             });
         }
@@ -1107,24 +912,14 @@ impl Rendezvous for Service {
             )));
         }
         let token = self.shared.next_id();
-        let mut rx = self
-            .shared
-            .join(&name, who, body.world, body.endpoints, token)
-            .map_err(|f| f.status())?;
-        let mut guard = DepartGuard {
-            shared: Arc::clone(&self.shared),
-            name: name.clone(),
-            rank,
-            token,
-            armed: true,
-        };
+        let mut rx = self.shared.join(&name, who, body.world, body.endpoints, token).map_err(|f| f.status())?;
+        let mut guard = DepartGuard { shared: Arc::clone(&self.shared), name: name.clone(), rank, token, armed: true };
         // Answer with the missing ranks shortly before the caller's deadline, so the answer
         // arrives while the caller still listens.
         let limit = Duration::from_millis(body.timeout_ms);
         let answer_by = (body.timeout_ms > 0).then_some(limit).and_then(|t| {
-            received.checked_add(t.saturating_sub(
-                (t / 10).clamp(Duration::from_millis(10), Duration::from_millis(250)),
-            ))
+            received
+                .checked_add(t.saturating_sub((t / 10).clamp(Duration::from_millis(10), Duration::from_millis(250))))
         });
         let outcome = match answer_by {
             None => (&mut rx).await,
@@ -1139,25 +934,15 @@ impl Rendezvous for Service {
         guard.armed = false;
         match outcome {
             Ok(Ok(table)) => {
-                let tag = tag_opt(
-                    self.shared.opts.key.as_ref(),
-                    DOMAIN_JOIN_REPLY,
-                    &[&auth.client_nonce, &table],
-                );
-                Ok(Response::new(pb::JoinResponse {
-                    table: table.as_ref().clone(),
-                    tag: tag.to_vec(),
-                }))
+                let tag = tag_opt(self.shared.opts.key.as_ref(), DOMAIN_JOIN_REPLY, &[&auth.client_nonce, &table]);
+                Ok(Response::new(pb::JoinResponse { table: table.as_ref().clone(), tag: tag.to_vec() }))
             }
             Ok(Err(f)) => Err(f.status()),
             Err(_) => Err(self.shared.shutting_down(&name).status()),
         }
     }
 
-    async fn abort(
-        &self,
-        req: Request<pb::AbortRequest>,
-    ) -> std::result::Result<Response<pb::AbortResponse>, Status> {
+    async fn abort(&self, req: Request<pb::AbortRequest>) -> std::result::Result<Response<pb::AbortResponse>, Status> {
         let peer = req.remote_addr();
         let req = req.into_inner();
         let body: pb::AbortBody = decode(&req.body, "abort request", peer)?;
@@ -1166,28 +951,20 @@ impl Rendezvous for Service {
             .check_auth(DOMAIN_ABORT, &req.auth.unwrap_or_default(), &req.body)
             .map_err(|p| p.status(&format!("rendezvous: the {doing} from {}", peer_str(peer))))?;
         let st = self.shared.lock();
-        let comm = self
-            .shared
-            .comm_check(&st, &body.comm_id, body.rank, &doing)?;
+        let comm = self.shared.comm_check(&st, &body.comm_id, body.rank, &doing)?;
         let rec = &st.comms[&comm];
         let first = rec.abort.borrow().is_none();
         if first {
             let reason = truncate(body.reason, MAX_REASON);
             tracing::warn!(group = %rec.group, comm = %comm, rank = body.rank, %reason, "rendezvous: communicator aborted");
-            rec.abort.send_replace(Some(AbortRecord {
-                from: body.rank,
-                reason,
-            }));
+            rec.abort.send_replace(Some(AbortRecord { from: body.rank, reason }));
         }
         Ok(Response::new(pb::AbortResponse { first }))
     }
 
     type WatchStream = ReceiverStream<std::result::Result<pb::WatchEvent, Status>>;
 
-    async fn watch(
-        &self,
-        req: Request<pb::WatchRequest>,
-    ) -> std::result::Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> std::result::Result<Response<Self::WatchStream>, Status> {
         let peer = req.remote_addr();
         let req = req.into_inner();
         let body: pb::WatchBody = decode(&req.body, "watch request", peer)?;
@@ -1198,9 +975,7 @@ impl Rendezvous for Service {
             .map_err(|p| p.status(&format!("rendezvous: the {doing} from {}", peer_str(peer))))?;
         let mut sub = {
             let st = self.shared.lock();
-            let comm = self
-                .shared
-                .comm_check(&st, &body.comm_id, body.rank, &doing)?;
+            let comm = self.shared.comm_check(&st, &body.comm_id, body.rank, &doing)?;
             st.comms[&comm].abort.subscribe()
         };
         let (tx, rx) = mpsc::channel(1);
@@ -1216,31 +991,14 @@ impl Rendezvous for Service {
                     _ = tx.closed() => return,
                 }
             };
-            let event = pb::AbortEvent {
-                comm_id,
-                from_rank: rec.from,
-                reason: rec.reason,
-            }
-            .encode_to_vec();
-            let tag = tag_opt(
-                key.as_ref(),
-                DOMAIN_ABORT_EVENT,
-                &[&auth.client_nonce, &event],
-            );
-            let _ = tx
-                .send(Ok(pb::WatchEvent {
-                    event,
-                    tag: tag.to_vec(),
-                }))
-                .await;
+            let event = pb::AbortEvent { comm_id, from_rank: rec.from, reason: rec.reason }.encode_to_vec();
+            let tag = tag_opt(key.as_ref(), DOMAIN_ABORT_EVENT, &[&auth.client_nonce, &event]);
+            let _ = tx.send(Ok(pb::WatchEvent { event, tag: tag.to_vec() })).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn leave(
-        &self,
-        req: Request<pb::LeaveRequest>,
-    ) -> std::result::Result<Response<pb::LeaveResponse>, Status> {
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> std::result::Result<Response<pb::LeaveResponse>, Status> {
         let peer = req.remote_addr();
         let req = req.into_inner();
         let body: pb::LeaveBody = decode(&req.body, "leave request", peer)?;
@@ -1249,10 +1007,7 @@ impl Rendezvous for Service {
             .check_auth(DOMAIN_LEAVE, &req.auth.unwrap_or_default(), &req.body)
             .map_err(|p| p.status(&format!("rendezvous: the {doing} from {}", peer_str(peer))))?;
         let mut st = self.shared.lock();
-        let comm = match self
-            .shared
-            .comm_check(&st, &body.comm_id, body.rank, &doing)
-        {
+        let comm = match self.shared.comm_check(&st, &body.comm_id, body.rank, &doing) {
             Ok(c) => c,
             // Leaving twice, or after the server forgot the communicator, is fine.
             Err(s) if s.code() == Code::NotFound => return Ok(Response::new(pb::LeaveResponse {})),
@@ -1273,15 +1028,7 @@ mod tests {
     use super::*;
 
     fn who(rank: u32) -> Who {
-        Who {
-            rank,
-            host: HostIdentity {
-                hostname: "h".into(),
-                boot_id: "b".into(),
-                pid: 100 + rank,
-            },
-            peer: None,
-        }
+        Who { rank, host: HostIdentity { hostname: "h".into(), boot_id: "b".into(), pid: 100 + rank }, peer: None }
     }
 
     #[test]
@@ -1290,33 +1037,18 @@ mod tests {
         let f = Failure::new(Code::AlreadyExists, "boom", Some(0));
         st.fail_group("g", &f, 3, Some(0), Duration::from_secs(60));
         assert!(matches!(st.groups.get("g"), Some(Group::Failed(_))));
-        assert_eq!(
-            st.tell_failed("g", 1).map(|f| f.message),
-            Some("boom".into())
-        );
+        assert_eq!(st.tell_failed("g", 1).map(|f| f.message), Some("boom".into()));
         assert!(st.groups.contains_key("g"), "rank 2 not told yet");
-        assert!(
-            st.tell_failed("g", 7).is_some(),
-            "out-of-range ranks are told but not counted"
-        );
+        assert!(st.tell_failed("g", 7).is_some(), "out-of-range ranks are told but not counted");
         assert!(st.groups.contains_key("g"));
         assert!(st.tell_failed("g", 2).is_some());
-        assert!(
-            !st.groups.contains_key("g"),
-            "everyone told: the name is free"
-        );
+        assert!(!st.groups.contains_key("g"), "everyone told: the name is free");
     }
 
     #[test]
     fn failed_group_expires() {
         let mut st = State::default();
-        st.fail_group(
-            "g",
-            &Failure::new(Code::PermissionDenied, "x", None),
-            0,
-            None,
-            Duration::ZERO,
-        );
+        st.fail_group("g", &Failure::new(Code::PermissionDenied, "x", None), 0, None, Duration::ZERO);
         st.purge(Instant::now() + Duration::from_millis(1));
         assert!(st.groups.is_empty());
     }
@@ -1334,46 +1066,22 @@ mod tests {
             departed: BTreeMap::new(),
             timer,
         };
-        g.members.insert(
-            0,
-            Member {
-                who: who(0),
-                token: 1,
-                endpoints: vec![],
-                tx,
-            },
-        );
+        g.members.insert(0, Member { who: who(0), token: 1, endpoints: vec![], tx });
         g.departed.insert(3, who(3));
-        assert_eq!(
-            g.summary(),
-            "2 of 4 ranks joined; missing ranks [1, 2]; ranks [3] joined but stopped waiting"
-        );
+        assert_eq!(g.summary(), "2 of 4 ranks joined; missing ranks [1, 2]; ranks [3] joined but stopped waiting");
     }
 
     #[test]
     fn auth_problems_are_named() {
-        assert!(
-            AuthProblem::Wrong
-                .status("x")
-                .message()
-                .contains("does not match")
-        );
-        assert!(
-            AuthProblem::ClientHasNone
-                .status("x")
-                .message()
-                .contains("has none set (secret mismatch)")
-        );
+        assert!(AuthProblem::Wrong.status("x").message().contains("does not match"));
+        assert!(AuthProblem::ClientHasNone.status("x").message().contains("has none set (secret mismatch)"));
         assert!(
             AuthProblem::ServerHasNone
                 .status("x")
                 .message()
                 .contains("the rendezvous server has none (secret mismatch)")
         );
-        assert_eq!(
-            AuthProblem::BadNonce.status("x").code(),
-            Code::Unauthenticated
-        );
+        assert_eq!(AuthProblem::BadNonce.status("x").code(), Code::Unauthenticated);
         assert_eq!(truncate("héllo".into(), 2), "h...");
     }
 }

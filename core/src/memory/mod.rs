@@ -98,14 +98,7 @@ impl Region {
         keeper: Option<Box<dyn Any + Send>>,
     ) -> Region {
         let ptr = NonNull::new(ptr).unwrap_or(NonNull::dangling());
-        Region(Arc::new(Inner {
-            ptr,
-            len,
-            kind,
-            writable,
-            alive: Mutex::new(true),
-            keeper: Mutex::new(keeper),
-        }))
+        Region(Arc::new(Inner { ptr, len, kind, writable, alive: Mutex::new(true), keeper: Mutex::new(keeper) }))
     }
 
     /// A zeroed host region of `len` bytes, 64-byte aligned (scratch, staging).
@@ -265,11 +258,7 @@ impl Region {
 
     /// Read `src` while writing `dst`. The two may be the same region (disjoint ranges) or
     /// different regions.
-    pub fn with_pair<R>(
-        dst: &RegionSlice,
-        src: &RegionSlice,
-        f: impl FnOnce(&mut [u8], &[u8]) -> R,
-    ) -> Result<R> {
+    pub fn with_pair<R>(dst: &RegionSlice, src: &RegionSlice, f: impl FnOnce(&mut [u8], &[u8]) -> R) -> Result<R> {
         if dst.region.same(&src.region) {
             let (d, s) = (&dst.range, &src.range);
             if d.start < s.end && s.start < d.end && !d.is_empty() && !s.is_empty() {
@@ -292,9 +281,11 @@ impl Region {
         } else {
             // Lock in address order so two threads pairing the same regions cannot deadlock.
             if dst.region.addr() <= src.region.addr() {
-                dst.region.with_bytes_mut(dst.range.clone(), |d| src.region.with_bytes(src.range.clone(), |s| f(d, s)))?
+                dst.region
+                    .with_bytes_mut(dst.range.clone(), |d| src.region.with_bytes(src.range.clone(), |s| f(d, s)))?
             } else {
-                src.region.with_bytes(src.range.clone(), |s| dst.region.with_bytes_mut(dst.range.clone(), |d| f(d, s)))?
+                src.region
+                    .with_bytes(src.range.clone(), |s| dst.region.with_bytes_mut(dst.range.clone(), |d| f(d, s)))?
             }
         }
     }

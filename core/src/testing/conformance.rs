@@ -8,7 +8,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::{Region, RegionSlice};
 use crate::op::ReduceOp;
-use crate::transport::{wait_ready, Completion, Connection, RecvRequest, ReqId, SendRequest};
+use crate::transport::{Completion, Connection, RecvRequest, ReqId, SendRequest, wait_ready};
 use crate::types::{Rank, Seq};
 use crate::wire::{CollKind, FrameHeader, FrameType};
 
@@ -101,15 +101,24 @@ pub fn ordered_payloads(pair: Pair) -> Result<()> {
     let sizes = [0usize, 1, 7, 56, 4096, 65_537, 1 << 20, 4 << 20, 3, 0, 128 << 10];
     let srcs: Vec<Region> = sizes.iter().enumerate().map(|(i, &n)| Region::from_vec(pattern(i as u64, n))).collect();
     let dsts: Vec<Region> = sizes.iter().map(|&n| Region::alloc(n)).collect();
-    let back_src: Vec<Region> = sizes.iter().enumerate().map(|(i, &n)| Region::from_vec(pattern(100 + i as u64, n))).collect();
+    let back_src: Vec<Region> =
+        sizes.iter().enumerate().map(|(i, &n)| Region::from_vec(pattern(100 + i as u64, n))).collect();
     let back_dst: Vec<Region> = sizes.iter().map(|&n| Region::alloc(n)).collect();
     // Post in waves no larger than any transport's queue.
     for wave in (0..sizes.len()).collect::<Vec<_>>().chunks(4) {
         let mut pend = Vec::new();
         for &i in wave {
             let h = header(1, i as u32, sizes[i]);
-            pend.push((1, b.irecv(RecvRequest { expect: h, dst: dsts[i].full() })?.ok_or_else(|| Error::Internal("irecv refused".into()))?));
-            pend.push((0, a.irecv(RecvRequest { expect: h, dst: back_dst[i].full() })?.ok_or_else(|| Error::Internal("irecv refused".into()))?));
+            pend.push((
+                1,
+                b.irecv(RecvRequest { expect: h, dst: dsts[i].full() })?
+                    .ok_or_else(|| Error::Internal("irecv refused".into()))?,
+            ));
+            pend.push((
+                0,
+                a.irecv(RecvRequest { expect: h, dst: back_dst[i].full() })?
+                    .ok_or_else(|| Error::Internal("irecv refused".into()))?,
+            ));
             pend.push((0, post_send(&mut a, h, srcs[i].full())?));
             pend.push((1, post_send(&mut b, h, back_src[i].full())?));
         }

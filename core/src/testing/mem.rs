@@ -38,8 +38,7 @@ impl Queue {
     fn new() -> Arc<Queue> {
         Arc::new(Queue {
             frames: Mutex::new(VecDeque::new()),
-            bell: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                .expect("eventfd"),
+            bell: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).expect("eventfd"),
             closed: AtomicBool::new(false),
         })
     }
@@ -165,7 +164,10 @@ impl MemConn {
                 if self.rx.closed.load(Ordering::SeqCst) {
                     return Err(Error::remote(
                         self.peer,
-                        format!("rank {} closed its connection to rank {} (process exited or failed)", self.peer, self.me),
+                        format!(
+                            "rank {} closed its connection to rank {} (process exited or failed)",
+                            self.peer, self.me
+                        ),
                     ));
                 }
                 return Ok(());

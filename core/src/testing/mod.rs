@@ -4,4 +4,4 @@
 pub mod conformance;
 mod mem;
 
-pub use mem::{mesh, MemTransport};
+pub use mem::{MemTransport, mesh};

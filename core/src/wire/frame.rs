@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::{fnv1a32, get_u32, get_u64, FRAME_MAGIC, WIRE_VERSION};
+use super::{FRAME_MAGIC, WIRE_VERSION, fnv1a32, get_u32, get_u64};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::op::ReduceOp;

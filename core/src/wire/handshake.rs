@@ -1,6 +1,6 @@
 //! Connection handshake messages.
 
-use super::{get_u16, get_u32, HANDSHAKE_MAGIC, WIRE_VERSION};
+use super::{HANDSHAKE_MAGIC, WIRE_VERSION, get_u16, get_u32};
 use crate::error::{Error, Result};
 use crate::types::{CommId, Rank};
 

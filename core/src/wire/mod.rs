@@ -17,7 +17,7 @@ mod frame;
 mod handshake;
 
 pub use frame::{CollKind, FrameHeader, FrameType, HEADER_LEN, MAX_ABORT_REASON};
-pub use handshake::{Challenge, Hello, Verdict, VerdictStatus, CHALLENGE_LEN, HELLO_LEN, VERDICT_LEN};
+pub use handshake::{CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus};
 
 /// Magic of data frames.
 pub const FRAME_MAGIC: [u8; 4] = *b"DVCF";

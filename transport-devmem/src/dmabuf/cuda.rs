@@ -117,15 +117,8 @@ mod imp {
         GPU kernel modules)";
 
     fn cuda_err(op: &'static str, e: DriverError) -> Error {
-        let name = e
-            .error_name()
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "CUDA_ERROR_?".into());
-        Error::Cuda {
-            op,
-            code: e.0 as u32,
-            name,
-        }
+        let name = e.error_name().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|_| "CUDA_ERROR_?".into());
+        Error::Cuda { op, code: e.0 as u32, name }
     }
 
     /// Whether the CUDA driver library (libcuda) can be loaded.
@@ -150,20 +143,13 @@ mod imp {
         let mut v: std::ffi::c_int = 0;
         // SAFETY: the driver library is loaded (checked by init); `v` is a valid out-pointer.
         let r = unsafe { sys::cuDriverGetVersion(&mut v) };
-        if r == sys::CUresult::CUDA_SUCCESS {
-            v
-        } else {
-            0
-        }
+        if r == sys::CUresult::CUDA_SUCCESS { v } else { 0 }
     }
 
     fn dma_buf_supported(dev: sys::CUdevice) -> Result<bool> {
         // SAFETY: `dev` came from cuDeviceGet after a successful cuInit.
         let v = unsafe {
-            result::device::get_attribute(
-                dev,
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED,
-            )
+            result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)
         }
         .map_err(|e| cuda_err("cuDeviceGetAttribute(DMA_BUF_SUPPORTED)", e))?;
         Ok(v != 0)
@@ -219,12 +205,9 @@ mod imp {
             init()?;
             let n = result::device::get_count().map_err(|e| cuda_err("cuDeviceGetCount", e))?;
             if ordinal as i64 >= n as i64 {
-                return Err(Error::unsupported(format!(
-                    "CUDA device {ordinal} does not exist ({n} devices)"
-                )));
+                return Err(Error::unsupported(format!("CUDA device {ordinal} does not exist ({n} devices)")));
             }
-            let ctx =
-                CudaContext::new(ordinal).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
+            let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
             let name = ctx.name().map_err(|e| cuda_err("cuDeviceGetName", e))?;
             if !dma_buf_supported(ctx.cu_device())? {
                 return Err(Error::unsupported(format!(
@@ -249,9 +232,7 @@ mod imp {
         /// first with the PCIe mapping flag, then with flags 0 when the driver refuses it.
         pub fn export_range(&self, dptr: u64, len: usize) -> Result<(DmaBuf, ExportFlags)> {
             check_export_range(dptr, len)?;
-            self.ctx
-                .bind_to_thread()
-                .map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+            self.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
             let attempt = |flags: u64| -> std::result::Result<i32, DriverError> {
                 let mut fd: std::ffi::c_int = -1;
                 // SAFETY: the context is current; `fd` is a valid out-pointer for an int; the
@@ -266,19 +247,14 @@ mod imp {
                         flags,
                     )
                 };
-                if r == sys::CUresult::CUDA_SUCCESS {
-                    Ok(fd)
-                } else {
-                    Err(DriverError(r))
-                }
+                if r == sys::CUresult::CUDA_SUCCESS { Ok(fd) } else { Err(DriverError(r)) }
             };
             let pcie = sys::CUmemRangeFlags::CU_MEM_RANGE_FLAG_DMA_BUF_MAPPING_TYPE_PCIE as u64;
             let (fd, how) = match attempt(pcie) {
                 Ok(fd) => (fd, ExportFlags::Pcie),
                 Err(e) => {
                     tracing::debug!(error = ?e, "PCIe dma-buf mapping refused, retrying with flags 0");
-                    let fd =
-                        attempt(0).map_err(|e| cuda_err("cuMemGetHandleForAddressRange", e))?;
+                    let fd = attempt(0).map_err(|e| cuda_err("cuMemGetHandleForAddressRange", e))?;
                     (fd, ExportFlags::Default)
                 }
             };
@@ -309,17 +285,11 @@ mod imp {
                 return Err(Error::invalid("CUDA allocation of 0 bytes"));
             }
             let size = (len as u64).div_ceil(EXPORT_ALIGN) * EXPORT_ALIGN;
-            self.ctx
-                .bind_to_thread()
-                .map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+            self.ctx.bind_to_thread().map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
             // SAFETY: the context is current on this thread; the memory is owned by
             // `DeviceAlloc`, which frees it once.
-            let dptr = unsafe { result::malloc_sync(size as usize) }
-                .map_err(|e| cuda_err("cuMemAlloc", e))?;
-            let alloc = DeviceAlloc {
-                ctx: self.ctx.clone(),
-                dptr,
-            };
+            let dptr = unsafe { result::malloc_sync(size as usize) }.map_err(|e| cuda_err("cuMemAlloc", e))?;
+            let alloc = DeviceAlloc { ctx: self.ctx.clone(), dptr };
             let (dmabuf, flags) = self.export_range(dptr, size as usize)?;
             Ok(ExportedBuffer::new(
                 dmabuf,
@@ -343,14 +313,8 @@ mod tests {
     #[test]
     fn alignment_is_checked_before_any_cuda_call() {
         assert!(check_export_range(0x7fb3_de80_0000, 4 << 20).is_ok());
-        assert!(matches!(
-            check_export_range(0x7fb3_de80_0064, 4096),
-            Err(Error::InvalidUsage { .. })
-        ));
-        assert!(matches!(
-            check_export_range(0x7fb3_de80_0000, 4097),
-            Err(Error::InvalidUsage { .. })
-        ));
+        assert!(matches!(check_export_range(0x7fb3_de80_0064, 4096), Err(Error::InvalidUsage { .. })));
+        assert!(matches!(check_export_range(0x7fb3_de80_0000, 4097), Err(Error::InvalidUsage { .. })));
         assert!(check_export_range(0, 0).is_err());
     }
 

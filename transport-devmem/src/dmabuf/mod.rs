@@ -77,20 +77,13 @@ pub struct ExportedBuffer {
 
 impl fmt::Debug for ExportedBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExportedBuffer")
-            .field("dmabuf", &self.dmabuf)
-            .field("how", &self.how)
-            .finish_non_exhaustive()
+        f.debug_struct("ExportedBuffer").field("dmabuf", &self.dmabuf).field("how", &self.how).finish_non_exhaustive()
     }
 }
 
 impl ExportedBuffer {
     pub(crate) fn new(dmabuf: DmaBuf, how: String, backing: Box<dyn Send>) -> Self {
-        ExportedBuffer {
-            dmabuf,
-            how,
-            _backing: backing,
-        }
+        ExportedBuffer { dmabuf, how, _backing: backing }
     }
 
     /// The dma-buf.

@@ -37,11 +37,7 @@ pub const fn ioc(dir: u64, ty: u8, nr: u8, size: usize) -> u64 {
 pub fn lseek_end(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: live fd; lseek has no memory-safety preconditions.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
 }
 
 fn page_size() -> usize {
@@ -72,22 +68,17 @@ impl UdmabufSource {
                 path.display()
             )));
         }
-        let dev = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::PermissionDenied {
-                    Error::unsupported(format!(
-                        "{} is not accessible to this user: {e} (fix: give the user access to \
+        let dev = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                Error::unsupported(format!(
+                    "{} is not accessible to this user: {e} (fix: give the user access to \
                          the device node, e.g. a udev rule for group access)",
-                        path.display()
-                    ))
-                } else {
-                    Error::os("open", &path.display().to_string(), e)
-                }
-            })?;
+                    path.display()
+                ))
+            } else {
+                Error::os("open", &path.display().to_string(), e)
+            }
+        })?;
         Ok(UdmabufSource { dev })
     }
 }
@@ -109,34 +100,20 @@ impl DmabufSource for UdmabufSource {
         let size = len.div_ceil(page) * page;
         let name = CString::new("devccl-udmabuf").expect("no NUL");
         // SAFETY: `name` is a valid C string; flags are plain bits.
-        let raw = unsafe {
-            libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC)
-        };
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC) };
         if raw < 0 {
-            return Err(Error::os(
-                "memfd_create",
-                DEV_UDMABUF,
-                io::Error::last_os_error(),
-            ));
+            return Err(Error::os("memfd_create", DEV_UDMABUF, io::Error::last_os_error()));
         }
         // SAFETY: `raw` is a fresh fd we own.
         let memfd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: live fd; ftruncate has no memory-safety preconditions.
         if unsafe { libc::ftruncate(memfd.as_raw_fd(), size as libc::off_t) } < 0 {
-            return Err(Error::os(
-                "ftruncate",
-                DEV_UDMABUF,
-                io::Error::last_os_error(),
-            ));
+            return Err(Error::os("ftruncate", DEV_UDMABUF, io::Error::last_os_error()));
         }
         // udmabuf requires F_SEAL_SHRINK and refuses F_SEAL_WRITE.
         // SAFETY: live fd; F_ADD_SEALS takes an int argument.
         if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } < 0 {
-            return Err(Error::os(
-                "F_ADD_SEALS",
-                DEV_UDMABUF,
-                io::Error::last_os_error(),
-            ));
+            return Err(Error::os("F_ADD_SEALS", DEV_UDMABUF, io::Error::last_os_error()));
         }
         let create = UdmabufCreate {
             memfd: memfd.as_raw_fd() as u32,
@@ -146,19 +123,10 @@ impl DmabufSource for UdmabufSource {
         };
         // SAFETY: live device fd; `create` is a properly laid out struct udmabuf_create that
         // outlives the call; the ioctl only reads it.
-        let fd = unsafe {
-            libc::ioctl(
-                self.dev.as_fd().as_raw_fd(),
-                UDMABUF_CREATE as _,
-                &create as *const UdmabufCreate,
-            )
-        };
+        let fd =
+            unsafe { libc::ioctl(self.dev.as_fd().as_raw_fd(), UDMABUF_CREATE as _, &create as *const UdmabufCreate) };
         if fd < 0 {
-            return Err(Error::os(
-                "UDMABUF_CREATE",
-                DEV_UDMABUF,
-                io::Error::last_os_error(),
-            ));
+            return Err(Error::os("UDMABUF_CREATE", DEV_UDMABUF, io::Error::last_os_error()));
         }
         // SAFETY: the ioctl returned a fresh dma-buf fd that we now own.
         let dmabuf = unsafe { OwnedFd::from_raw_fd(fd) };

@@ -69,22 +69,14 @@ pub fn parse_cmsgs(control: &[u8]) -> Result<Vec<Cmsg<'_>>, DecodeError> {
     while off + CMSG_HDR_LEN <= control.len() {
         let len = usize::from_ne_bytes(control[off..off + SIZE_T].try_into().unwrap());
         let level = i32::from_ne_bytes(control[off + SIZE_T..off + SIZE_T + 4].try_into().unwrap());
-        let ty = i32::from_ne_bytes(
-            control[off + SIZE_T + 4..off + SIZE_T + 8]
-                .try_into()
-                .unwrap(),
-        );
+        let ty = i32::from_ne_bytes(control[off + SIZE_T + 4..off + SIZE_T + 8].try_into().unwrap());
         if len < CMSG_HDR_LEN || off + len > control.len() {
             return Err(DecodeError(format!(
                 "cmsg length {len} at offset {off} does not fit {} control bytes",
                 control.len()
             )));
         }
-        out.push(Cmsg {
-            level,
-            ty,
-            data: &control[off + CMSG_HDR_LEN..off + len],
-        });
+        out.push(Cmsg { level, ty, data: &control[off + CMSG_HDR_LEN..off + len] });
         off += cmsg_align(len);
     }
     Ok(out)
@@ -126,11 +118,7 @@ impl DmabufCmsg {
     /// Decode the cmsg payload.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         if b.len() < Self::SIZE {
-            return Err(DecodeError(format!(
-                "dmabuf_cmsg of {} bytes, expected {}",
-                b.len(),
-                Self::SIZE
-            )));
+            return Err(DecodeError(format!("dmabuf_cmsg of {} bytes, expected {}", b.len(), Self::SIZE)));
         }
         let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
         Ok(DmabufCmsg {
@@ -198,13 +186,7 @@ pub fn encode_rx_cmsgs(cmsgs: &[RxCmsg]) -> Vec<u8> {
     for c in cmsgs {
         match c {
             RxCmsg::Linear { size } => {
-                let d = DmabufCmsg {
-                    frag_offset: 0,
-                    frag_size: *size,
-                    frag_token: 0,
-                    dmabuf_id: 0,
-                    flags: 0,
-                };
+                let d = DmabufCmsg { frag_offset: 0, frag_size: *size, frag_token: 0, dmabuf_id: 0, flags: 0 };
                 v.extend(encode_cmsg(SOL_SOCKET, SCM_DEVMEM_LINEAR, &d.encode()));
             }
             RxCmsg::Dmabuf(d) => v.extend(encode_cmsg(SOL_SOCKET, SCM_DEVMEM_DMABUF, &d.encode())),
@@ -285,10 +267,7 @@ impl TokenBatcher {
             last.token_count += count;
             return;
         }
-        self.ranges.push(DmabufToken {
-            token_start: start,
-            token_count: count,
-        });
+        self.ranges.push(DmabufToken { token_start: start, token_count: count });
     }
 
     /// Fragments held.
@@ -327,10 +306,7 @@ impl TokenBatcher {
                     cur_frags = 0;
                 }
                 let take = left.min(MAX_DONTNEED_FRAGS - cur_frags);
-                cur.push(DmabufToken {
-                    token_start: start,
-                    token_count: take as u32,
-                });
+                cur.push(DmabufToken { token_start: start, token_count: take as u32 });
                 cur_frags += take;
                 left -= take;
                 start = start.wrapping_add(take as u32);
@@ -361,10 +337,7 @@ impl SockExtendedErr {
     /// Decode the first 16 bytes of an `IP_RECVERR` / `IPV6_RECVERR` payload.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         if b.len() < 16 {
-            return Err(DecodeError(format!(
-                "sock_extended_err of {} bytes",
-                b.len()
-            )));
+            return Err(DecodeError(format!("sock_extended_err of {} bytes", b.len())));
         }
         Ok(SockExtendedErr {
             ee_errno: u32::from_ne_bytes(b[0..4].try_into().unwrap()),
@@ -411,8 +384,7 @@ pub enum ErrqueueEntry {
 pub fn parse_errqueue(control: &[u8]) -> Result<Vec<ErrqueueEntry>, DecodeError> {
     let mut out = Vec::new();
     for c in parse_cmsgs(control)? {
-        let is_recverr = (c.level == SOL_IP && c.ty == IP_RECVERR)
-            || (c.level == SOL_IPV6 && c.ty == IPV6_RECVERR);
+        let is_recverr = (c.level == SOL_IP && c.ty == IP_RECVERR) || (c.level == SOL_IPV6 && c.ty == IPV6_RECVERR);
         if !is_recverr {
             continue;
         }
@@ -457,11 +429,7 @@ impl ZcTracker {
 
     /// Sends not yet completed.
     pub fn pending(&self) -> u32 {
-        let ahead: u32 = self
-            .ahead
-            .iter()
-            .map(|(s, e)| e.wrapping_sub(*s).wrapping_add(1))
-            .sum();
+        let ahead: u32 = self.ahead.iter().map(|(s, e)| e.wrapping_sub(*s).wrapping_add(1)).sum();
         self.next.wrapping_sub(self.low).wrapping_sub(ahead)
     }
 
@@ -476,9 +444,7 @@ impl ZcTracker {
         if rel >= self.next.wrapping_sub(self.low) {
             return rel >= 0x8000_0000; // below low (already retired)
         }
-        self.ahead
-            .iter()
-            .any(|(s, e)| id.wrapping_sub(*s) <= e.wrapping_sub(*s))
+        self.ahead.iter().any(|(s, e)| id.wrapping_sub(*s) <= e.wrapping_sub(*s))
     }
 
     /// Apply a completion.
@@ -524,13 +490,7 @@ mod tests {
 
     #[test]
     fn golden_rx_cmsgs_roundtrip() {
-        let frag = DmabufCmsg {
-            frag_offset: 0x1_0000_2000,
-            frag_size: 4096,
-            frag_token: 5,
-            dmabuf_id: 3,
-            flags: 0,
-        };
+        let frag = DmabufCmsg { frag_offset: 0x1_0000_2000, frag_size: 4096, frag_token: 5, dmabuf_id: 3, flags: 0 };
         let bytes = encode_rx_cmsgs(&[RxCmsg::Dmabuf(frag), RxCmsg::Linear { size: 100 }]);
         #[rustfmt::skip]
         let want: &[u8] = &[
@@ -546,10 +506,7 @@ mod tests {
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
         assert_eq!(bytes, want);
-        assert_eq!(
-            parse_rx_cmsgs(&bytes).unwrap(),
-            vec![RxCmsg::Dmabuf(frag), RxCmsg::Linear { size: 100 }]
-        );
+        assert_eq!(parse_rx_cmsgs(&bytes).unwrap(), vec![RxCmsg::Dmabuf(frag), RxCmsg::Linear { size: 100 }]);
     }
 
     #[test]
@@ -566,20 +523,9 @@ mod tests {
 
     #[test]
     fn golden_dontneed_tokens() {
-        let t = [
-            DmabufToken {
-                token_start: 1,
-                token_count: 2,
-            },
-            DmabufToken {
-                token_start: 0x0102_0304,
-                token_count: 1,
-            },
-        ];
-        assert_eq!(
-            DmabufToken::encode_all(&t),
-            vec![1, 0, 0, 0, 2, 0, 0, 0, 4, 3, 2, 1, 1, 0, 0, 0]
-        );
+        let t =
+            [DmabufToken { token_start: 1, token_count: 2 }, DmabufToken { token_start: 0x0102_0304, token_count: 1 }];
+        assert_eq!(DmabufToken::encode_all(&t), vec![1, 0, 0, 0, 2, 0, 0, 0, 4, 3, 2, 1, 1, 0, 0, 0]);
     }
 
     #[test]
@@ -604,10 +550,7 @@ mod tests {
         let mut b = TokenBatcher::new();
         b.push_range(10, 2500);
         let batches = b.batches();
-        let frags: Vec<u32> = batches
-            .iter()
-            .map(|x| x.iter().map(|t| t.token_count).sum())
-            .collect();
+        let frags: Vec<u32> = batches.iter().map(|x| x.iter().map(|t| t.token_count).sum()).collect();
         assert_eq!(frags, vec![1024, 1024, 452]);
         assert_eq!(batches[1][0].token_start, 10 + 1024);
 
@@ -620,12 +563,7 @@ mod tests {
             assert!(batch.len() <= MAX_DONTNEED_TOKENS);
             assert!(batch.iter().map(|t| t.token_count as u64).sum::<u64>() <= MAX_DONTNEED_FRAGS);
         }
-        let total: u64 = b
-            .batches()
-            .iter()
-            .flatten()
-            .map(|t| t.token_count as u64)
-            .sum();
+        let total: u64 = b.batches().iter().flatten().map(|t| t.token_count as u64).sum();
         assert_eq!(total, 3000);
     }
 
@@ -634,14 +572,7 @@ mod tests {
         // Three MSG_ZEROCOPY sends on loopback: one completion 0..=2, copied (lo copies).
         for ctl in [ERRQUEUE_ZEROCOPY_V4, ERRQUEUE_ZEROCOPY_V6] {
             let e = parse_errqueue(ctl).unwrap();
-            assert_eq!(
-                e,
-                vec![ErrqueueEntry::Zerocopy(ZcCompletion {
-                    lo: 0,
-                    hi: 2,
-                    copied: true
-                })]
-            );
+            assert_eq!(e, vec![ErrqueueEntry::Zerocopy(ZcCompletion { lo: 0, hi: 2, copied: true })]);
         }
         let c = parse_cmsgs(ERRQUEUE_ZEROCOPY_V6).unwrap();
         assert_eq!((c[0].level, c[0].ty), (SOL_IPV6, IPV6_RECVERR));
@@ -654,26 +585,14 @@ mod tests {
             t.on_send();
         }
         assert_eq!(t.pending(), 5);
-        t.complete(ZcCompletion {
-            lo: 3,
-            hi: 4,
-            copied: false,
-        });
+        t.complete(ZcCompletion { lo: 3, hi: 4, copied: false });
         assert!(t.is_complete(3) && !t.is_complete(0));
         assert_eq!(t.pending(), 3);
-        t.complete(ZcCompletion {
-            lo: 0,
-            hi: 2,
-            copied: true,
-        });
+        t.complete(ZcCompletion { lo: 0, hi: 2, copied: true });
         assert_eq!(t.pending(), 0);
         assert!(t.is_complete(1));
         assert_eq!(t.copied(), 3);
-        let c = ZcCompletion {
-            lo: u32::MAX - 1,
-            hi: 1,
-            copied: false,
-        };
+        let c = ZcCompletion { lo: u32::MAX - 1, hi: 1, copied: false };
         assert_eq!(c.count(), 4);
         assert!(c.covers(0) && c.covers(u32::MAX) && !c.covers(2));
     }

@@ -47,11 +47,8 @@ pub mod rings_attr {
     pub const HDS_THRESH_MAX: u16 = 18;
 }
 
-static HEADER_SET: AttrSet = AttrSet {
-    name: "header",
-    attrs: &[(1, "dev-index"), (2, "dev-name"), (3, "flags")],
-    nests: &[],
-};
+static HEADER_SET: AttrSet =
+    AttrSet { name: "header", attrs: &[(1, "dev-index"), (2, "dev-name"), (3, "flags")], nests: &[] };
 
 static RINGS_SET: AttrSet = AttrSet {
     name: "rings",
@@ -123,15 +120,8 @@ impl Rings {
 
 /// `RINGS_GET` for one device by index.
 pub fn rings_get_request(family_id: u16, ifindex: u32, seq: u32) -> Request {
-    let mut b = RequestBuilder::genl(
-        family_id,
-        NLM_F_ACK,
-        seq,
-        MSG_RINGS_GET,
-        VERSION,
-        "ethtool-rings-get",
-        &RINGS_SET,
-    );
+    let mut b =
+        RequestBuilder::genl(family_id, NLM_F_ACK, seq, MSG_RINGS_GET, VERSION, "ethtool-rings-get", &RINGS_SET);
     b.begin_nest(rings_attr::HEADER, true);
     b.put_u32(header_attr::DEV_INDEX, ifindex);
     b.end_nest();
@@ -150,34 +140,23 @@ impl Ethtool {
     pub fn open(timeout: Duration) -> Result<Self> {
         let mut sock = NlSocket::open(NETLINK_GENERIC, timeout)?;
         match genl::resolve_family(&mut sock, FAMILY_NAME)? {
-            Some(f) => Ok(Ethtool {
-                sock,
-                family_id: f.id,
-            }),
-            None => Err(Error::unsupported(
-                "the kernel has no \"ethtool\" generic-netlink family (CONFIG_ETHTOOL_NETLINK)",
-            )),
+            Some(f) => Ok(Ethtool { sock, family_id: f.id }),
+            None => {
+                Err(Error::unsupported("the kernel has no \"ethtool\" generic-netlink family (CONFIG_ETHTOOL_NETLINK)"))
+            }
         }
     }
 
     /// Ring parameters of `ifindex` (`ifname` is used in errors). Drivers without
     /// `get_ringparam` answer `EOPNOTSUPP`.
     pub fn rings(&mut self, ifindex: u32, ifname: &str) -> Result<Rings> {
-        let msgs = self.sock.transact(
-            rings_get_request(self.family_id, ifindex, 0),
-            Mode::Do,
-            ifname,
-        )?;
+        let msgs = self.sock.transact(rings_get_request(self.family_id, ifindex, 0), Mode::Do, ifname)?;
         let m = msgs.first().ok_or_else(|| Error::Malformed {
             op: "ethtool-rings-get",
             iface: ifname.to_owned(),
             what: "no rings message".into(),
         })?;
-        Rings::decode(m).map_err(|e| Error::Malformed {
-            op: "ethtool-rings-get",
-            iface: ifname.to_owned(),
-            what: e.0,
-        })
+        Rings::decode(m).map_err(|e| Error::Malformed { op: "ethtool-rings-get", iface: ifname.to_owned(), what: e.0 })
     }
 }
 
@@ -220,11 +199,7 @@ mod tests {
 
     #[test]
     fn decode_split_and_thresh() {
-        let m = GenlMsg {
-            cmd: 16,
-            version: 1,
-            attrs: vec![5, 0, 11, 0, 1, 0, 0, 0, 8, 0, 17, 0, 0, 1, 0, 0],
-        };
+        let m = GenlMsg { cmd: 16, version: 1, attrs: vec![5, 0, 11, 0, 1, 0, 0, 0, 8, 0, 17, 0, 0, 1, 0, 0] };
         let r = Rings::decode(&m).unwrap();
         assert_eq!(r.tcp_data_split, TcpDataSplit::Disabled);
         assert_eq!(r.hds_thresh, Some(256));

@@ -8,8 +8,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::sys::errno;
 use crate::sys::netlink::{
-    AttrSet, DecodeError, GenlMsg, NLM_F_ACK, NLM_F_DUMP, PolicyDesc, PolicyTable, Request,
-    RequestBuilder,
+    AttrSet, DecodeError, GenlMsg, NLM_F_ACK, NLM_F_DUMP, PolicyDesc, PolicyTable, Request, RequestBuilder,
 };
 use crate::sys::socket::{Mode, NlSocket};
 
@@ -105,12 +104,7 @@ impl GenlOp {
             (op_flags::CMD_CAP_HASPOL, "CAP_HASPOL"),
             (op_flags::UNS_ADMIN_PERM, "UNS_ADMIN_PERM"),
         ];
-        names
-            .iter()
-            .filter(|(b, _)| self.flags & b != 0)
-            .map(|(_, n)| *n)
-            .collect::<Vec<_>>()
-            .join("|")
+        names.iter().filter(|(b, _)| self.flags & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join("|")
     }
 }
 
@@ -173,10 +167,7 @@ impl Family {
                 }
                 CTRL_ATTR_MCAST_GROUPS => {
                     for g in a.nested_attrs()? {
-                        let mut m = McastGroup {
-                            name: String::new(),
-                            id: 0,
-                        };
+                        let mut m = McastGroup { name: String::new(), id: 0 };
                         for x in g.nested_attrs()? {
                             match x.ty {
                                 CTRL_ATTR_MCAST_GRP_NAME => m.name = x.string(),
@@ -223,10 +214,7 @@ impl OpPolicy {
 
     /// Decode the messages of a policy dump.
     pub fn decode(cmd: u8, msgs: &[GenlMsg]) -> Result<Self, DecodeError> {
-        let mut p = OpPolicy {
-            cmd,
-            ..Default::default()
-        };
+        let mut p = OpPolicy { cmd, ..Default::default() };
         for m in msgs {
             for a in m.attrs()? {
                 match a.ty {
@@ -292,11 +280,7 @@ pub fn getpolicy_request(family_id: u16, cmd: u8, seq: u32) -> Request {
 }
 
 fn malformed(op: &'static str, e: DecodeError) -> Error {
-    Error::Malformed {
-        op,
-        iface: "-".into(),
-        what: e.0,
-    }
+    Error::Malformed { op, iface: "-".into(), what: e.0 }
 }
 
 /// Resolve a family by name. `Ok(None)` when the kernel has no such family (`ENOENT`).
@@ -309,9 +293,7 @@ pub fn resolve_family(sock: &mut NlSocket, name: &str) -> Result<Option<Family>>
                 iface: "-".into(),
                 what: format!("no family message for {name}"),
             })?;
-            Family::decode(m)
-                .map(Some)
-                .map_err(|e| malformed("ctrl-getfamily", e))
+            Family::decode(m).map(Some).map_err(|e| malformed("ctrl-getfamily", e))
         }
         Err(Error::Kernel { errno, .. }) if errno == errno::ENOENT => Ok(None),
         Err(e) => Err(e),
@@ -362,10 +344,7 @@ mod tests {
         ];
         assert_eq!(getfamily_request("netdev", 1).bytes, want);
         assert_eq!(getfamily_request("netdev", 1).bytes, REQ_GETFAMILY_NETDEV);
-        assert_eq!(
-            getfamily_request("ethtool", 13).bytes,
-            REQ_GETFAMILY_ETHTOOL
-        );
+        assert_eq!(getfamily_request("ethtool", 13).bytes, REQ_GETFAMILY_ETHTOOL);
     }
 
     #[test]
@@ -401,11 +380,7 @@ mod tests {
         let tx = f.op(15).unwrap();
         assert_eq!(tx.flags, 0x0a);
         assert!(!tx.admin_perm());
-        let groups: Vec<(&str, u32)> = f
-            .mcast_groups
-            .iter()
-            .map(|g| (g.name.as_str(), g.id))
-            .collect();
+        let groups: Vec<(&str, u32)> = f.mcast_groups.iter().map(|g| (g.name.as_str(), g.id)).collect();
         assert_eq!(groups, vec![("mgmt", 4), ("page-pool", 5)]);
     }
 

@@ -49,9 +49,7 @@ pub fn interface_addrs() -> io::Result<Vec<IfAddr>> {
             continue;
         }
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
         // SAFETY: ifa_addr is non-null and points to at least a sockaddr header.
         let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
         let addr = match family {
@@ -82,11 +80,7 @@ pub fn interface_addrs() -> io::Result<Vec<IfAddr>> {
 pub fn route_interface(peer: IpAddr) -> io::Result<(String, IpAddr)> {
     let addrs = interface_addrs()?;
     if peer.is_loopback() || addrs.iter().any(|a| a.addr == peer) {
-        let lo = addrs
-            .iter()
-            .find(|a| a.addr.is_loopback())
-            .map(|a| a.ifname.clone())
-            .unwrap_or_else(|| "lo".into());
+        let lo = addrs.iter().find(|a| a.addr.is_loopback()).map(|a| a.ifname.clone()).unwrap_or_else(|| "lo".into());
         return Ok((lo, peer));
     }
     let bind: SocketAddr = match peer {
@@ -96,16 +90,12 @@ pub fn route_interface(peer: IpAddr) -> io::Result<(String, IpAddr)> {
     let sock = UdpSocket::bind(bind)?;
     sock.connect((peer, 9))?;
     let local = sock.local_addr()?.ip();
-    let name = addrs
-        .iter()
-        .find(|a| a.addr == local)
-        .map(|a| a.ifname.clone())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("source address {local} of the route to {peer} is on no interface"),
-            )
-        })?;
+    let name = addrs.iter().find(|a| a.addr == local).map(|a| a.ifname.clone()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("source address {local} of the route to {peer} is on no interface"),
+        )
+    })?;
     Ok((name, local))
 }
 
@@ -142,9 +132,7 @@ pub fn driver_of(ifname: &str) -> Option<String> {
 
 /// `operstate` of the interface (`up`, `down`, `unknown`...).
 pub fn operstate(ifname: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/class/net/{ifname}/operstate"))
-        .ok()
-        .map(|s| s.trim().to_owned())
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/operstate")).ok().map(|s| s.trim().to_owned())
 }
 
 #[cfg(test)]

@@ -11,9 +11,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::sys::genl::{self, Family, OpPolicy};
 use crate::sys::iface;
-use crate::sys::netlink::{
-    AttrSet, DecodeError, GenlMsg, NLM_F_ACK, NLM_F_DUMP, Request, RequestBuilder,
-};
+use crate::sys::netlink::{AttrSet, DecodeError, GenlMsg, NLM_F_ACK, NLM_F_DUMP, Request, RequestBuilder};
 use crate::sys::socket::{DEFAULT_TIMEOUT, Mode, NETLINK_GENERIC, NlSocket};
 
 /// Family name.
@@ -114,46 +112,23 @@ pub const QUEUE_TYPE_RX: u32 = 0;
 pub const QUEUE_TYPE_TX: u32 = 1;
 
 /// The `queue-id` subset inside `QUEUES` nests.
-pub static QUEUE_ID_SET: AttrSet = AttrSet {
-    name: "queue-id",
-    attrs: &[(1, "id"), (3, "type")],
-    nests: &[],
-};
+pub static QUEUE_ID_SET: AttrSet = AttrSet { name: "queue-id", attrs: &[(1, "id"), (3, "type")], nests: &[] };
 
 /// The `dmabuf` attribute set of bind requests.
 pub static DMABUF_SET: AttrSet = AttrSet {
     name: "dmabuf",
-    attrs: &[
-        (1, "ifindex"),
-        (2, "queues"),
-        (3, "fd"),
-        (4, "id"),
-        (5, "rx-page-size"),
-    ],
+    attrs: &[(1, "ifindex"), (2, "queues"), (3, "fd"), (4, "id"), (5, "rx-page-size")],
     nests: &[(2, &QUEUE_ID_SET)],
 };
 
-static DUMP_SET: AttrSet = AttrSet {
-    name: "netdev",
-    attrs: &[(1, "ifindex")],
-    nests: &[],
-};
+static DUMP_SET: AttrSet = AttrSet { name: "netdev", attrs: &[(1, "ifindex")], nests: &[] };
 
 // ------------------------------------------------------------------------------------------
 // Requests (pure, golden-tested).
 
 /// A dump request (`DEV_GET`, `QUEUE_GET`, `NAPI_GET`, `PAGE_POOL_GET`, `QSTATS_GET`).
 pub fn dump_request(family_id: u16, command: u8, seq: u32) -> Request {
-    RequestBuilder::genl(
-        family_id,
-        NLM_F_DUMP,
-        seq,
-        command,
-        VERSION,
-        cmd_name(command as u32),
-        &DUMP_SET,
-    )
-    .finish()
+    RequestBuilder::genl(family_id, NLM_F_DUMP, seq, command, VERSION, cmd_name(command as u32), &DUMP_SET).finish()
 }
 
 /// What a `BIND_RX` request carries. Fields are optional so that the error paths the kernel
@@ -184,15 +159,7 @@ impl BindRx {
 
     /// Encode (attribute order: ifindex, fd, queues..., rx-page-size).
     pub fn request(&self, family_id: u16, seq: u32) -> Request {
-        let mut b = RequestBuilder::genl(
-            family_id,
-            NLM_F_ACK,
-            seq,
-            cmd::BIND_RX,
-            VERSION,
-            "bind-rx",
-            &DMABUF_SET,
-        );
+        let mut b = RequestBuilder::genl(family_id, NLM_F_ACK, seq, cmd::BIND_RX, VERSION, "bind-rx", &DMABUF_SET);
         if let Some(i) = self.ifindex {
             b.put_u32(dmabuf_attr::IFINDEX, i);
         }
@@ -224,24 +191,12 @@ pub struct BindTx {
 impl BindTx {
     /// Bind dma-buf `fd` for TX through `ifindex`.
     pub fn new(ifindex: u32, fd: BorrowedFd<'_>) -> Self {
-        BindTx {
-            ifindex: Some(ifindex),
-            fd: Some(fd.as_raw_fd() as u32),
-            queues: Vec::new(),
-        }
+        BindTx { ifindex: Some(ifindex), fd: Some(fd.as_raw_fd() as u32), queues: Vec::new() }
     }
 
     /// Encode (attribute order: ifindex, fd).
     pub fn request(&self, family_id: u16, seq: u32) -> Request {
-        let mut b = RequestBuilder::genl(
-            family_id,
-            NLM_F_ACK,
-            seq,
-            cmd::BIND_TX,
-            VERSION,
-            "bind-tx",
-            &DMABUF_SET,
-        );
+        let mut b = RequestBuilder::genl(family_id, NLM_F_ACK, seq, cmd::BIND_TX, VERSION, "bind-tx", &DMABUF_SET);
         if let Some(i) = self.ifindex {
             b.put_u32(dmabuf_attr::IFINDEX, i);
         }
@@ -376,14 +331,7 @@ pub struct NapiInfo {
 impl NapiInfo {
     /// Decode one reply message.
     pub fn decode(m: &GenlMsg) -> Result<Self, DecodeError> {
-        let mut n = NapiInfo {
-            id: 0,
-            ifindex: 0,
-            ifname: None,
-            irq: None,
-            pid: None,
-            threaded: None,
-        };
+        let mut n = NapiInfo { id: 0, ifindex: 0, ifname: None, irq: None, pid: None, threaded: None };
         for a in m.attrs()? {
             match a.ty {
                 napi_attr::IFINDEX => n.ifindex = a.u32()?,
@@ -542,11 +490,7 @@ impl Netdev {
 
     /// Feature detection from ops and the `BIND_RX` policy.
     pub fn features(&mut self) -> Result<Features> {
-        let pol = if self.family.op(cmd::BIND_RX).is_some() {
-            Some(self.op_policy(cmd::BIND_RX)?)
-        } else {
-            None
-        };
+        let pol = if self.family.op(cmd::BIND_RX).is_some() { Some(self.op_policy(cmd::BIND_RX)?) } else { None };
         Ok(Features::from_family(&self.family, pol.as_ref()))
     }
 
@@ -560,15 +504,7 @@ impl Netdev {
         msgs: &[GenlMsg],
         f: impl Fn(&GenlMsg) -> Result<T, DecodeError>,
     ) -> Result<Vec<T>> {
-        msgs.iter()
-            .map(|m| {
-                f(m).map_err(|e| Error::Malformed {
-                    op,
-                    iface: "-".into(),
-                    what: e.0,
-                })
-            })
-            .collect()
+        msgs.iter().map(|m| f(m).map_err(|e| Error::Malformed { op, iface: "-".into(), what: e.0 })).collect()
     }
 
     /// `DEV_GET` dump.
@@ -633,39 +569,17 @@ impl Netdev {
 
     /// `BIND_TX` on a socket of its own; dropping the [`Binding`] unbinds.
     pub fn bind_tx(&self, req: &BindTx) -> Result<Binding> {
-        self.bind(
-            req.request(self.family.id, 0),
-            req.ifindex.unwrap_or(0),
-            Direction::Tx,
-            Vec::new(),
-        )
+        self.bind(req.request(self.family.id, 0), req.ifindex.unwrap_or(0), Direction::Tx, Vec::new())
     }
 
-    fn bind(
-        &self,
-        req: Request,
-        ifindex: u32,
-        direction: Direction,
-        queues: Vec<u32>,
-    ) -> Result<Binding> {
+    fn bind(&self, req: Request, ifindex: u32, direction: Direction, queues: Vec<u32>) -> Result<Binding> {
         let ifname = ifname_of(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"));
         let mut sock = NlSocket::open(NETLINK_GENERIC, self.sock.timeout())?;
         let op = req.op;
         let msgs = sock.transact(req, Mode::Do, &ifname)?;
-        let id = decode_bind_reply(&msgs).map_err(|e| Error::Malformed {
-            op,
-            iface: ifname.clone(),
-            what: e.0,
-        })?;
+        let id = decode_bind_reply(&msgs).map_err(|e| Error::Malformed { op, iface: ifname.clone(), what: e.0 })?;
         tracing::info!(binding = id, iface = %ifname, ?direction, ?queues, "devmem dma-buf bound");
-        Ok(Binding {
-            id,
-            ifindex,
-            ifname,
-            direction,
-            queues,
-            sock,
-        })
+        Ok(Binding { id, ifindex, ifname, direction, queues, sock })
     }
 }
 
@@ -747,13 +661,7 @@ mod tests {
     }
 
     fn rx(ifindex: Option<u32>, fd: Option<u32>, queues: Vec<(u32, u32)>) -> BindRx {
-        BindRx {
-            ifindex,
-            fd,
-            queues,
-            rx_page_size: None,
-            nested_flag: true,
-        }
+        BindRx { ifindex, fd, queues, rx_page_size: None, nested_flag: true }
     }
 
     #[test]
@@ -781,25 +689,13 @@ mod tests {
 
     #[test]
     fn golden_bind_rx_variants_match_recorded_requests() {
-        assert_eq!(
-            rx(Some(0), Some(4), vec![(0, 0)]).request(20, 8).bytes,
-            REQ_BIND_RX_IFINDEX0
-        );
-        assert_eq!(
-            rx(Some(4), None, vec![(0, 0)]).request(20, 9).bytes,
-            REQ_BIND_RX_NO_FD
-        );
+        assert_eq!(rx(Some(0), Some(4), vec![(0, 0)]).request(20, 8).bytes, REQ_BIND_RX_IFINDEX0);
+        assert_eq!(rx(Some(4), None, vec![(0, 0)]).request(20, 9).bytes, REQ_BIND_RX_NO_FD);
         let mut nn = rx(Some(4), Some(4), vec![(0, 0)]);
         nn.nested_flag = false;
         assert_eq!(nn.request(20, 10).bytes, REQ_BIND_RX_NOT_NESTED);
-        assert_eq!(
-            rx(Some(4), Some(4), vec![(0, 7)]).request(20, 11).bytes,
-            REQ_BIND_RX_QTYPE7
-        );
-        assert_eq!(
-            rx(Some(99999), Some(4), vec![(0, 0)]).request(20, 12).bytes,
-            REQ_BIND_RX_NODEV
-        );
+        assert_eq!(rx(Some(4), Some(4), vec![(0, 7)]).request(20, 11).bytes, REQ_BIND_RX_QTYPE7);
+        assert_eq!(rx(Some(99999), Some(4), vec![(0, 0)]).request(20, 12).bytes, REQ_BIND_RX_NODEV);
     }
 
     #[test]
@@ -829,12 +725,7 @@ mod tests {
             8, 0, 1, 0, 4, 0, 0, 0,
             8, 0, 3, 0, 4, 0, 0, 0,
         ];
-        let r = BindTx {
-            ifindex: Some(4),
-            fd: Some(4),
-            queues: vec![],
-        }
-        .request(20, 7);
+        let r = BindTx { ifindex: Some(4), fd: Some(4), queues: vec![] }.request(20, 7);
         assert_eq!(r.bytes, want);
         assert_eq!(r.bytes, REQ_BIND_TX_ETH0);
     }
@@ -845,10 +736,7 @@ mod tests {
         let want: &[u8] = &[20, 0, 0, 0, 20, 0, 1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0];
         assert_eq!(dump_request(20, cmd::DEV_GET, 3).bytes, want);
         assert_eq!(dump_request(20, cmd::DEV_GET, 3).bytes, REQ_DEV_GET_DUMP);
-        assert_eq!(
-            dump_request(20, cmd::QUEUE_GET, 4).bytes,
-            REQ_QUEUE_GET_DUMP
-        );
+        assert_eq!(dump_request(20, cmd::QUEUE_GET, 4).bytes, REQ_QUEUE_GET_DUMP);
         assert_eq!(dump_request(20, cmd::NAPI_GET, 5).bytes, REQ_NAPI_GET_DUMP);
     }
 
@@ -857,17 +745,10 @@ mod tests {
         let msgs = genl_msgs(REPLY_DEV_GET_DUMP_0);
         // The parts carry no NLM_F_MULTI; the datagram ends with NLMSG_DONE.
         let raw = parse_messages(REPLY_DEV_GET_DUMP_0).unwrap();
-        assert!(
-            raw.iter()
-                .filter(|m| m.ty == 20)
-                .all(|m| m.flags & 0x2 == 0)
-        );
+        assert!(raw.iter().filter(|m| m.ty == 20).all(|m| m.flags & 0x2 == 0));
         assert_eq!(raw.last().unwrap().ty, crate::sys::netlink::NLMSG_DONE);
         let devs: Vec<DevInfo> = msgs.iter().map(|m| DevInfo::decode(m).unwrap()).collect();
-        assert_eq!(
-            devs.iter().map(|d| d.ifindex).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4]
-        );
+        assert_eq!(devs.iter().map(|d| d.ifindex).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(devs[3].xdp_features, 0x2b);
         assert_eq!(devs[3].xdp_zc_max_segs, Some(1));
         assert_eq!(devs[0].xdp_features, 0);
@@ -875,14 +756,10 @@ mod tests {
 
     #[test]
     fn decode_recorded_queue_and_napi_dumps() {
-        let qs: Vec<QueueInfo> = genl_msgs(REPLY_QUEUE_GET_DUMP_0)
-            .iter()
-            .map(|m| QueueInfo::decode(m).unwrap())
-            .collect();
-        let rows: Vec<(u32, u32, QueueType, Option<u32>)> = qs
-            .iter()
-            .map(|q| (q.ifindex, q.id, q.ty, q.napi_id))
-            .collect();
+        let qs: Vec<QueueInfo> =
+            genl_msgs(REPLY_QUEUE_GET_DUMP_0).iter().map(|m| QueueInfo::decode(m).unwrap()).collect();
+        let rows: Vec<(u32, u32, QueueType, Option<u32>)> =
+            qs.iter().map(|q| (q.ifindex, q.id, q.ty, q.napi_id)).collect();
         assert_eq!(
             rows,
             vec![
@@ -893,10 +770,7 @@ mod tests {
             ]
         );
         assert!(qs.iter().all(|q| q.dmabuf.is_none()));
-        let ns: Vec<NapiInfo> = genl_msgs(REPLY_NAPI_GET_DUMP_0)
-            .iter()
-            .map(|m| NapiInfo::decode(m).unwrap())
-            .collect();
+        let ns: Vec<NapiInfo> = genl_msgs(REPLY_NAPI_GET_DUMP_0).iter().map(|m| NapiInfo::decode(m).unwrap()).collect();
         assert_eq!(ns.len(), 1);
         assert_eq!((ns[0].id, ns[0].ifindex, ns[0].threaded), (257, 4, Some(0)));
     }
@@ -923,11 +797,7 @@ mod tests {
     #[test]
     fn decode_bind_reply_id() {
         // A synthetic success reply: genl header + ID(4) = 3.
-        let m = GenlMsg {
-            cmd: 13,
-            version: 1,
-            attrs: vec![8, 0, 4, 0, 3, 0, 0, 0],
-        };
+        let m = GenlMsg { cmd: 13, version: 1, attrs: vec![8, 0, 4, 0, 3, 0, 0, 0] };
         assert_eq!(decode_bind_reply(&[m]).unwrap(), 3);
         assert!(decode_bind_reply(&[]).is_err());
     }

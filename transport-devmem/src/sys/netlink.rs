@@ -109,11 +109,7 @@ impl AttrSet {
 }
 
 /// An attribute set with no known names.
-pub static UNNAMED: AttrSet = AttrSet {
-    name: "?",
-    attrs: &[],
-    nests: &[],
-};
+pub static UNNAMED: AttrSet = AttrSet { name: "?", attrs: &[], nests: &[] };
 
 // ------------------------------------------------------------------------------------------
 // Encoding.
@@ -160,14 +156,7 @@ impl RequestBuilder {
         buf.extend_from_slice(&seq.to_ne_bytes());
         buf.extend_from_slice(&0u32.to_ne_bytes());
         buf.extend_from_slice(&[cmd, version, 0, 0]);
-        RequestBuilder {
-            buf,
-            labels: Vec::new(),
-            stack: Vec::new(),
-            top,
-            op,
-            seq,
-        }
+        RequestBuilder { buf, labels: Vec::new(), stack: Vec::new(), top, op, seq }
     }
 
     /// Start a raw netlink request with a fixed family header (e.g. `struct rtmsg`).
@@ -189,14 +178,7 @@ impl RequestBuilder {
         while !buf.len().is_multiple_of(4) {
             buf.push(0);
         }
-        RequestBuilder {
-            buf,
-            labels: Vec::new(),
-            stack: Vec::new(),
-            top,
-            op,
-            seq,
-        }
+        RequestBuilder { buf, labels: Vec::new(), stack: Vec::new(), top, op, seq }
     }
 
     fn current_set(&self) -> &'static AttrSet {
@@ -204,11 +186,7 @@ impl RequestBuilder {
     }
 
     fn path_for(&self, ty: u16) -> String {
-        let name = self
-            .current_set()
-            .name_of(ty)
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("attr#{ty}"));
+        let name = self.current_set().name_of(ty).map(str::to_owned).unwrap_or_else(|| format!("attr#{ty}"));
         match self.stack.last() {
             Some((_, prefix, _)) => format!("{prefix}.{name}"),
             None => name,
@@ -219,11 +197,7 @@ impl RequestBuilder {
     pub fn put(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
         let off = self.buf.len();
         let path = self.path_for(ty & NLA_TYPE_MASK);
-        self.labels.push(AttrLabel {
-            offset: off as u32,
-            path,
-            inner: None,
-        });
+        self.labels.push(AttrLabel { offset: off as u32, path, inner: None });
         let len = (NLA_HDRLEN + payload.len()) as u16;
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
@@ -263,11 +237,7 @@ impl RequestBuilder {
         let inner = self.current_set().nest_of(ty).unwrap_or(&UNNAMED);
         let off = self.buf.len();
         let path = self.path_for(ty);
-        self.labels.push(AttrLabel {
-            offset: off as u32,
-            path: path.clone(),
-            inner: Some(inner),
-        });
+        self.labels.push(AttrLabel { offset: off as u32, path: path.clone(), inner: Some(inner) });
         let t = if flag_nested { ty | NLA_F_NESTED } else { ty };
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
         self.buf.extend_from_slice(&t.to_ne_bytes());
@@ -291,13 +261,7 @@ impl RequestBuilder {
         }
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        Request {
-            bytes: self.buf,
-            labels: self.labels,
-            top: self.top,
-            op: self.op,
-            seq: self.seq,
-        }
+        Request { bytes: self.buf, labels: self.labels, top: self.top, op: self.op, seq: self.seq }
     }
 }
 
@@ -319,10 +283,7 @@ pub struct Request {
 impl Request {
     /// Path of the attribute at message offset `offset`.
     pub fn label_at(&self, offset: u32) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|l| l.offset == offset)
-            .map(|l| l.path.as_str())
+        self.labels.iter().find(|l| l.offset == offset).map(|l| l.path.as_str())
     }
 
     /// Name of missing attribute `ty`, inside the nest at `nest_offset` if given.
@@ -346,9 +307,7 @@ impl Request {
             extack.bad_attr = self.label_at(off).map(str::to_owned);
         }
         if let Some(ty) = extack.missing_type {
-            extack.missing_name = self
-                .missing_name(ty, extack.missing_nest)
-                .map(str::to_owned);
+            extack.missing_name = self.missing_name(ty, extack.missing_nest).map(str::to_owned);
         }
     }
 }
@@ -377,10 +336,7 @@ pub fn parse_messages(buf: &[u8]) -> Result<Vec<NlMsg<'_>>, DecodeError> {
     let mut off = 0;
     while off < buf.len() {
         if buf.len() - off < NLMSG_HDRLEN {
-            return derr(format!(
-                "{} trailing bytes, shorter than a netlink header",
-                buf.len() - off
-            ));
+            return derr(format!("{} trailing bytes, shorter than a netlink header", buf.len() - off));
         }
         let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
         if len < NLMSG_HDRLEN || off + len > buf.len() {
@@ -393,13 +349,7 @@ pub fn parse_messages(buf: &[u8]) -> Result<Vec<NlMsg<'_>>, DecodeError> {
         let flags = u16::from_ne_bytes(buf[off + 6..off + 8].try_into().unwrap());
         let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap());
         let pid = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap());
-        out.push(NlMsg {
-            ty,
-            flags,
-            seq,
-            pid,
-            payload: &buf[off + NLMSG_HDRLEN..off + len],
-        });
+        out.push(NlMsg { ty, flags, seq, pid, payload: &buf[off + NLMSG_HDRLEN..off + len] });
         off += align4(len);
     }
     Ok(out)
@@ -445,13 +395,9 @@ pub fn parse_attrs(buf: &[u8]) -> Result<Vec<Attr<'_>>, DecodeError> {
 
 impl<'a> Attr<'a> {
     fn exact<const N: usize>(&self) -> Result<[u8; N], DecodeError> {
-        self.payload.try_into().map_err(|_| {
-            DecodeError(format!(
-                "attribute {} has {} bytes, expected {N}",
-                self.ty,
-                self.payload.len()
-            ))
-        })
+        self.payload
+            .try_into()
+            .map_err(|_| DecodeError(format!("attribute {} has {} bytes, expected {N}", self.ty, self.payload.len())))
     }
 
     /// `u8` payload.
@@ -490,20 +436,13 @@ impl<'a> Attr<'a> {
         match self.payload.len() {
             4 => Ok(i32::from_ne_bytes(self.exact::<4>()?) as i64),
             8 => Ok(i64::from_ne_bytes(self.exact::<8>()?)),
-            n => derr(format!(
-                "attribute {} is a {n}-byte signed integer",
-                self.ty
-            )),
+            n => derr(format!("attribute {} is a {n}-byte signed integer", self.ty)),
         }
     }
 
     /// String payload, trailing NULs removed.
     pub fn string(&self) -> String {
-        let end = self
-            .payload
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.payload.len());
+        let end = self.payload.iter().position(|&b| b == 0).unwrap_or(self.payload.len());
         String::from_utf8_lossy(&self.payload[..end]).into_owned()
     }
 
@@ -530,11 +469,7 @@ impl GenlMsg {
         if payload.len() < GENL_HDRLEN {
             return derr("generic netlink message shorter than its header");
         }
-        Ok(GenlMsg {
-            cmd: payload[0],
-            version: payload[1],
-            attrs: payload[GENL_HDRLEN..].to_vec(),
-        })
+        Ok(GenlMsg { cmd: payload[0], version: payload[1], attrs: payload[GENL_HDRLEN..].to_vec() })
     }
 
     /// Parse the attributes.
@@ -824,29 +759,16 @@ pub fn decode_error(msg: &NlMsg<'_>) -> Result<AckInfo, DecodeError> {
     } else {
         Extack::default()
     };
-    Ok(AckInfo {
-        errno: -err,
-        extack,
-    })
+    Ok(AckInfo { errno: -err, extack })
 }
 
 /// Decode an `NLMSG_DONE` message (`int` error + optional TLVs).
 pub fn decode_done(msg: &NlMsg<'_>) -> Result<AckInfo, DecodeError> {
     let p = msg.payload;
-    let err = if p.len() >= 4 {
-        i32::from_ne_bytes(p[0..4].try_into().unwrap())
-    } else {
-        0
-    };
-    let extack = if msg.flags & NLM_F_ACK_TLVS != 0 && p.len() > 4 {
-        Extack::decode(&p[4..])?
-    } else {
-        Extack::default()
-    };
-    Ok(AckInfo {
-        errno: -err,
-        extack,
-    })
+    let err = if p.len() >= 4 { i32::from_ne_bytes(p[0..4].try_into().unwrap()) } else { 0 };
+    let extack =
+        if msg.flags & NLM_F_ACK_TLVS != 0 && p.len() > 4 { Extack::decode(&p[4..])? } else { Extack::default() };
+    Ok(AckInfo { errno: -err, extack })
 }
 
 /// Policies of one operation (`CTRL_CMD_GETPOLICY`): policy index -> attribute -> description.
@@ -857,16 +779,9 @@ mod tests {
     use super::*;
     use crate::sys::recorded::*;
 
-    static INNER: AttrSet = AttrSet {
-        name: "inner",
-        attrs: &[(1, "id"), (3, "type")],
-        nests: &[],
-    };
-    static TOP: AttrSet = AttrSet {
-        name: "top",
-        attrs: &[(1, "ifindex"), (2, "queues"), (3, "fd")],
-        nests: &[(2, &INNER)],
-    };
+    static INNER: AttrSet = AttrSet { name: "inner", attrs: &[(1, "id"), (3, "type")], nests: &[] };
+    static TOP: AttrSet =
+        AttrSet { name: "top", attrs: &[(1, "ifindex"), (2, "queues"), (3, "fd")], nests: &[(2, &INNER)] };
 
     #[test]
     fn builder_encodes_nested_and_labels() {
@@ -896,10 +811,7 @@ mod tests {
         let mut b = RequestBuilder::genl(0x10, NLM_F_ACK, 1, 3, 2, "t", &UNNAMED);
         b.put_str(2, "netdev");
         let r = b.finish();
-        assert_eq!(
-            &r.bytes[20..],
-            &[11, 0, 2, 0, b'n', b'e', b't', b'd', b'e', b'v', 0, 0]
-        );
+        assert_eq!(&r.bytes[20..], &[11, 0, 2, 0, b'n', b'e', b't', b'd', b'e', b'v', 0, 0]);
         assert_eq!(r.bytes.len(), 32);
     }
 

@@ -11,16 +11,12 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::sys::cmsg::{
-    self, DevmemRange, DmabufToken, ErrqueueEntry, MAX_DONTNEED_TOKENS, MSG_ERRQUEUE,
-    MSG_SOCK_DEVMEM, MSG_ZEROCOPY, SO_DEVMEM_DONTNEED, SO_ZEROCOPY, SOL_SOCKET, TokenBatcher,
+    self, DevmemRange, DmabufToken, ErrqueueEntry, MAX_DONTNEED_TOKENS, MSG_ERRQUEUE, MSG_SOCK_DEVMEM, MSG_ZEROCOPY,
+    SO_DEVMEM_DONTNEED, SO_ZEROCOPY, SOL_SOCKET, TokenBatcher,
 };
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 /// Enable or disable `SO_ZEROCOPY` (required for devmem TX).
@@ -102,11 +98,7 @@ pub fn return_tokens(fd: BorrowedFd<'_>, batch: &TokenBatcher) -> Result<Dontnee
         out.freed += freed;
         if freed < want {
             out.short_calls += 1;
-            tracing::debug!(
-                want,
-                freed,
-                "SO_DEVMEM_DONTNEED freed fewer fragments than asked"
-            );
+            tracing::debug!(want, freed, "SO_DEVMEM_DONTNEED freed fewer fragments than asked");
         }
     }
     Ok(out)
@@ -130,10 +122,7 @@ pub fn recvmsg_with_control(
     control: &mut [u8],
     flags: i32,
 ) -> io::Result<RecvMeta> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: an all-zero msghdr is valid (no name, no iov, no control).
     let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
     mh.msg_iov = &mut iov;
@@ -173,12 +162,7 @@ pub fn recv_devmem(
 }
 
 /// `sendmsg` with arbitrary iovecs and control bytes (the TX cmsg is [`cmsg::tx_cmsg`]).
-pub fn sendmsg_with_control(
-    fd: BorrowedFd<'_>,
-    iov: &[IoSlice<'_>],
-    control: &[u8],
-    flags: i32,
-) -> io::Result<usize> {
+pub fn sendmsg_with_control(fd: BorrowedFd<'_>, iov: &[IoSlice<'_>], control: &[u8], flags: i32) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid.
     let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with struct iovec.
@@ -206,12 +190,7 @@ pub fn sendmsg_with_control(
 /// `SCM_DEVMEM_DMABUF` cmsg and `iov_base` = offset. The socket needs `SO_ZEROCOPY` and should
 /// be bound (`SO_BINDTODEVICE`) to the binding's device. Completions arrive on the error queue
 /// ([`read_errqueue`]).
-pub fn send_devmem(
-    fd: BorrowedFd<'_>,
-    binding_id: u32,
-    ranges: &[DevmemRange],
-    extra_flags: i32,
-) -> Result<usize> {
+pub fn send_devmem(fd: BorrowedFd<'_>, binding_id: u32, ranges: &[DevmemRange], extra_flags: i32) -> Result<usize> {
     if binding_id == 0 {
         // Id 0 means "not devmem" to the kernel: iov_base would then be read as a pointer.
         return Err(Error::invalid(
@@ -223,10 +202,7 @@ pub fn send_devmem(
     }
     let iov: Vec<libc::iovec> = ranges
         .iter()
-        .map(|r| libc::iovec {
-            iov_base: r.offset as usize as *mut libc::c_void,
-            iov_len: r.len,
-        })
+        .map(|r| libc::iovec { iov_base: r.offset as usize as *mut libc::c_void, iov_len: r.len })
         .collect();
     let control = cmsg::tx_cmsg(binding_id);
     // SAFETY: an all-zero msghdr is valid.
@@ -239,23 +215,13 @@ pub fn send_devmem(
         // SAFETY: live fd; `iov` and `control` outlive the call. With a non-zero binding id
         // and MSG_ZEROCOPY the kernel treats iov_base as an offset into the bound dma-buf and
         // never dereferences it in this process.
-        let rc = unsafe {
-            libc::sendmsg(
-                fd.as_raw_fd(),
-                &mh,
-                MSG_ZEROCOPY | libc::MSG_NOSIGNAL | extra_flags,
-            )
-        };
+        let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &mh, MSG_ZEROCOPY | libc::MSG_NOSIGNAL | extra_flags) };
         if rc >= 0 {
             return Ok(rc as usize);
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
-            return Err(Error::os(
-                "devmem sendmsg",
-                &format!("fd {} binding {binding_id}", fd.as_raw_fd()),
-                e,
-            ));
+            return Err(Error::os("devmem sendmsg", &format!("fd {} binding {binding_id}", fd.as_raw_fd()), e));
         }
     }
 }
@@ -268,22 +234,16 @@ pub fn read_errqueue(fd: BorrowedFd<'_>) -> Result<Vec<ErrqueueEntry>> {
     loop {
         match recvmsg_with_control(fd, &mut [], &mut control, MSG_ERRQUEUE | libc::MSG_DONTWAIT) {
             Ok(meta) => {
-                let entries = cmsg::parse_errqueue(&control[..meta.control_len]).map_err(|e| {
-                    Error::Malformed {
-                        op: "MSG_ERRQUEUE",
-                        iface: format!("fd {}", fd.as_raw_fd()),
-                        what: e.0,
-                    }
+                let entries = cmsg::parse_errqueue(&control[..meta.control_len]).map_err(|e| Error::Malformed {
+                    op: "MSG_ERRQUEUE",
+                    iface: format!("fd {}", fd.as_raw_fd()),
+                    what: e.0,
                 })?;
                 out.extend(entries);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
             Err(e) => {
-                return Err(Error::os(
-                    "MSG_ERRQUEUE",
-                    &format!("fd {}", fd.as_raw_fd()),
-                    e,
-                ));
+                return Err(Error::os("MSG_ERRQUEUE", &format!("fd {}", fd.as_raw_fd()), e));
             }
         }
     }

@@ -5,9 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sys::netlink::{
-    self, GenlMsg, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, Request,
-};
+use crate::sys::netlink::{self, GenlMsg, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, Request};
 
 /// `NETLINK_ROUTE`.
 pub const NETLINK_ROUTE: i32 = 0;
@@ -66,10 +64,7 @@ fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32, val: i32) -> io::Res
 fn set_timeval(fd: BorrowedFd<'_>, opt: i32, d: Duration) -> io::Result<()> {
     // A zero timeval means "block forever": never pass it.
     let d = d.max(Duration::from_millis(1));
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
+    let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
     // SAFETY: live fd; `tv` is a properly initialised `struct timeval` of the passed size.
     let rc = unsafe {
         libc::setsockopt(
@@ -87,13 +82,7 @@ impl NlSocket {
     /// Open and bind a netlink socket of `protocol` (`NETLINK_GENERIC`, `NETLINK_ROUTE`).
     pub fn open(protocol: i32, timeout: Duration) -> Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                protocol,
-            )
-        };
+        let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
         if raw < 0 {
             return Err(Error::os("netlink socket", "-", last_os_error()));
         }
@@ -101,17 +90,14 @@ impl NlSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let b = fd.as_fd();
         for opt in [NETLINK_EXT_ACK, NETLINK_CAP_ACK] {
-            setsockopt_int(b, SOL_NETLINK, opt, 1)
-                .map_err(|e| Error::os("netlink setsockopt", "-", e))?;
+            setsockopt_int(b, SOL_NETLINK, opt, 1).map_err(|e| Error::os("netlink setsockopt", "-", e))?;
         }
         if protocol == NETLINK_GENERIC {
             // Strict checking of dump requests (older kernels may lack it: not fatal).
             let _ = setsockopt_int(b, SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1);
         }
-        set_timeval(b, libc::SO_SNDTIMEO, timeout)
-            .map_err(|e| Error::os("netlink SO_SNDTIMEO", "-", e))?;
-        set_timeval(b, libc::SO_RCVTIMEO, timeout)
-            .map_err(|e| Error::os("netlink SO_RCVTIMEO", "-", e))?;
+        set_timeval(b, libc::SO_SNDTIMEO, timeout).map_err(|e| Error::os("netlink SO_SNDTIMEO", "-", e))?;
+        set_timeval(b, libc::SO_RCVTIMEO, timeout).map_err(|e| Error::os("netlink SO_RCVTIMEO", "-", e))?;
         // SAFETY: zeroed sockaddr_nl is a valid "kernel assigns the port" address.
         let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -127,17 +113,10 @@ impl NlSocket {
             return Err(Error::os("netlink bind", "-", last_os_error()));
         }
         // Sequence numbers start at a per-socket value so stale replies never match.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let seed = (nanos ^ std::process::id()) & 0xffff;
-        Ok(NlSocket {
-            fd,
-            seq: 0x1000 + seed,
-            timeout,
-            protocol,
-        })
+        Ok(NlSocket { fd, seq: 0x1000 + seed, timeout, protocol })
     }
 
     /// The netlink protocol of this socket.
@@ -212,14 +191,7 @@ impl NlSocket {
             }
             let mut buf = vec![0u8; (n as usize).max(16)];
             // SAFETY: live fd; `buf` valid for writes of its length.
-            let m = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let m = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if m < 0 {
                 let e = last_os_error();
                 match e.kind() {
@@ -235,12 +207,7 @@ impl NlSocket {
     /// Send `req` (its sequence number is replaced by this socket's next one) and collect
     /// the raw data messages (type, flags, payload) until the final ack or `NLMSG_DONE`.
     /// A kernel error becomes [`Error::Kernel`] with the extack's attribute names filled in.
-    pub fn transact_raw(
-        &mut self,
-        mut req: Request,
-        mode: Mode,
-        iface: &str,
-    ) -> Result<Vec<(u16, Vec<u8>)>> {
+    pub fn transact_raw(&mut self, mut req: Request, mode: Mode, iface: &str) -> Result<Vec<(u16, Vec<u8>)>> {
         let seq = self.next_seq();
         req.set_seq(seq);
         let op = req.op;
@@ -249,21 +216,10 @@ impl NlSocket {
         let deadline = Instant::now() + self.timeout;
         let mut out = Vec::new();
         loop {
-            let Some(gram) = self
-                .recv_datagram(deadline)
-                .map_err(|e| Error::os(op, iface, e))?
-            else {
-                return Err(Error::Timeout {
-                    op,
-                    iface: iface.to_owned(),
-                    after: self.timeout,
-                });
+            let Some(gram) = self.recv_datagram(deadline).map_err(|e| Error::os(op, iface, e))? else {
+                return Err(Error::Timeout { op, iface: iface.to_owned(), after: self.timeout });
             };
-            let malformed = |what: String| Error::Malformed {
-                op,
-                iface: iface.to_owned(),
-                what,
-            };
+            let malformed = |what: String| Error::Malformed { op, iface: iface.to_owned(), what };
             let msgs = netlink::parse_messages(&gram).map_err(|e| malformed(e.0))?;
             for m in msgs {
                 if m.seq != seq {
@@ -312,11 +268,7 @@ impl NlSocket {
         self.transact_raw(req, mode, iface)?
             .into_iter()
             .map(|(_, p)| {
-                GenlMsg::from_payload(&p).map_err(|e| Error::Malformed {
-                    op,
-                    iface: iface.to_owned(),
-                    what: e.0,
-                })
+                GenlMsg::from_payload(&p).map_err(|e| Error::Malformed { op, iface: iface.to_owned(), what: e.0 })
             })
             .collect()
     }

@@ -25,12 +25,8 @@ pub fn far() -> Instant {
 /// Route the transport's logs (rejections are warnings) to the test output;
 /// `RUST_LOG=debug` shows more.
 pub fn init_logs() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// A transport for `rank` with `ring` bytes per ring and short handshake timeouts (silent
@@ -45,12 +41,7 @@ pub fn transport(rank: u32, ring: usize) -> ShmTransport {
 }
 
 pub fn ctx(comm: CommId, rank: u32, world: usize, secret: Option<&str>) -> CommContext {
-    CommContext {
-        comm,
-        rank: Rank(rank),
-        world,
-        key: secret.map(AuthKey::from_secret),
-    }
+    CommContext { comm, rank: Rank(rank), world, key: secret.map(AuthKey::from_secret) }
 }
 
 /// Rank 0 connects to rank 1 with rings of `ring` bytes; both transports are dropped
@@ -83,10 +74,7 @@ pub fn eventually(what: &str, limit: Duration, f: impl Fn() -> bool) {
 
 /// Open a plain connection to a transport's abstract socket.
 pub fn dial(t: &ShmTransport) -> UnixStream {
-    let name = t
-        .address()
-        .strip_prefix("unix:@")
-        .expect("abstract address");
+    let name = t.address().strip_prefix("unix:@").expect("abstract address");
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let s = UnixStream::connect_addr(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

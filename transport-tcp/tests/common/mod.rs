@@ -31,12 +31,8 @@ pub fn far() -> Instant {
 /// Route the transport's logs (rejections are warnings) to the test output;
 /// `RUST_LOG=debug` shows more.
 pub fn init_logs() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// A transport for `rank` on `addr` with short handshake timeouts (silent clients are
@@ -51,12 +47,7 @@ pub fn transport(addr: IpAddr, rank: u32, lanes: usize) -> TcpTransport {
 }
 
 pub fn ctx(comm: CommId, rank: u32, world: usize, secret: Option<&str>) -> CommContext {
-    CommContext {
-        comm,
-        rank: Rank(rank),
-        world,
-        key: secret.map(AuthKey::from_secret),
-    }
+    CommContext { comm, rank: Rank(rank), world, key: secret.map(AuthKey::from_secret) }
 }
 
 /// Rank 0 connects to rank 1 over `addr` with `lanes` sockets; both transports are dropped
