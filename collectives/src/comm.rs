@@ -299,8 +299,19 @@ impl Communicator {
             Communicator::assemble(rank, world, table, offer.transports, config, key, abort, spin, deadline)?;
         let inner = Arc::get_mut(&mut comm.inner).expect("fresh communicator is unshared");
         inner._watch = watch;
+        let (client, comm_id) = (link.client.clone(), inner.comm);
         inner.link = Some(link);
         inner.group = group;
+        // A fatal error on this rank aborts the communicator everywhere through the
+        // rendezvous too (not every rank is connected to this one, and a rank whose part of
+        // the call only sends may otherwise finish before hearing of a mismatch). Off the
+        // caller's thread: the rendezvous may be gone with a dead rank 0.
+        inner.engine.set_on_fatal(Box::new(move |e: &Error| {
+            let reason = format!("rank {rank} failed: {e}");
+            let _ = std::thread::Builder::new().name("devccl-abort".into()).spawn(move || {
+                let _ = client.abort(comm_id, rank, &reason);
+            });
+        }));
         comm.calibrate()?;
         Ok(comm)
     }

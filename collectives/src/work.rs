@@ -73,7 +73,7 @@ impl Completion {
 /// in order, as every rank expects.
 pub struct Work<T = ()> {
     done: Arc<Completion>,
-    finish: Option<Box<dyn FnOnce() -> Result<T> + Send>>,
+    finish: Option<Box<dyn FnOnce() -> Result<T> + Send + Sync>>,
 }
 
 impl<T> fmt::Debug for Work<T> {
@@ -83,7 +83,7 @@ impl<T> fmt::Debug for Work<T> {
 }
 
 impl<T> Work<T> {
-    pub(crate) fn new(done: Arc<Completion>, finish: impl FnOnce() -> Result<T> + Send + 'static) -> Work<T> {
+    pub(crate) fn new(done: Arc<Completion>, finish: impl FnOnce() -> Result<T> + Send + Sync + 'static) -> Work<T> {
         Work { done, finish: Some(Box::new(finish)) }
     }
 
@@ -123,14 +123,14 @@ impl<T> Work<T> {
     }
 
     /// Map the output.
-    pub fn map<U>(mut self, f: impl FnOnce(T) -> Result<U> + Send + 'static) -> Work<U>
+    pub fn map<U>(mut self, f: impl FnOnce(T) -> Result<U> + Send + Sync + 'static) -> Work<U>
     where
         T: 'static,
     {
         let inner = self.finish.take();
         Work {
             done: self.done.clone(),
-            finish: inner.map(|g| -> Box<dyn FnOnce() -> Result<U> + Send> { Box::new(move || f(g()?)) }),
+            finish: inner.map(|g| -> Box<dyn FnOnce() -> Result<U> + Send + Sync> { Box::new(move || f(g()?)) }),
         }
     }
 }
@@ -157,6 +157,9 @@ pub(crate) struct Engine {
     queue: Mutex<Queue>,
     cv: Condvar,
     poison: Mutex<Option<String>>,
+    /// Called once with the first fatal error (the communicator broadcasts it through the
+    /// rendezvous, so ranks that are not connected to the failure hear of it too).
+    on_fatal: Mutex<Option<Box<dyn FnOnce(&Error) + Send>>>,
 }
 
 impl fmt::Debug for Engine {
@@ -172,7 +175,13 @@ impl Engine {
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             poison: Mutex::new(None),
+            on_fatal: Mutex::new(None),
         })
+    }
+
+    /// Set the hook run once on the first fatal error.
+    pub(crate) fn set_on_fatal(&self, f: Box<dyn FnOnce(&Error) + Send>) {
+        *lock(&self.on_fatal) = Some(f);
     }
 
     pub(crate) fn poisoned(&self) -> Option<String> {
@@ -205,6 +214,9 @@ impl Engine {
             if let Err(e) = &r {
                 if e.is_fatal() {
                     self.poison_with(&e.to_string());
+                    if let Some(f) = lock(&self.on_fatal).take() {
+                        f(e);
+                    }
                 }
             }
             r
