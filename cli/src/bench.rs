@@ -331,8 +331,14 @@ impl Bench {
         }))
     }
 
-    /// Run once; `in_place` selects the nccl-tests in-place form.
-    fn run(&self, c: &Communicator, input: &[u8], out: &mut [u8], in_place: bool) -> devccl::Result<()> {
+    /// Run once out of place (send/recv: `send` holds the input, prepared once per row).
+    fn run(
+        &self,
+        c: &Communicator,
+        input: &[u8],
+        out: &mut [u8],
+        send: &devccl_core::memory::Region,
+    ) -> devccl::Result<()> {
         use devccl_core::memory::Region;
         let d = self.dtype;
         match self.kind {
@@ -342,41 +348,67 @@ impl Bench {
                     out.copy_from_slice(input);
                     return Ok(());
                 }
-                let send = Region::from_vec(input.to_vec());
                 let w = c.collective_async(&Collective::Send { peer: next, tag: 0 }, d, send.full(), send.full());
                 Region::scoped(out, |o| c.collective(&Collective::Recv { peer: prev, tag: 0 }, d, o.full(), o.full()))?;
                 w.wait()
             }
             Kind::Barrier => c.barrier(),
-            // Per-peer counts differ, so there is no in-place form: the column repeats out-of-place.
-            _ if !in_place || self.kind == Kind::AllToAllV => Region::scoped_ref(input, |i| {
+            _ => Region::scoped_ref(input, |i| {
                 Region::scoped(out, |o| c.collective(&self.desc(), d, i.full(), o.full()))
             }),
-            _ => match self.in_place_offset() {
-                None => {
-                    out.copy_from_slice(input);
-                    Region::scoped(out, |o| c.collective(&self.desc(), d, o.full(), o.full()))
-                }
-                Some((input_inside_output, at)) => {
-                    let e = d.size();
-                    if input_inside_output {
-                        out[at * e..at * e + input.len()].copy_from_slice(input);
-                        Region::scoped(out, |o| {
-                            c.collective(&self.desc(), d, o.slice(at * e..at * e + input.len()), o.full())
-                        })
-                    } else {
-                        // The output is this rank's block of the input buffer.
-                        let mut buf = input.to_vec();
-                        let olen = out.len();
-                        let r = Region::scoped(&mut buf, |b| {
-                            c.collective(&self.desc(), d, b.full(), b.slice(at * e..at * e + olen))
-                        });
-                        out.copy_from_slice(&buf[at * e..at * e + olen]);
-                        r
-                    }
-                }
-            },
         }
+    }
+
+    /// The buffer of the nccl-tests in-place form with this rank's input in place: the input
+    /// is the output (all-reduce, broadcast, ...), inside it (all-gather, gather), or contains
+    /// it (reduce-scatter, scatter).
+    fn in_place_buffer(&self, input: &[u8]) -> Vec<u8> {
+        let (_, out_len) = self.lens();
+        match self.in_place_offset() {
+            Some((true, at)) => {
+                let e = self.dtype.size();
+                let mut buf = vec![0u8; out_len * e];
+                buf[at * e..at * e + input.len()].copy_from_slice(input);
+                buf
+            }
+            _ => input.to_vec(),
+        }
+    }
+
+    /// Where the output is inside the in-place buffer.
+    fn in_place_output_range(&self) -> std::ops::Range<usize> {
+        let (_, out_len) = self.lens();
+        let e = self.dtype.size();
+        match self.in_place_offset() {
+            Some((false, at)) => at * e..(at + out_len) * e,
+            _ => 0..out_len * e,
+        }
+    }
+
+    /// Run once in place on `buf` (prepared by [`Bench::in_place_buffer`]; successive runs
+    /// reuse it as nccl-tests does). Collectives without an in-place form (all_to_all_v,
+    /// sendrecv, barrier) repeat the out-of-place run.
+    fn run_in_place(
+        &self,
+        c: &Communicator,
+        buf: &mut [u8],
+        input: &[u8],
+        out: &mut [u8],
+        send: &devccl_core::memory::Region,
+    ) -> devccl::Result<()> {
+        use devccl_core::memory::Region;
+        let d = self.dtype;
+        if matches!(self.kind, Kind::SendRecv | Kind::Barrier | Kind::AllToAllV) {
+            return self.run(c, input, out, send);
+        }
+        let e = d.size();
+        let (in_len, _) = self.lens();
+        let outr = self.in_place_output_range();
+        Region::scoped(buf, |b| match self.in_place_offset() {
+            None => c.collective(&self.desc(), d, b.full(), b.full()),
+            Some((true, at)) => c.collective(&self.desc(), d, b.slice(at * e..(at + in_len) * e), b.full()),
+            Some((false, _)) => c.collective(&self.desc(), d, b.full(), b.slice(outr.clone())),
+        })
     }
 }
 
@@ -451,18 +483,26 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
         let b = Bench { kind, dtype, op, root: args.root, rank, n, total };
         let bytes = total * esize;
         let input = b.input();
+        let send = devccl_core::memory::Region::from_vec(input.clone());
         let (_, out_len) = b.lens();
         let mut out = vec![0u8; out_len * esize];
         let mut wrong = [0u64; 2];
         if args.check > 0 {
             let want = b.expected()?;
             for _ in 0..args.check {
-                for (k, in_place) in [false, true].into_iter().enumerate() {
-                    out.fill(0);
-                    b.run(&comm, &input, &mut out, in_place)?;
-                    if let Some(w) = &want {
-                        wrong[k] += devccl::check::count_wrong(dtype, &out, w);
-                    }
+                out.fill(0);
+                b.run(&comm, &input, &mut out, &send)?;
+                let mut buf = b.in_place_buffer(&input);
+                let mut out2 = vec![0u8; out_len * esize];
+                b.run_in_place(&comm, &mut buf, &input, &mut out2, &send)?;
+                let ip_out = if matches!(kind, Kind::SendRecv | Kind::Barrier | Kind::AllToAllV) {
+                    &out2[..]
+                } else {
+                    &buf[b.in_place_output_range()]
+                };
+                if let Some(w) = &want {
+                    wrong[0] += devccl::check::count_wrong(dtype, &out, w);
+                    wrong[1] += devccl::check::count_wrong(dtype, ip_out, w);
                 }
             }
             let mut w = [wrong[0] as i64, wrong[1] as i64];
@@ -470,16 +510,17 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
             wrong = [w[0] as u64, w[1] as u64];
         }
         for _ in 0..args.warmup {
-            b.run(&comm, &input, &mut out, false)?;
+            b.run(&comm, &input, &mut out, &send)?;
         }
-        let t_oop = time_loop(&comm, args.iters, || b.run(&comm, &input, &mut out, false))?;
-        let t_ip = time_loop(&comm, args.iters, || b.run(&comm, &input, &mut out, true))?;
+        let t_oop = time_loop(&comm, args.iters, || b.run(&comm, &input, &mut out, &send))?;
+        let mut ipbuf = b.in_place_buffer(&input);
+        let t_ip = time_loop(&comm, args.iters, || b.run_in_place(&comm, &mut ipbuf, &input, &mut out, &send))?;
         let per_iter = if args.per_iter {
             let mut ts = Vec::with_capacity(args.iters);
             for _ in 0..args.iters {
                 barrier(&comm)?;
                 let t0 = Instant::now();
-                b.run(&comm, &input, &mut out, false)?;
+                b.run(&comm, &input, &mut out, &send)?;
                 ts.push(t0.elapsed().as_secs_f64() * 1e6);
             }
             max_over_ranks(&comm, &mut ts)?;

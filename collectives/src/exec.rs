@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use devccl_core::memory::{Region, RegionSlice};
 use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
 use devccl_core::transport::{
-    Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
+    Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
 };
 use devccl_core::wire::{CollKind, FrameHeader, FrameType};
 use devccl_core::{DType, Error, Rank, ReduceOp, Result, Seq};
@@ -174,6 +174,8 @@ struct Run<'a> {
     b: &'a Bindings,
     pending: Vec<u32>,
     arrived: Vec<bool>,
+    /// Receive-reduces whose payload a transport sink reduced on arrival.
+    sunk: Vec<bool>,
     slot_of: Vec<Option<usize>>,
     free_slots: Vec<usize>,
     /// Staging slots each peer holds, and the most it may: a fast peer must not take every
@@ -347,6 +349,7 @@ impl Executor {
             b,
             pending: sched.ndeps.clone(),
             arrived: vec![false; n],
+            sunk: vec![false; n],
             slot_of: vec![None; n],
             free_slots: (0..nslots).rev().collect(),
             slots_used: vec![0; self.world],
@@ -436,6 +439,26 @@ impl Executor {
             // as soon as a slot is.
             while let Some(&s) = run.peers[p].recvs.get(run.peers[p].next_recv) {
                 let msg = run.peers[p].next_recv as u32;
+                // A reduction that may happen as the bytes arrive goes straight from the
+                // transport's buffers into the output (no staging copy), where supported.
+                if let StepKind::RecvReduce { dst, base, len, finish, .. } = run.sched.steps[s as usize] {
+                    if run.pending[s as usize] == 0 && conn.accepts_sinks() {
+                        let d = run.b.slice(dst, len);
+                        let base = (!same_place(run.b, dst, base)).then(|| run.b.slice(base, len));
+                        let op = run.call.op.unwrap_or(ReduceOp::Sum);
+                        let sink = ReduceSink::new(run.call.dtype, op, d, base, finish.then_some(self.world));
+                        match conn.irecv_sink(run.call.header(msg, len, dst.off), Box::new(sink))? {
+                            Some(id) => {
+                                run.sunk[s as usize] = true;
+                                run.peers[p].inflight.push((id, s, None));
+                                run.peers[p].next_recv += 1;
+                                moved = true;
+                                continue;
+                            }
+                            None => break,
+                        }
+                    }
+                }
                 let (dst, slot) = match run.sched.steps[s as usize] {
                     StepKind::Recv { dst, len, .. } => {
                         if run.pending[s as usize] > 0 {
@@ -504,6 +527,7 @@ impl Executor {
                             conn.recv_consumed(id)?;
                         }
                         match run.sched.steps[s as usize] {
+                            StepKind::RecvReduce { .. } if run.sunk[s as usize] => self.complete(run, s),
                             StepKind::RecvReduce { .. } => {
                                 run.arrived[s as usize] = true;
                                 run.slot_of[s as usize] = slot;
@@ -630,6 +654,79 @@ fn same_place(b: &Bindings, x: Loc, y: Loc) -> bool {
     match (base(x), base(y)) {
         (Some(sx), Some(sy)) => sx.region.same(&sy.region) && sx.range.start + x.off == sy.range.start + y.off,
         _ => false,
+    }
+}
+
+/// Reduces a payload into its destination as a transport hands it over, piece by piece:
+/// `dst = base op piece` (or `dst op= piece` in place), then the avg epilogue when this is
+/// the last reduction of those elements. Pieces may split elements; the split element is
+/// carried over to the next piece.
+struct ReduceSink {
+    dtype: DType,
+    op: ReduceOp,
+    dst: RegionSlice,
+    base: Option<RegionSlice>,
+    finish_world: Option<usize>,
+    carry: [u8; 8],
+    carried: usize,
+}
+
+impl ReduceSink {
+    fn new(
+        dtype: DType,
+        op: ReduceOp,
+        dst: RegionSlice,
+        base: Option<RegionSlice>,
+        finish_world: Option<usize>,
+    ) -> Self {
+        ReduceSink { dtype, op, dst, base, finish_world, carry: [0; 8], carried: 0 }
+    }
+
+    /// Reduce whole elements `src` into the destination at byte offset `off`.
+    fn apply(&self, off: usize, src: &[u8]) -> Result<()> {
+        let (dtype, op) = (self.dtype, self.op);
+        let d = self.dst.sub(off..off + src.len());
+        let avg = |d: &mut [u8]| match self.finish_world {
+            Some(n) if op == ReduceOp::Avg => finish_avg(dtype, d, n),
+            _ => Ok(()),
+        };
+        match &self.base {
+            None => d.with_bytes_mut(|d| {
+                reduce_in_place(dtype, op, d, src)?;
+                avg(d)
+            })?,
+            Some(b) => Region::with_pair(&d, &b.sub(off..off + src.len()), |d, a| {
+                reduce_to(dtype, op, d, a, src)?;
+                avg(d)
+            })?,
+        }
+    }
+}
+
+impl PayloadSink for ReduceSink {
+    fn consume(&mut self, mut off: usize, mut bytes: &[u8]) -> Result<()> {
+        let e = self.dtype.size();
+        if self.carried > 0 {
+            let take = (e - self.carried).min(bytes.len());
+            self.carry[self.carried..self.carried + take].copy_from_slice(&bytes[..take]);
+            self.carried += take;
+            bytes = &bytes[take..];
+            off += take;
+            if self.carried < e {
+                return Ok(());
+            }
+            let elem = self.carry;
+            self.apply(off - e, &elem[..e])?;
+            self.carried = 0;
+        }
+        let whole = bytes.len() / e * e;
+        if whole > 0 {
+            self.apply(off, &bytes[..whole])?;
+        }
+        let rest = &bytes[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carried = rest.len();
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use devccl_core::bootstrap::{HostIdentity, PeerInfo, PeerTable};
 use devccl_core::config::Config;
-use devccl_core::testing::mesh;
+use devccl_core::testing::mesh_with;
 use devccl_core::transport::Transport;
 use devccl_core::{CommId, Rank};
 
@@ -15,7 +15,13 @@ use crate::exec::AbortSignal;
 
 /// Build `n` communicators connected by in-memory transports.
 pub fn mesh_comms(n: usize, cfg: &Config) -> Vec<Communicator> {
-    let ts = mesh(n);
+    mesh_comms_with(n, cfg, false)
+}
+
+/// Like [`mesh_comms`]; with `sinks`, receive-reductions run on arrival through payload
+/// sinks fed in irregular pieces (the path shared memory uses).
+pub fn mesh_comms_with(n: usize, cfg: &Config, sinks: bool) -> Vec<Communicator> {
+    let ts = mesh_with(n, sinks);
     let table = PeerTable {
         comm: CommId::random(),
         group: "mesh".into(),

@@ -117,3 +117,34 @@ fn async_work_completes_in_issue_order_and_mixes_with_blocking_calls() {
         assert_eq!(o, (0..12).map(|k| 6 + 4 * k).collect::<Vec<i32>>());
     }
 }
+
+#[test]
+fn reduce_on_arrival_through_payload_sinks() {
+    // Pieces of 1..61 bytes split elements of every dtype; every algorithm's receive-reduces
+    // go through the sink path when their dependencies allow.
+    for algo in ["ring", "rd", "hd", "tree"] {
+        let cfg = Config { algo: Some(algo.into()), chunk: Some(4096), ..Config::default() };
+        for n in [2, 3, 5] {
+            let comms = devccl::testing::mesh_comms_with(n, &cfg, true);
+            for dtype in DType::ALL {
+                for op in ReduceOp::ALL {
+                    let count = 10_007;
+                    let inputs: Vec<Vec<u8>> = (0..n).map(|r| common::input(dtype, op, r, count)).collect();
+                    let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+                    let expect = reference_reduce(dtype, op, &refs).unwrap();
+                    let outs = on_all(&comms, |c| {
+                        let src = Region::from_vec(inputs[c.rank()].clone());
+                        let dst = Region::alloc(src.len());
+                        c.all_reduce_regions(src.full(), dst.full(), dtype, op).unwrap();
+                        let r = Region::from_vec(inputs[c.rank()].clone());
+                        c.all_reduce_regions(r.full(), r.full(), dtype, op).unwrap();
+                        (dst.full().to_vec().unwrap(), r.into_vec::<u8>().unwrap())
+                    });
+                    for (r, (oop, ip)) in outs.iter().enumerate() {
+                        assert!(oop == &expect && ip == &expect, "{algo} n={n} {dtype} {op}: rank {r} differs");
+                    }
+                }
+            }
+        }
+    }
+}

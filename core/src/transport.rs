@@ -139,6 +139,15 @@ pub struct RecvRequest {
     pub dst: RegionSlice,
 }
 
+/// Consumes a received payload piece by piece, in order, instead of a destination buffer:
+/// how the executor reduces straight out of a transport's receive buffers (shared-memory
+/// rings), saving a copy. `offset` is the position of `bytes` in the payload; pieces arrive
+/// in order and cover the payload exactly once, split anywhere (not on element boundaries).
+pub trait PayloadSink: Send {
+    /// Take the next piece.
+    fn consume(&mut self, offset: usize, bytes: &[u8]) -> Result<()>;
+}
+
 /// One piece of a scattered receive: `len` bytes at `src_off` in the transport's RX pool
 /// belong at `dst_off` in the destination slice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +250,17 @@ pub trait Connection: Send + fmt::Debug {
     fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>>;
     /// Post a receive. `Ok(None)`: queue full, try again after progress.
     fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>>;
+    /// True when [`Connection::irecv_sink`] is supported.
+    fn accepts_sinks(&self) -> bool {
+        false
+    }
+    /// Post a receive of `expect.len` bytes whose payload is handed to `sink` as it
+    /// arrives (ordered with the connection's other receives). Only when
+    /// [`Connection::accepts_sinks`]; completes as `Received { layout: InPlace }`.
+    fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
+        let _ = (expect, sink);
+        Err(Error::Unsupported { reason: format!("{} connections do not take payload sinks", self.kind()) })
+    }
     /// Non-blocking: make progress and report whether `req` finished.
     fn test(&mut self, req: ReqId) -> Result<Option<Completion>>;
     /// The executor finished reading a scattered receive; its RX buffers may be recycled.

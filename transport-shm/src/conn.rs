@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
-    Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
+    Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
 };
 use devccl_core::wire::{FrameHeader, FrameType, HEADER_LEN, MAX_ABORT_REASON};
 use devccl_core::{Error, Rank, Result, Seq};
@@ -96,8 +96,35 @@ enum RecvPhase {
 struct RecvSlot {
     id: ReqId,
     expect: FrameHeader,
-    dst: RegionSlice,
+    target: Target,
     phase: RecvPhase,
+}
+
+/// Where a receive's payload goes.
+enum Target {
+    /// Copied into the caller's memory.
+    Copy(RegionSlice),
+    /// Handed, straight out of the ring, to the caller's sink (which reduces it where it
+    /// belongs: one pass over the bytes instead of a copy and then a reduction).
+    Sink { len: usize, sink: Box<dyn PayloadSink> },
+}
+
+impl Target {
+    fn len(&self) -> usize {
+        match self {
+            Target::Copy(d) => d.len(),
+            Target::Sink { len, .. } => *len,
+        }
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Copy(d) => write!(f, "Copy({d:?})"),
+            Target::Sink { len, .. } => write!(f, "Sink({len} bytes)"),
+        }
+    }
 }
 
 /// The sticky failure of a connection: later calls report it again.
@@ -492,12 +519,12 @@ impl ShmConnection {
                     *moved = true;
                 }
                 RecvPhase::Payload { got } => {
-                    let need = slot.dst.len() - got;
+                    let need = slot.target.len() - got;
                     if need == 0 {
                         let slot = self.recvq.pop_front().expect("front");
                         self.done.insert(
                             slot.id,
-                            Completion::Received { bytes: slot.dst.len(), layout: RecvLayout::InPlace },
+                            Completion::Received { bytes: slot.target.len(), layout: RecvLayout::InPlace },
                         );
                         continue;
                     }
@@ -510,7 +537,13 @@ impl ShmConnection {
                     }
                     let n = (avail as usize).min(need).min(PIECE);
                     let (map, ring_id, head) = (&self.map, self.rx_ring, self.head);
-                    self.recvq[0].dst.sub(got..got + n).with_bytes_mut(|d| map.read(ring_id, head, d))?;
+                    match &mut self.recvq[0].target {
+                        Target::Copy(dst) => dst.sub(got..got + n).with_bytes_mut(|d| map.read(ring_id, head, d))?,
+                        Target::Sink { sink, .. } => map.with_published(ring_id, head, n, |a, b| {
+                            sink.consume(got, a)?;
+                            if b.is_empty() { Ok(()) } else { sink.consume(got + a.len(), b) }
+                        })?,
+                    }
                     self.head += n as u64;
                     self.recvq[0].phase = RecvPhase::Payload { got: got + n };
                     *moved = true;
@@ -530,7 +563,7 @@ impl ShmConnection {
     /// sleeper is not woken for every piece of a large message. Always beyond what was
     /// already seen.
     fn rx_wake_at(&self) -> u64 {
-        let want = match self.recvq.front().map(|s| (s.phase, s.dst.len())) {
+        let want = match self.recvq.front().map(|s| (s.phase, s.target.len())) {
             Some((RecvPhase::Payload { got }, len)) => ((len - got) as u64).min(self.ring / 2),
             _ => HEADER_LEN as u64,
         };
@@ -713,7 +746,27 @@ impl Connection for ShmConnection {
             return Ok(None);
         }
         let id = self.new_id(RECV);
-        self.recvq.push_back(RecvSlot { id, expect: req.expect, dst: req.dst, phase: RecvPhase::Header });
+        self.recvq.push_back(RecvSlot {
+            id,
+            expect: req.expect,
+            target: Target::Copy(req.dst),
+            phase: RecvPhase::Header,
+        });
+        Ok(Some(id))
+    }
+
+    fn accepts_sinks(&self) -> bool {
+        true
+    }
+
+    fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
+        self.check_broken()?;
+        if self.recvq.len() >= MAX_INFLIGHT {
+            return Ok(None);
+        }
+        let id = self.new_id(RECV);
+        let target = Target::Sink { len: expect.len as usize, sink };
+        self.recvq.push_back(RecvSlot { id, expect, target, phase: RecvPhase::Header });
         Ok(Some(id))
     }
 

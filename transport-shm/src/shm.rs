@@ -238,6 +238,23 @@ impl Mapping {
     /// at the end. The caller (the consumer) owns those bytes: the producer published them
     /// (release store of `tail`, acquired by the caller) and will not reuse them before the
     /// caller advances `head` past them.
+    /// Look at the `len` published bytes of ring `r` from `pos` in place: `f` gets them as
+    /// one or two slices (two when they wrap at the ring's end).
+    pub(crate) fn with_published<R>(&self, r: RingId, pos: u64, len: usize, f: impl FnOnce(&[u8], &[u8]) -> R) -> R {
+        assert!(len <= self.ring, "view larger than the ring");
+        let off = (pos as usize) & (self.ring - 1);
+        let first = len.min(self.ring - off);
+        let s = self.data(r);
+        // SAFETY: both ranges lie inside ring `r` of the live mapping. The caller passes
+        // published bytes (`pos..pos+len` below the producer's tail, above our head): the
+        // producer does not write them again until we advance the head, which cannot happen
+        // while these borrows live (`f` returns first). A misbehaving peer writing anyway
+        // can only change the values read, never the memory's validity.
+        let (a, b) =
+            unsafe { (std::slice::from_raw_parts(s.add(off), first), std::slice::from_raw_parts(s, len - first)) };
+        f(a, b)
+    }
+
     pub(crate) fn read(&self, r: RingId, pos: u64, dst: &mut [u8]) {
         assert!(dst.len() <= self.ring, "read larger than the ring");
         let off = (pos as usize) & (self.ring - 1);

@@ -13,8 +13,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::error::{Error, Result};
 use crate::memory::RegionSlice;
 use crate::transport::{
-    CommContext, Completion, Connection, Endpoint, Interest, LinkProperties, RecvLayout, RecvRequest, ReqId,
-    SendRequest, Transport, TransportKind,
+    CommContext, Completion, Connection, Endpoint, Interest, LinkProperties, PayloadSink, RecvLayout, RecvRequest,
+    ReqId, SendRequest, Transport, TransportKind,
 };
 use crate::types::{Rank, Seq};
 use crate::wire::{FrameHeader, FrameType};
@@ -59,6 +59,9 @@ struct Hub {
     /// Links made by `connect(from → to)` waiting for `to` to accept: (tx of from, rx of from).
     links: Mutex<HashMap<(u32, u32), (Arc<Queue>, Arc<Queue>)>>,
     cv: Condvar,
+    /// Connections accept payload sinks and feed them in small, irregular pieces (so the
+    /// executor's reduce-on-arrival path, elements split across pieces included, is tested).
+    sinks: bool,
 }
 
 /// One rank's in-memory transport.
@@ -76,7 +79,13 @@ impl std::fmt::Debug for MemTransport {
 
 /// Transports for an `n`-rank mesh in this process.
 pub fn mesh(n: usize) -> Vec<MemTransport> {
-    let hub = Arc::new(Hub::default());
+    mesh_with(n, false)
+}
+
+/// Like [`mesh`]; with `sinks`, connections take payload sinks and hand them each payload in
+/// irregular pieces of 1 to 61 bytes.
+pub fn mesh_with(n: usize, sinks: bool) -> Vec<MemTransport> {
+    let hub = Arc::new(Hub { sinks, ..Hub::default() });
     (0..n).map(|r| MemTransport { hub: hub.clone(), rank: Rank::from(r), ctx: OnceLock::new() }).collect()
 }
 
@@ -110,14 +119,14 @@ impl Transport for MemTransport {
         let mut links = self.hub.links.lock().unwrap_or_else(|e| e.into_inner());
         links.insert((self.rank.0, peer.0), (tx.clone(), rx.clone()));
         self.hub.cv.notify_all();
-        Ok(Box::new(MemConn::new(self.rank, peer, tx, rx)))
+        Ok(Box::new(MemConn::new(self.rank, peer, tx, rx, self.hub.sinks)))
     }
 
     fn accept(&self, peer: Rank, deadline: Instant) -> Result<Box<dyn Connection>> {
         let mut links = self.hub.links.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some((their_tx, their_rx)) = links.remove(&(peer.0, self.rank.0)) {
-                return Ok(Box::new(MemConn::new(self.rank, peer, their_rx, their_tx)));
+                return Ok(Box::new(MemConn::new(self.rank, peer, their_rx, their_tx, self.hub.sinks)));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -137,8 +146,14 @@ struct MemConn {
     tx: Arc<Queue>,
     rx: Arc<Queue>,
     next: u64,
-    recvs: VecDeque<(ReqId, RecvRequest)>,
+    recvs: VecDeque<(ReqId, FrameHeader, Target)>,
     done: HashMap<ReqId, Completion>,
+    sinks: bool,
+}
+
+enum Target {
+    Copy(RegionSlice),
+    Sink(Box<dyn PayloadSink>),
 }
 
 impl std::fmt::Debug for MemConn {
@@ -148,8 +163,8 @@ impl std::fmt::Debug for MemConn {
 }
 
 impl MemConn {
-    fn new(me: Rank, peer: Rank, tx: Arc<Queue>, rx: Arc<Queue>) -> MemConn {
-        MemConn { me, peer, tx, rx, next: 0, recvs: VecDeque::new(), done: HashMap::new() }
+    fn new(me: Rank, peer: Rank, tx: Arc<Queue>, rx: Arc<Queue>, sinks: bool) -> MemConn {
+        MemConn { me, peer, tx, rx, next: 0, recvs: VecDeque::new(), done: HashMap::new(), sinks }
     }
 
     fn id(&mut self) -> ReqId {
@@ -159,7 +174,7 @@ impl MemConn {
 
     fn progress_recvs(&mut self) -> Result<()> {
         let _ = self.rx.bell.read();
-        while let Some((id, req)) = self.recvs.front() {
+        while let Some((id, expect, _)) = self.recvs.front() {
             let Some(frame) = self.rx.frames.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
                 if self.rx.closed.load(Ordering::SeqCst) {
                     return Err(Error::remote(
@@ -178,10 +193,23 @@ impl MemConn {
                     format!("rank {} aborted: {}", self.peer, String::from_utf8_lossy(&frame.payload)),
                 ));
             }
-            req.expect.check(&frame.header, self.me, self.peer)?;
-            req.dst.with_bytes_mut(|d| d.copy_from_slice(&frame.payload))?;
-            let (id, _) = (*id, ());
-            self.recvs.pop_front();
+            expect.check(&frame.header, self.me, self.peer)?;
+            let id = *id;
+            let (_, _, target) = self.recvs.pop_front().expect("front");
+            match target {
+                Target::Copy(dst) => dst.with_bytes_mut(|d| d.copy_from_slice(&frame.payload))?,
+                Target::Sink(mut sink) => {
+                    // Irregular pieces: 1..=61 bytes, from a tiny deterministic generator.
+                    let (mut at, mut x) = (0usize, (id.0 as usize).wrapping_mul(2654435761) | 1);
+                    while at < frame.payload.len() {
+                        x ^= x << 7;
+                        x ^= x >> 9;
+                        let n = (1 + x % 61).min(frame.payload.len() - at);
+                        sink.consume(at, &frame.payload[at..at + n])?;
+                        at += n;
+                    }
+                }
+            }
             self.done.insert(id, Completion::Received { bytes: frame.payload.len(), layout: RecvLayout::InPlace });
         }
         Ok(())
@@ -223,7 +251,23 @@ impl Connection for MemConn {
             return Ok(None);
         }
         let id = self.id();
-        self.recvs.push_back((id, req));
+        self.recvs.push_back((id, req.expect, Target::Copy(req.dst)));
+        Ok(Some(id))
+    }
+
+    fn accepts_sinks(&self) -> bool {
+        self.sinks
+    }
+
+    fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
+        if !self.sinks {
+            return Err(Error::Unsupported { reason: "this in-memory mesh was made without sinks".into() });
+        }
+        if self.recvs.len() >= MAX_POSTED_RECVS {
+            return Ok(None);
+        }
+        let id = self.id();
+        self.recvs.push_back((id, expect, Target::Sink(sink)));
         Ok(Some(id))
     }
 

@@ -4,4 +4,4 @@
 pub mod conformance;
 mod mem;
 
-pub use mem::{MemTransport, mesh};
+pub use mem::{MemTransport, mesh, mesh_with};
