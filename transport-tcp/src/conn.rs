@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
-    Completion, Connection, Interest, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind, wait_ready,
+    Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
+    wait_ready,
 };
 use devccl_core::wire::{FrameHeader, FrameType, HEADER_LEN, MAX_ABORT_REASON};
 use devccl_core::{Error, Rank, Result, Seq};
@@ -77,8 +78,35 @@ enum RecvPhase {
 struct RecvSlot {
     id: ReqId,
     expect: FrameHeader,
-    dst: RegionSlice,
+    target: Target,
     phase: RecvPhase,
+}
+
+/// Where a receive's payload goes.
+enum Target {
+    /// The caller's memory (large remainders are read straight into it).
+    Copy(RegionSlice),
+    /// The caller's sink, fed from the lane buffer (the executor reduces each piece while it
+    /// is in cache, instead of receiving into a staging slot and reducing afterwards).
+    Sink { len: usize, sink: Box<dyn PayloadSink> },
+}
+
+impl Target {
+    fn len(&self) -> usize {
+        match self {
+            Target::Copy(d) => d.len(),
+            Target::Sink { len, .. } => *len,
+        }
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Copy(d) => write!(f, "Copy({d:?})"),
+            Target::Sink { len, .. } => write!(f, "Sink({len} bytes)"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -382,13 +410,13 @@ impl TcpConnection {
                     slot.phase = RecvPhase::Payload { got: 0 };
                 }
                 RecvPhase::Payload { got } => {
-                    let need = slot.dst.len() - got;
+                    let need = slot.target.len() - got;
                     if need == 0 {
                         let slot = lane.recvq.pop_front().expect("front");
                         self.pending[RECV as usize] -= 1;
                         self.done.insert(
                             slot.id,
-                            Completion::Received { bytes: slot.dst.len(), layout: RecvLayout::InPlace },
+                            Completion::Received { bytes: slot.target.len(), layout: RecvLayout::InPlace },
                         );
                         continue;
                     }
@@ -396,11 +424,21 @@ impl TcpConnection {
                     if have > 0 {
                         let n = have.min(need);
                         let src = &lane.rbuf[lane.rstart..lane.rstart + n];
-                        slot.dst.sub(got..got + n).with_bytes_mut(|d| d.copy_from_slice(src))?;
+                        match &mut slot.target {
+                            Target::Copy(dst) => dst.sub(got..got + n).with_bytes_mut(|d| d.copy_from_slice(src))?,
+                            Target::Sink { sink, .. } => sink.consume(got, src)?,
+                        }
                         lane.rstart += n;
                         slot.phase = RecvPhase::Payload { got: got + n };
                         continue;
                     }
+                    let Target::Copy(dst) = &slot.target else {
+                        // Sinks are fed through the lane buffer.
+                        if !self.fill(l)? {
+                            return Ok(());
+                        }
+                        continue;
+                    };
                     if need < DIRECT_READ_MIN {
                         if !self.fill(l)? {
                             return Ok(());
@@ -409,7 +447,7 @@ impl TcpConnection {
                     }
                     // Large remainder: straight into the destination, never past this frame.
                     let sock = &lane.sock;
-                    let r = slot.dst.sub(got..got + need).with_bytes_mut(|d| {
+                    let r = dst.sub(got..got + need).with_bytes_mut(|d| {
                         let mut s: &Socket = sock;
                         s.read(d)
                     })?;
@@ -515,7 +553,30 @@ impl Connection for TcpConnection {
         let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
         self.posted[RECV as usize] += 1;
         let id = self.new_id(RECV);
-        self.lanes[l].recvq.push_back(RecvSlot { id, expect: req.expect, dst: req.dst, phase: RecvPhase::Header });
+        self.lanes[l].recvq.push_back(RecvSlot {
+            id,
+            expect: req.expect,
+            target: Target::Copy(req.dst),
+            phase: RecvPhase::Header,
+        });
+        self.pending[RECV as usize] += 1;
+        Ok(Some(id))
+    }
+
+    fn accepts_sinks(&self) -> bool {
+        true
+    }
+
+    fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
+        self.check_broken()?;
+        if self.pending[RECV as usize] >= MAX_INFLIGHT {
+            return Ok(None);
+        }
+        let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
+        self.posted[RECV as usize] += 1;
+        let id = self.new_id(RECV);
+        let target = Target::Sink { len: expect.len as usize, sink };
+        self.lanes[l].recvq.push_back(RecvSlot { id, expect, target, phase: RecvPhase::Header });
         self.pending[RECV as usize] += 1;
         Ok(Some(id))
     }
