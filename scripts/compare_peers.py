@@ -45,9 +45,9 @@ def parse_peer(out):
     return rows
 
 
-def parse_devccl(out, n):
+def parse_devccl(out, n, factor=None):
     rows = {}
-    f = 2 * (n - 1) / n
+    f = 2 * (n - 1) / n if factor is None else factor
     for line in out.splitlines():
         if line.startswith("#") or not line.strip():
             continue
@@ -88,7 +88,8 @@ def main():
                 if m:
                     iperf.append((m.group(1), float(m.group(2))))
         for n in nranks:
-            jobs = [("devccl", [devccl, "bench", "all_reduce", "-n", str(n), "--sizes", SIZE_ARG, "-w", "3", "-i", "20", "-c", "1", "-I"], None)]
+            bench = [devccl, "bench", "all_reduce", "-n", str(n), "--sizes", SIZE_ARG, "-w", "3", "-i", "20", "-c", "1", "-I"]
+            jobs = [("devccl", bench, None), ("devccl_tcp", bench, dict(os.environ, DEVCCL_TRANSPORTS="tcp"))]
             if "gloo" not in skip:
                 jobs.append(("gloo", [a.python, os.path.join(PEERS, "gloo_allreduce.py"), "--nranks", str(n), "--max-mib", "64"], None))
             if "mpi" not in skip:
@@ -98,10 +99,26 @@ def main():
                 out, took = run(cmd, env)
                 with open(os.path.join(a.out, f"{stamp}_{name}_n{n}_r{r}.txt"), "w") as fh:
                     fh.write(out)
-                rows = parse_devccl(out, n) if name == "devccl" else parse_peer(out)
+                rows = parse_devccl(out, n) if name.startswith("devccl") else parse_peer(out)
                 for size, v in rows.items():
                     res.setdefault((name, n), {}).setdefault(size, []).append(v)
                 print(f"#   {name} n={n}: {took:.1f}s", flush=True)
+        if "blocks" not in skip:
+            # all-gather and reduce-scatter, 4 ranks: devccl vs Gloo
+            n = 4
+            for coll in ("all_gather", "reduce_scatter"):
+                jobs = [(f"devccl_{coll}", [devccl, "bench", coll, "-n", str(n), "--sizes", "1M,16M,64M", "-w", "3", "-i", "20", "-c", "1", "-I"])]
+                if "gloo" not in skip:
+                    jobs.append((f"gloo_{coll}", [a.python, os.path.join(ROOT, "scripts", "gloo_collectives.py"), "--nranks", str(n),
+                                                  "--collective", coll, "--sizes", "1M,16M,64M"]))
+                for name, cmd in jobs:
+                    out, took = run(cmd)
+                    with open(os.path.join(a.out, f"{stamp}_{name}_n{n}_r{r}.txt"), "w") as fh:
+                        fh.write(out)
+                    rows = parse_devccl(out, n, (n - 1) / n) if name.startswith("devccl") else parse_peer(out)
+                    for size, v in rows.items():
+                        res.setdefault((name, n), {}).setdefault(size, []).append(v)
+                    print(f"#   {name} n={n}: {took:.1f}s", flush=True)
     med = lambda xs: statistics.median(xs) if xs else float("nan")
     summary = {}
     print()
@@ -115,7 +132,7 @@ def main():
         print()
     for n in nranks:
         print(f"## all_reduce float sum, {n} ranks: per-op median latency (us) and busbw (GB/s), median of {a.rounds} rounds\n")
-        systems = [s for s in ("devccl", "gloo", "mpi_tcp") if (s, n) in res]
+        systems = [s for s in ("devccl", "devccl_tcp", "gloo", "mpi_tcp") if (s, n) in res]
         hdr = "| size | " + " | ".join(f"{s} us | {s} busbw" for s in systems)
         hdr += "".join(f" | lat vs {s} | busbw vs {s}" for s in systems[1:]) + " |"
         print(hdr)
@@ -135,6 +152,19 @@ def main():
             print(f"| {size} | " + " | ".join(cells) + " |")
         wrong = [x for x in res.get(("devccl", n), {}).values() for y in x if not y["ok"]]
         print(f"\ndevccl #wrong rows: {len(wrong)}\n")
+    for coll in ("all_gather", "reduce_scatter"):
+        d, g = res.get((f"devccl_{coll}", 4)), res.get((f"gloo_{coll}", 4))
+        if not d:
+            continue
+        print(f"## {coll} float, 4 ranks: per-op median latency (us) and busbw (GB/s), median of {a.rounds} rounds\n")
+        print("| size | devccl us | devccl busbw | gloo us | gloo busbw | busbw devccl/gloo |\n|---|---|---|---|---|---|")
+        for size in sorted(d):
+            dl, db = med([x["med_us"] for x in d[size]]), med([x["busbw"] for x in d[size]])
+            gl = med([x["med_us"] for x in g.get(size, [])]) if g else float("nan")
+            gb = med([x["busbw"] for x in g.get(size, [])]) if g else float("nan")
+            summary[f"{coll}_n4_{size}"] = ((dl, db), (gl, gb))
+            print(f"| {size} | {dl:.1f} | {db:.3f} | {gl:.1f} | {gb:.3f} | {db / gb:.2f}x |")
+        print()
     with open(os.path.join(a.out, f"{stamp}_summary.json"), "w") as fh:
         json.dump({k if isinstance(k, str) else str(k): v for k, v in summary.items()}, fh, indent=1)
 

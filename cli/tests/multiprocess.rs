@@ -335,3 +335,28 @@ fn an_unknown_forced_algorithm_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("all_reduce has no 'direct' algorithm"), "{err}");
 }
+
+#[test]
+fn standalone_rendezvous_serves_a_job() {
+    let port = free_port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(DEVCCL)
+        .args(["rendezvous", "--listen", &addr, "--world", "3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let res = finish(
+        spawn(
+            3,
+            &[("WORKER_ITERS", "3"), ("DEVCCL_RENDEZVOUS", &addr), ("DEVCCL_RENDEZVOUS_EXTERNAL", "1")],
+            |_| vec![],
+        ),
+        Duration::from_secs(60),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    for (r, (ok, out, _)) in res.iter().enumerate() {
+        assert!(*ok && out.contains("ok 3"), "rank {r}: {out}");
+    }
+}

@@ -125,6 +125,7 @@ impl Collective {
 struct Prepared {
     call: Call,
     shape: Shape,
+    nchannels: usize,
     input: RegionSlice,
     output: RegionSlice,
 }
@@ -284,11 +285,11 @@ impl Communicator {
             _ => 0,
         };
         let call = Call { coll: c.kind(), dtype, op: c.op(), root: c.root(), count, algo: plan.algo, tag };
-        Ok(Prepared { call, shape, input, output })
+        Ok(Prepared { call, shape, nchannels: plan.nchannels.max(1), input, output })
     }
 
     fn builder(c: &Collective, p: &Prepared) -> impl FnOnce(&mut Builder) + use<> {
-        let (c, call, shape) = (c.clone(), p.call, p.shape);
+        let (c, call, shape, nchannels) = (c.clone(), p.call, p.shape, p.nchannels);
         move |b: &mut Builder| match &c {
             Collective::AllToAllV { send_counts, send_displs, recv_counts, recv_displs } => algo::direct::all_to_all_v(
                 b,
@@ -303,6 +304,24 @@ impl Communicator {
             ),
             Collective::Send { peer, .. } => algo::p2p::send(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
             Collective::Recv { peer, .. } => algo::p2p::recv(b, *peer, shape.count * shape.esize, shape.chunk_bytes),
+            Collective::AllReduce { .. } | Collective::Broadcast { .. } | Collective::Reduce { .. }
+                if nchannels > 1 && shape.count >= nchannels =>
+            {
+                // Channels: the buffer cut into contiguous parts, one schedule each, merged so
+                // their messages alternate (NCCL's channels; here they spread over the lanes).
+                let parts = (0..nchannels)
+                    .map(|c| {
+                        let r = algo::block(shape.count, nchannels, c);
+                        let mut sub = Builder::new();
+                        let sh = Shape { count: r.len(), ..shape };
+                        algo::build(call.coll, call.algo, &mut sub, sh)
+                            .expect("selection only picks supported algorithms");
+                        let shift = r.start * shape.esize;
+                        (sub, shift, shift)
+                    })
+                    .collect();
+                *b = Builder::interleave(parts);
+            }
             _ => algo::build(call.coll, call.algo, b, shape).expect("selection only picks supported algorithms"),
         }
     }

@@ -141,6 +141,11 @@ impl Drop for Inner {
         }
         if let Some(l) = &self.link {
             let _ = l.client.leave(self.comm, self.rank);
+            // The last communicator of the rank hosting the rendezvous: give the other ranks
+            // time to finish with it (a split still joining, their own leave) before it goes.
+            if let Some(server) = l._server.as_ref().filter(|s| Arc::strong_count(s) == 1) {
+                server.linger(Duration::from_secs(10));
+            }
         }
     }
 }

@@ -105,6 +105,20 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// The same step with every location passed through `f`.
+    pub fn map_locs(&self, f: impl Fn(Loc) -> Loc) -> StepKind {
+        match *self {
+            StepKind::Send { peer, src, len } => StepKind::Send { peer, src: f(src), len },
+            StepKind::Recv { peer, dst, len } => StepKind::Recv { peer, dst: f(dst), len },
+            StepKind::RecvReduce { peer, dst, base, len, finish } => {
+                StepKind::RecvReduce { peer, dst: f(dst), base: f(base), len, finish }
+            }
+            StepKind::Copy { src, dst, len } => StepKind::Copy { src: f(src), dst: f(dst), len },
+            StepKind::Reduce { src, dst, len, finish } => StepKind::Reduce { src: f(src), dst: f(dst), len, finish },
+            StepKind::Finish { dst, len } => StepKind::Finish { dst: f(dst), len },
+        }
+    }
+
     /// The peer of a network step.
     pub fn peer(&self) -> Option<Rank> {
         match self {
@@ -215,6 +229,40 @@ impl Builder {
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// Merge independent sub-schedules ("channels") into one, interleaving their steps
+    /// round-robin so their messages alternate on every connection (and so on the lanes of a
+    /// multi-socket connection). Part `p`'s Input and Output locations are shifted by
+    /// `in_shift` / `out_shift` bytes; its scratch buffers are renumbered. Both ranks of a pair
+    /// merge the same parts the same way, so messages still pair up in order.
+    pub fn interleave(parts: Vec<(Builder, usize, usize)>) -> Builder {
+        let mut out = Builder::new();
+        let mut new_id: Vec<Vec<StepId>> = parts.iter().map(|(b, _, _)| vec![0; b.steps.len()]).collect();
+        let mut scratch_base = Vec::with_capacity(parts.len());
+        for (b, _, _) in &parts {
+            scratch_base.push(out.scratch.len() as u16);
+            out.scratch.extend(&b.scratch);
+        }
+        let longest = parts.iter().map(|(b, _, _)| b.steps.len()).max().unwrap_or(0);
+        for i in 0..longest {
+            for (p, (b, in_shift, out_shift)) in parts.iter().enumerate() {
+                let Some(step) = b.steps.get(i) else { continue };
+                let moved = step.map_locs(|l| match l.buf {
+                    Buf::Input => Loc::new(Buf::Input, l.off + in_shift),
+                    Buf::Output => Loc::new(Buf::Output, l.off + out_shift),
+                    Buf::Scratch(k) => Loc::new(Buf::Scratch(k + scratch_base[p]), l.off),
+                });
+                new_id[p][i] = out.steps.len() as StepId;
+                out.steps.push(moved);
+            }
+        }
+        for (p, (b, _, _)) in parts.iter().enumerate() {
+            for &(from, to) in &b.deps {
+                out.deps.push((new_id[p][from as usize], new_id[p][to as usize]));
+            }
+        }
+        out
     }
 
     /// Finish: build the successor lists.

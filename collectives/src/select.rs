@@ -28,12 +28,15 @@ pub struct LinkModel {
     pub gamma_ns: f64,
     /// Parallel lanes per connection.
     pub lanes: usize,
+    /// True when one flow cannot fill the link (TCP on a NIC of 25 Gbit/s or more), so
+    /// spreading a large call over the lanes as channels pays.
+    pub multi_flow: bool,
 }
 
 impl Default for LinkModel {
     /// Loopback TCP on a small host: ~10 µs per message, ~0.5 ns/B (2 GB/s), reduce ~0.15 ns/B.
     fn default() -> Self {
-        LinkModel { alpha_us: 10.0, beta_ns: 0.5, gamma_ns: 0.15, lanes: 2 }
+        LinkModel { alpha_us: 10.0, beta_ns: 0.5, gamma_ns: 0.15, lanes: 2, multi_flow: false }
     }
 }
 
@@ -50,6 +53,9 @@ impl LinkModel {
                 m.beta_ns = m.beta_ns.max(8_000.0 / p.speed_mbps as f64);
             }
             m.lanes = m.lanes.max(p.lanes);
+            // One TCP flow tops out well below a fast NIC (NVIDIA/nccl#209); loopback reports
+            // no speed and gains nothing from more flows (measured: neutral within noise).
+            m.multi_flow |= t.kind() == devccl_core::transport::TransportKind::Tcp && p.speed_mbps >= 25_000;
         }
         m
     }
@@ -149,6 +155,11 @@ fn pow2_floor(n: usize) -> usize {
     if n == 0 { 0 } else { 1 << (usize::BITS - 1 - n.leading_zeros()) }
 }
 
+/// Calls at least this large get more than one channel by default.
+const CHANNEL_MIN_BYTES: usize = 8 << 20;
+/// Most channels the model picks by itself.
+const MAX_DEFAULT_CHANNELS: usize = 2;
+
 /// Default chunk for a pipelined algorithm moving `per_step` bytes per step: enough chunks
 /// to overlap steps, large enough that per-message costs stay small.
 fn default_chunk(per_step: usize) -> usize {
@@ -231,7 +242,18 @@ fn per_step(coll: CollKind, n: usize, bytes: usize) -> usize {
 /// ranks.
 pub fn plan_with(cfg: &Config, forced: &AlgoOverride, m: &LinkModel, coll: CollKind, n: usize, bytes: usize) -> Plan {
     let chunk = cfg.chunk.unwrap_or_else(|| default_chunk(per_step(coll, n, bytes)));
-    let nchannels = cfg.nchannels.unwrap_or(1);
+    // Channels spread a large contiguous collective over the connection's lanes; below a
+    // few MiB the extra messages cost more than parallel sockets bring.
+    let splittable = matches!(coll, CollKind::AllReduce | CollKind::Broadcast | CollKind::Reduce);
+    let nchannels = if splittable {
+        cfg.nchannels.unwrap_or(if m.multi_flow && bytes >= CHANNEL_MIN_BYTES {
+            m.lanes.clamp(1, MAX_DEFAULT_CHANNELS)
+        } else {
+            1
+        })
+    } else {
+        1
+    };
     let options = supported(coll);
     if let Some(algo) = forced.get(coll) {
         return Plan { algo, chunk, nchannels, est_us: cost(m, coll, algo, n, bytes, chunk), forced: true };
@@ -295,6 +317,20 @@ mod tests {
         let cfg = Config { chunk: Some(4096), ..Config::default() };
         let p = plan_with(&cfg, &o, &LinkModel::default(), CollKind::AllReduce, 8, 1 << 20);
         assert_eq!((p.algo, p.chunk, p.forced), (Algo::RecursiveDoubling, 4096, true));
+    }
+
+    #[test]
+    fn channels_only_where_one_flow_cannot_fill_the_link() {
+        let cfg = Config::default();
+        let f = AlgoOverride::default();
+        let slow = LinkModel::default();
+        assert_eq!(plan_with(&cfg, &f, &slow, CollKind::AllReduce, 4, 64 << 20).nchannels, 1);
+        let fast = LinkModel { multi_flow: true, ..LinkModel::default() };
+        assert_eq!(plan_with(&cfg, &f, &fast, CollKind::AllReduce, 4, 64 << 20).nchannels, 2);
+        assert_eq!(plan_with(&cfg, &f, &fast, CollKind::AllReduce, 4, 1 << 20).nchannels, 1, "small calls");
+        assert_eq!(plan_with(&cfg, &f, &fast, CollKind::AllGather, 4, 64 << 20).nchannels, 1, "block layouts");
+        let forced = Config { nchannels: Some(3), ..Config::default() };
+        assert_eq!(plan_with(&forced, &f, &slow, CollKind::Broadcast, 4, 4096).nchannels, 3);
     }
 
     #[test]

@@ -148,3 +148,42 @@ fn reduce_on_arrival_through_payload_sinks() {
         }
     }
 }
+
+#[test]
+fn channels_split_the_contiguous_collectives() {
+    use devccl::Collective;
+    for nch in [2, 3] {
+        let cfg = Config { nchannels: Some(nch), chunk: Some(256), ..Config::default() };
+        for n in [1, 2, 3, 4, 7] {
+            let comms = mesh_comms(n, &cfg);
+            for count in [0usize, 1, 2, 1009, 20_011] {
+                for (dtype, op) in
+                    [(DType::F32, ReduceOp::Sum), (DType::I64, ReduceOp::Max), (DType::BF16, ReduceOp::Avg)]
+                {
+                    let inputs: Vec<Vec<u8>> = (0..n).map(|r| common::input(dtype, op, r, count)).collect();
+                    let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+                    let reduced = reference_reduce(dtype, op, &refs).unwrap();
+                    let root = n - 1;
+                    let outs = on_all(&comms, |c| {
+                        let r = Region::from_vec(inputs[c.rank()].clone());
+                        c.all_reduce_regions(r.full(), r.full(), dtype, op).unwrap();
+                        let b = Region::from_vec(inputs[c.rank()].clone());
+                        c.collective(&Collective::Broadcast { root }, dtype, b.full(), b.full()).unwrap();
+                        let src = Region::from_vec(inputs[c.rank()].clone());
+                        let dst = Region::alloc(src.len());
+                        c.collective(&Collective::Reduce { op, root }, dtype, src.full(), dst.full()).unwrap();
+                        (r.into_vec::<u8>().unwrap(), b.into_vec::<u8>().unwrap(), dst.full().to_vec().unwrap())
+                    });
+                    for (r, (ar, bc, rd)) in outs.iter().enumerate() {
+                        let what = format!("{nch} channels, n={n}, count={count}, {dtype} {op}, rank {r}");
+                        assert!(ar == &reduced, "all_reduce: {what}");
+                        assert!(bc == &inputs[root], "broadcast: {what}");
+                        if r == root {
+                            assert!(rd == &reduced, "reduce: {what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -116,6 +116,24 @@ impl RendezvousServer {
         self.local
     }
 
+    /// Before shutting down an embedded server: wait (at most `max`) until no group is still
+    /// forming and every rank has left every communicator formed here, so ranks that are
+    /// still using it (joining a split, watching for aborts) are not cut off because the
+    /// hosting rank finished first. Returns early when the server is idle.
+    pub fn linger(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        loop {
+            let busy = {
+                let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                !st.comms.is_empty() || st.groups.values().any(|g| matches!(g, Group::Forming(_)))
+            };
+            if !busy || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// After `group` failed: wait (at most until `deadline`) until every rank has been told
     /// why, so the process hosting the server can exit without leaving the others to find a
     /// closed port instead of the reason. Returns at once when the group is not failed.
