@@ -298,7 +298,11 @@ impl Communicator {
                 )
                 .ok()
         };
-        let spin = tune_host(&config, local_world);
+        // Ranks on this host, from the peer table (the launcher's LOCAL_WORLD_SIZE may be
+        // missing or describe another grouping): it decides between spinning and yielding.
+        let me = &table.peers[rank.idx()].host;
+        let on_host = table.peers.iter().filter(|p| p.host.same_host(me)).count();
+        let spin = tune_host(&config, Some(local_world.unwrap_or(0).max(on_host)));
         let key = link.key.clone();
         let mut comm =
             Communicator::assemble(rank, world, table, offer.transports, config, key, abort, spin, deadline)?;

@@ -178,51 +178,48 @@ pub fn cost(m: &LinkModel, coll: CollKind, algo: Algo, n: usize, bytes: usize, c
     let chunks = |per: f64| (per / chunk.max(1) as f64).ceil().max(1.0);
     let p = pow2_floor(n);
     let fold = if p == n { 0.0 } else { 2.0 * (a + s * b) };
-    match (coll, algo) {
-        (CollKind::AllReduce, Algo::Ring) => {
-            let per = s / nf;
-            (2.0 * (nf - 1.0) + chunks(per) - 1.0) * a + 2.0 * (nf - 1.0) / nf * s * b + (nf - 1.0) / nf * s * g
+    // Pipelined algorithms (ring, tree) overlap their chunks: each chunk after the first
+    // costs a fraction of a message latency, and reductions hide behind the transfers.
+    // Step-by-step algorithms (recursive doubling, halving-doubling, direct) pay latency per
+    // round and their reductions on top. Measured on the 2-core VM with 4 ranks: the ring
+    // overtakes halving-doubling from a few MiB on (e.g. 256 MiB: ~190-280 ms vs ~360-420 ms).
+    let pipe = |per: f64| (chunks(per) - 1.0) * a / 8.0;
+    let red = |x: f64| {
+        if coll == CollKind::Reduce || coll == CollKind::ReduceScatter || coll == CollKind::AllReduce {
+            x * g
+        } else {
+            0.0
         }
+    };
+    match (coll, algo) {
+        (CollKind::AllReduce, Algo::Ring) => 2.0 * (nf - 1.0) * a + pipe(s / nf) + 2.0 * (nf - 1.0) / nf * s * b,
         (CollKind::AllReduce, Algo::RecursiveDoubling) => log2c(p) * (a + s * b + s * g) + fold,
         (CollKind::AllReduce, Algo::HalvingDoubling) => {
             let pf = p as f64;
             2.0 * log2c(p) * a + 2.0 * (pf - 1.0) / pf * s * b + (pf - 1.0) / pf * s * g + fold
         }
         (CollKind::AllReduce, Algo::Tree) => {
-            // Two trees, each carrying half the data up and down, pipelined by chunks.
-            (2.0 * log2c(n + 1) + chunks(s / 2.0) - 1.0) * a + 2.0 * s * b + s * g
+            // Two trees, each carrying half the data up and down.
+            2.0 * log2c(n + 1) * a + pipe(s / 2.0) + 2.0 * s * b
         }
         (CollKind::ReduceScatter | CollKind::AllGather, Algo::Ring) => {
-            let per = s / nf;
-            (nf - 1.0 + chunks(per) - 1.0) * a
-                + (nf - 1.0) / nf * s * b
-                + if coll == CollKind::ReduceScatter { (nf - 1.0) / nf * s * g } else { 0.0 }
+            (nf - 1.0) * a + pipe(s / nf) + (nf - 1.0) / nf * s * b
         }
         (CollKind::ReduceScatter, Algo::HalvingDoubling) | (CollKind::AllGather, Algo::RecursiveDoubling) => {
             let pf = p as f64;
-            log2c(p) * a
-                + (pf - 1.0) / pf * s * b
-                + if coll == CollKind::ReduceScatter { (pf - 1.0) / pf * s * g } else { 0.0 }
-                + fold / 2.0
+            log2c(p) * a + (pf - 1.0) / pf * s * b + red((pf - 1.0) / pf * s) + fold / 2.0
         }
         (CollKind::ReduceScatter | CollKind::AllGather, Algo::Direct) => {
             // n-1 messages leave at once; the receiver handles them one after another.
-            (nf - 1.0) * a * 0.5
-                + a
-                + (nf - 1.0) / nf * s * b
-                + if coll == CollKind::ReduceScatter { (nf - 1.0) / nf * s * g } else { 0.0 }
+            (nf - 1.0) * a * 0.5 + a + (nf - 1.0) / nf * s * b + red((nf - 1.0) / nf * s)
         }
-        (CollKind::Broadcast | CollKind::Reduce, Algo::Ring) => {
-            (nf - 1.0 + chunks(s) - 1.0) * a + s * b + if coll == CollKind::Reduce { s * g } else { 0.0 }
-        }
+        (CollKind::Broadcast | CollKind::Reduce, Algo::Ring) => (nf - 1.0) * a + pipe(s) + s * b,
         (CollKind::Broadcast | CollKind::Reduce, Algo::Tree) => {
             // Each rank forwards about S (1.5 S at an odd root).
-            (log2c(n + 1) + chunks(s / 2.0) - 1.0) * a
-                + 1.5 * s * b
-                + if coll == CollKind::Reduce { s * g } else { 0.0 }
+            log2c(n + 1) * a + pipe(s / 2.0) + 1.5 * s * b
         }
         (CollKind::Broadcast | CollKind::Reduce, Algo::Direct) => {
-            (nf - 1.0) * (a * 0.5 + s * b) + a + if coll == CollKind::Reduce { (nf - 1.0) * s * g } else { 0.0 }
+            (nf - 1.0) * (a * 0.5 + s * b) + a + red((nf - 1.0) * s)
         }
         (CollKind::Gather | CollKind::Scatter, Algo::Tree) => log2c(n) * a + (nf - 1.0) / nf * s * b,
         (CollKind::Gather | CollKind::Scatter, Algo::Direct) => (nf - 1.0) * a * 0.5 + a + (nf - 1.0) / nf * s * b,
