@@ -293,6 +293,39 @@ impl PyCommunicator {
         }
     }
 
+    /// Run several sends and receives as one operation (like NCCL group calls around
+    /// send/recv): they progress together, so two ranks that exchange large buffers cannot
+    /// deadlock. `ops` is a list of `(is_send, peer, tag, buffer, dtype)` (`dtype` None unless
+    /// the buffer's format does not name it, as for bf16); between a pair of ranks, messages
+    /// match in list order. Blocking by default; `async_op=True` returns a `Work`.
+    #[pyo3(signature = (ops, *, async_op=false))]
+    fn p2p_batch<'py>(
+        &self,
+        py: Python<'py>,
+        ops: Vec<(bool, usize, u32, Bound<'py, PyAny>, Option<String>)>,
+        async_op: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let comm = self.handle(py)?;
+        let mut batch = Vec::with_capacity(ops.len());
+        for (send, peer, tag, obj, dtype) in &ops {
+            let want = dtype.as_deref().map(|d| parse_dtype(py, d)).transpose()?;
+            let e = buffer::export(obj, if *send { "send buffer" } else { "recv buffer" }, !*send)?;
+            let dt = e.dtype(py, "buffer", want)?;
+            // Each buffer keeps its own export alive for as long as the work runs.
+            let operands = if *send { Operands::Separate(Some(e), None) } else { Operands::Separate(None, Some(e)) };
+            let b = buffer::bind(py, operands, Lifetime::Work)?;
+            let buf = if *send { b.input } else { b.output };
+            batch.push(devccl::P2pOp { send: *send, peer: *peer, tag: *tag, dtype: dt, buf });
+        }
+        let w = comm.p2p_batch_async(batch);
+        let work = Bound::new(py, PyWork::new(w, py.None()))?;
+        if async_op {
+            return Ok(work.into_any().unbind());
+        }
+        work.borrow().wait(py, None)?;
+        Ok(py.None())
+    }
+
     /// Abort: fail the collective in progress on every rank (through the rendezvous and the
     /// data connections) and make every later call raise AbortedError. Never blocks on the
     /// collective in progress. Does nothing after `destroy()`.

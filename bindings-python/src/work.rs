@@ -87,7 +87,7 @@ impl PyWork {
     /// With `timeout` (seconds), raises the built-in TimeoutError if it has not finished by
     /// then; the work keeps running and can be waited on again.
     #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+    pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let deadline = match timeout {
             Some(t) if t.is_finite() && t >= 0.0 => Some(Instant::now() + Duration::from_secs_f64(t.min(1e9))),
             Some(t) if t.is_nan() || t < 0.0 => {

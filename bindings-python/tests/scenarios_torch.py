@@ -195,6 +195,15 @@ def scenario_torch_collectives() -> dict[str, Any]:
     for w in ws:
         w.wait()
     eq(got, torch.full((3,), prv, dtype=torch.int64), "isend/irecv")
+    # batch_isend_irecv with every rank sending first, 8 MiB each way: far more than socket
+    # buffers or shared-memory rings hold, so this only completes if the sends and receives
+    # progress together (devccl batches them)
+    big = torch.full((2 << 20,), float(RANK))
+    got = torch.empty(2 << 20)
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, big, nxt), dist.P2POp(dist.irecv, got, prv)])
+    for w in reqs:
+        w.wait()
+    eq(got, torch.full((2 << 20,), float(prv)), "batch_isend_irecv 8 MiB")
     # functional collectives (need the group's name)
     r = fc.all_reduce(torch.full((4,), float(RANK)), "sum", pg)
     eq(fc.wait_tensor(r), torch.full((4,), float(sum(range(N)))), "functional all_reduce")

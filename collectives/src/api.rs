@@ -121,6 +121,21 @@ impl Collective {
     }
 }
 
+/// One operation of a point-to-point batch ([`Communicator::p2p_batch`]).
+#[derive(Debug, Clone)]
+pub struct P2pOp {
+    /// Send (`true`) or receive.
+    pub send: bool,
+    /// The other rank.
+    pub peer: usize,
+    /// Tag; both sides must agree.
+    pub tag: u32,
+    /// Element type.
+    pub dtype: DType,
+    /// What to send, or where to receive.
+    pub buf: RegionSlice,
+}
+
 /// A validated call, ready to run.
 struct Prepared {
     call: Call,
@@ -344,6 +359,83 @@ impl Communicator {
             }
             Err(e) => Work::failed(e),
         }
+    }
+
+    /// Run several sends and receives as one operation, like NCCL's group calls around
+    /// send/recv or torch's `batch_isend_irecv`: they progress together, so two ranks that
+    /// each send to the other before receiving cannot deadlock however large the messages
+    /// are. Between a pair of ranks, messages still match in the order the operations are
+    /// listed (sends against the peer's receives), and each receive's tag, size and dtype
+    /// must match the corresponding send.
+    pub fn p2p_batch(&self, ops: Vec<P2pOp>) -> Result<()> {
+        let job = self.p2p_job(ops)?;
+        self.engine().check_alive()?;
+        self.engine().run_blocking(job)
+    }
+
+    /// Asynchronous [`Communicator::p2p_batch`].
+    pub fn p2p_batch_async(&self, ops: Vec<P2pOp>) -> Work<()> {
+        match self.p2p_job(ops).and_then(|j| self.engine().check_alive().map(|()| j)) {
+            Ok(job) => {
+                let done = job.done.clone();
+                self.engine().submit(job);
+                Work::new(done, || Ok(()))
+            }
+            Err(e) => Work::failed(e),
+        }
+    }
+
+    fn p2p_job(&self, ops: Vec<P2pOp>) -> Result<crate::work::Job> {
+        let (rank, n) = (self.rank(), self.world_size());
+        if ops.is_empty() {
+            return Err(Error::usage("p2p_batch: no operations"));
+        }
+        if ops.len() > u16::MAX as usize {
+            return Err(Error::usage(format!("p2p_batch: {} operations (at most {})", ops.len(), u16::MAX)));
+        }
+        let chunk = self.config().chunk.unwrap_or(512 << 10);
+        let mut b = Builder::new();
+        let mut calls = Vec::with_capacity(ops.len());
+        let mut scratch = Vec::with_capacity(ops.len());
+        for (k, op) in ops.into_iter().enumerate() {
+            let what = if op.send { "send" } else { "recv" };
+            need(op.peer < n && op.peer != rank, || {
+                format!("p2p_batch: {what} #{k}: peer {} is not another rank of this {n}-rank communicator", op.peer)
+            })?;
+            let count = elems(&format!("p2p_batch {what} #{k}"), &op.buf, op.dtype)?;
+            if !op.send && !op.buf.region.writable() {
+                return Err(Error::usage(format!("p2p_batch: recv #{k} into read-only memory")));
+            }
+            let mut sub = Builder::new();
+            if op.send {
+                algo::p2p::send(&mut sub, op.peer, op.buf.len(), chunk);
+            } else {
+                algo::p2p::recv(&mut sub, op.peer, op.buf.len(), chunk);
+            }
+            // Each operation's buffer becomes the run's scratch slot k.
+            let slot = crate::schedule::Buf::Scratch(k as u16);
+            b.append(sub, k as u16, |l| crate::schedule::Loc::new(slot, l.off));
+            calls.push(crate::exec::CallInfo {
+                coll: CollKind::SendRecv,
+                dtype: op.dtype,
+                op: None,
+                root: None,
+                count: count as u64,
+                seq: devccl_core::Seq(0),
+                algo: algo::Algo::Direct as u8,
+                tag: op.tag,
+            });
+            scratch.push(op.buf);
+        }
+        let mut sched = b.build();
+        sched.scratch.clear(); // the slots are the operations' own buffers
+        let empty = Region::alloc(0).full();
+        Ok(crate::work::Job {
+            sched,
+            calls,
+            bindings: crate::exec::Bindings { input: empty.clone(), output: empty, scratch },
+            done: std::sync::Arc::new(Default::default()),
+        })
     }
 
     /// Typed blocking call over slices: `input` is read, `output` written (pass the same

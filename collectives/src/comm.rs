@@ -294,7 +294,17 @@ impl Communicator {
                 .watch(
                     table.comm,
                     rank,
-                    Box::new(move |ev| sig.raise(format!("rank {} aborted the communicator: {}", ev.from, ev.reason))),
+                    Box::new(move |ev| {
+                        // A rank's failure, broadcast by its fatal-error hook (reason "rank R
+                        // failed: ..."), is that peer's error here; an explicit abort() is an
+                        // abort everywhere.
+                        let why = format!("rank {} aborted the communicator: {}", ev.from, ev.reason);
+                        if ev.reason.starts_with(&format!("rank {} failed: ", ev.from)) {
+                            sig.raise_remote(ev.from, why)
+                        } else {
+                            sig.raise(why)
+                        }
+                    }),
                 )
                 .ok()
         };
@@ -574,6 +584,10 @@ impl Communicator {
         &self.inner.peers
     }
 
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
     /// Diagnostic counters of this rank's transports (e.g. rejected handshakes).
     pub fn transport_counters(&self) -> Vec<(String, u64)> {
         self.inner
@@ -647,10 +661,10 @@ impl Communicator {
         let mut b = Builder::new();
         build(&mut b);
         let sched = b.build();
-        let scratch = sched.scratch.iter().map(|&n| Region::alloc(n)).collect();
+        let scratch = sched.scratch.iter().map(|&n| Region::alloc(n).full()).collect();
         Job {
             sched,
-            info_template: info,
+            calls: vec![info],
             bindings: Bindings { input, output, scratch },
             done: Arc::new(Default::default()),
         }

@@ -79,8 +79,9 @@ pub struct Bindings {
     pub input: RegionSlice,
     /// Output bytes (same region and range as `input` for in-place calls).
     pub output: RegionSlice,
-    /// Scratch buffers, as declared by the schedule.
-    pub scratch: Vec<Region>,
+    /// Scratch buffers, as declared by the schedule (or, for batched point-to-point
+    /// operations, each operation's buffer).
+    pub scratch: Vec<RegionSlice>,
 }
 
 impl Bindings {
@@ -88,7 +89,7 @@ impl Bindings {
         match loc.buf {
             Buf::Input => self.input.sub(loc.off..loc.off + len),
             Buf::Output => self.output.sub(loc.off..loc.off + len),
-            Buf::Scratch(i) => self.scratch[i as usize].slice(loc.off..loc.off + len),
+            Buf::Scratch(i) => self.scratch[i as usize].sub(loc.off..loc.off + len),
         }
     }
 }
@@ -97,7 +98,8 @@ impl Bindings {
 /// eventfd so a waiting executor wakes at once.
 #[derive(Debug)]
 pub struct AbortSignal {
-    reason: OnceLock<String>,
+    /// Who aborted (`None`: this process) and why.
+    reason: OnceLock<(Option<Rank>, String)>,
     bell: EventFd,
 }
 
@@ -109,15 +111,30 @@ impl AbortSignal {
         Ok(Arc::new(AbortSignal { reason: OnceLock::new(), bell }))
     }
 
-    /// Raise it (first reason wins).
+    /// Raise it for an abort of this process (first reason wins).
     pub fn raise(&self, reason: String) {
-        let _ = self.reason.set(reason);
+        let _ = self.reason.set((None, reason));
+        let _ = self.bell.write(1);
+    }
+
+    /// Raise it for an abort that rank `from` announced through the rendezvous.
+    pub fn raise_remote(&self, from: Rank, reason: String) {
+        let _ = self.reason.set((Some(from), reason));
         let _ = self.bell.write(1);
     }
 
     /// The reason, once raised.
     pub fn reason(&self) -> Option<&str> {
-        self.reason.get().map(String::as_str)
+        self.reason.get().map(|(_, r)| r.as_str())
+    }
+
+    /// The error a collective stopped by this signal returns: the peer's failure when a peer
+    /// aborted (it names the culprit), `Aborted` when this process did.
+    pub fn error(&self) -> Option<Error> {
+        self.reason.get().map(|(from, r)| match from {
+            Some(p) => Error::Remote { peer: Some(*p), message: r.clone() },
+            None => Error::Aborted { cause: r.clone() },
+        })
     }
 }
 
@@ -170,7 +187,10 @@ struct PeerQueue {
 /// Per-run state.
 struct Run<'a> {
     sched: &'a Schedule,
-    call: &'a CallInfo,
+    /// The calls of this run (one, or several batched point-to-point operations).
+    calls: &'a [CallInfo],
+    /// Message index of each network step within its own call, per peer and direction.
+    msg_of: Vec<u32>,
     b: &'a Bindings,
     pending: Vec<u32>,
     arrived: Vec<bool>,
@@ -215,12 +235,14 @@ impl Executor {
 
     /// Sequence number of a point-to-point call: counted per peer and direction, because
     /// only the two ranks involved see it (collectives count on every rank).
-    pub fn next_p2p_seq(&mut self, sched: &Schedule) -> Seq {
-        let first = sched.steps.iter().find_map(|s| match s {
-            StepKind::Send { peer, .. } => Some((true, *peer)),
-            StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => Some((false, *peer)),
-            _ => None,
-        });
+    pub fn next_p2p_seq(&mut self, sched: &Schedule, call: usize) -> Seq {
+        let first = sched.steps.iter().enumerate().filter(|(i, _)| sched.call(*i as StepId) == call).find_map(
+            |(_, s)| match s {
+                StepKind::Send { peer, .. } => Some((true, *peer)),
+                StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => Some((false, *peer)),
+                _ => None,
+            },
+        );
         let Some((is_send, peer)) = first else { return Seq(0) };
         let counter = if is_send { &mut self.p2p_tx } else { &mut self.p2p_rx };
         let s = Seq(counter[peer.idx()]);
@@ -237,8 +259,9 @@ impl Executor {
 
     /// Run one schedule to completion. On error every peer is told and every request
     /// dropped before returning.
-    pub fn run(&mut self, sched: &Schedule, call: &CallInfo, b: &Bindings) -> Result<()> {
-        match self.run_inner(sched, call, b) {
+    pub fn run(&mut self, sched: &Schedule, calls: &[CallInfo], b: &Bindings) -> Result<()> {
+        let call = &calls[0];
+        match self.run_inner(sched, calls, b) {
             Ok(()) => Ok(()),
             Err(e) => {
                 for c in self.conns.iter_mut().flatten() {
@@ -314,22 +337,45 @@ impl Executor {
         }
     }
 
-    fn run_inner(&mut self, sched: &Schedule, call: &CallInfo, b: &Bindings) -> Result<()> {
+    fn run_inner(&mut self, sched: &Schedule, calls: &[CallInfo], b: &Bindings) -> Result<()> {
         let n = sched.len();
         let mut peers: Vec<PeerQueue> = (0..self.world).map(|_| PeerQueue::default()).collect();
         let mut staged_steps = 0usize;
         let mut staged_from = vec![false; self.world];
+        // Message numbers count within each call, per peer and direction (what the peer's
+        // matching call counts too).
+        let mut msg_of = vec![0u32; n];
+        let mut counters: std::collections::HashMap<(usize, usize, bool), u32> = std::collections::HashMap::new();
         for (i, s) in sched.steps.iter().enumerate() {
+            let mut number = |peer: Rank, send: bool| {
+                let c = counters.entry((sched.call(i as StepId), peer.idx(), send)).or_insert(0);
+                msg_of[i] = *c;
+                *c += 1;
+            };
             match s {
-                StepKind::Send { peer, .. } => peers[peer.idx()].sends.push(i as StepId),
-                StepKind::Recv { peer, .. } => peers[peer.idx()].recvs.push(i as StepId),
+                StepKind::Send { peer, .. } => {
+                    number(*peer, true);
+                    peers[peer.idx()].sends.push(i as StepId)
+                }
+                StepKind::Recv { peer, .. } => {
+                    number(*peer, false);
+                    peers[peer.idx()].recvs.push(i as StepId)
+                }
                 StepKind::RecvReduce { peer, .. } => {
+                    number(*peer, false);
                     staged_steps += 1;
                     staged_from[peer.idx()] = true;
                     peers[peer.idx()].recvs.push(i as StepId)
                 }
                 _ => {}
             }
+        }
+        if calls.len() <= sched.call_of.iter().copied().max().unwrap_or(0) as usize {
+            return Err(Error::Internal(format!(
+                "schedule names call {} of {}",
+                sched.call_of.iter().max().unwrap_or(&0),
+                calls.len()
+            )));
         }
         let peer_list: Vec<usize> =
             (0..self.world).filter(|&p| !peers[p].sends.is_empty() || !peers[p].recvs.is_empty()).collect();
@@ -345,7 +391,8 @@ impl Executor {
         let slot_quota = (nslots / staged_peers).max(1);
         let mut run = Run {
             sched,
-            call,
+            calls,
+            msg_of,
             b,
             pending: sched.ndeps.clone(),
             arrived: vec![false; n],
@@ -369,8 +416,8 @@ impl Executor {
         let spin_budget = if small { self.spin.budget_small } else { self.spin.budget };
         let mut last_progress = Instant::now();
         loop {
-            if let Some(r) = self.abort.reason() {
-                return Err(Error::Aborted { cause: r.to_string() });
+            if let Some(e) = self.abort.error() {
+                return Err(e);
             }
             let mut moved = self.post(&mut run)?;
             moved |= self.test_all(&mut run)?;
@@ -424,8 +471,8 @@ impl Executor {
                     break;
                 }
                 let StepKind::Send { src, len, .. } = run.sched.steps[s as usize] else { unreachable!() };
-                let msg = run.peers[p].next_send as u32;
-                let req = SendRequest { header: run.call.header(msg, len, src.off), src: run.b.slice(src, len) };
+                let header = run.calls[run.sched.call(s)].header(run.msg_of[s as usize], len, src.off);
+                let req = SendRequest { header, src: run.b.slice(src, len) };
                 match conn.isend(req)? {
                     Some(id) => {
                         run.peers[p].inflight.push((id, s, None));
@@ -438,16 +485,17 @@ impl Executor {
             // Receives, in order: direct ones once their destination is free, staged ones
             // as soon as a slot is.
             while let Some(&s) = run.peers[p].recvs.get(run.peers[p].next_recv) {
-                let msg = run.peers[p].next_recv as u32;
+                let msg = run.msg_of[s as usize];
+                let call = &run.calls[run.sched.call(s)];
                 // A reduction that may happen as the bytes arrive goes straight from the
                 // transport's buffers into the output (no staging copy), where supported.
                 if let StepKind::RecvReduce { dst, base, len, finish, .. } = run.sched.steps[s as usize] {
                     if run.pending[s as usize] == 0 && conn.accepts_sinks() {
                         let d = run.b.slice(dst, len);
                         let base = (!same_place(run.b, dst, base)).then(|| run.b.slice(base, len));
-                        let op = run.call.op.unwrap_or(ReduceOp::Sum);
-                        let sink = ReduceSink::new(run.call.dtype, op, d, base, finish.then_some(self.world));
-                        match conn.irecv_sink(run.call.header(msg, len, dst.off), Box::new(sink))? {
+                        let op = call.op.unwrap_or(ReduceOp::Sum);
+                        let sink = ReduceSink::new(call.dtype, op, d, base, finish.then_some(self.world));
+                        match conn.irecv_sink(call.header(msg, len, dst.off), Box::new(sink))? {
                             Some(id) => {
                                 run.sunk[s as usize] = true;
                                 run.peers[p].inflight.push((id, s, None));
@@ -480,7 +528,7 @@ impl Executor {
                     StepKind::Recv { dst, .. } | StepKind::RecvReduce { dst, .. } => dst.off,
                     _ => 0,
                 };
-                let req = RecvRequest { expect: run.call.header(msg, dst.len(), off), dst };
+                let req = RecvRequest { expect: call.header(msg, dst.len(), off), dst };
                 match conn.irecv(req)? {
                     Some(id) => {
                         run.peers[p].inflight.push((id, s, slot));
@@ -564,8 +612,8 @@ impl Executor {
     }
 
     fn local_step(&mut self, run: &mut Run<'_>, s: StepId) -> Result<()> {
-        let dtype = run.call.dtype;
-        let op = run.call.op.unwrap_or(ReduceOp::Sum);
+        let call = &run.calls[run.sched.call(s)];
+        let (dtype, op) = (call.dtype, call.op.unwrap_or(ReduceOp::Sum));
         let world = self.world;
         let avg = op == ReduceOp::Avg;
         match run.sched.steps[s as usize].clone() {
@@ -631,7 +679,7 @@ impl Executor {
             what: format!(
                 "rank {} in {}: no progress; waiting for data from {}{}",
                 self.rank,
-                run.call.describe(),
+                run.calls[0].describe(),
                 if from.is_empty() { "nobody".to_string() } else { names(&from) },
                 if to.is_empty() { String::new() } else { format!(", and for {} to take our data", names(&to)) }
             ),

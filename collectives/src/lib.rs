@@ -23,7 +23,7 @@ pub mod work;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
-pub use api::Collective;
+pub use api::{Collective, P2pOp};
 pub use comm::{Call, Communicator, InitOptions};
 pub use devccl_core::wire::CollKind;
 pub use devccl_core::{CommId, DType, Element, Error, Fault, Rank, ReduceOp, Result};

@@ -158,9 +158,17 @@ pub struct Schedule {
     pub succ: Vec<StepId>,
     /// Sizes of scratch buffers in bytes.
     pub scratch: Vec<usize>,
+    /// Which call of a multi-call run (batched point-to-point operations) each step belongs
+    /// to; empty when every step belongs to call 0.
+    pub call_of: Vec<u16>,
 }
 
 impl Schedule {
+    /// The call step `s` belongs to.
+    pub fn call(&self, s: StepId) -> usize {
+        self.call_of.get(s as usize).map_or(0, |&c| c as usize)
+    }
+
     /// Successors of a step.
     pub fn successors(&self, s: StepId) -> &[StepId] {
         let i = s as usize;
@@ -196,6 +204,8 @@ pub struct Builder {
     steps: Vec<StepKind>,
     deps: Vec<(StepId, StepId)>,
     scratch: Vec<usize>,
+    call_of: Vec<u16>,
+    call: u16,
 }
 
 impl Builder {
@@ -212,7 +222,13 @@ impl Builder {
             self.deps.push((*d, id));
         }
         self.steps.push(kind);
+        self.call_of.push(self.call);
         id
+    }
+
+    /// Steps added from now on belong to call `k` of a multi-call run.
+    pub fn set_call(&mut self, k: u16) {
+        self.call = k;
     }
 
     /// Declare a scratch buffer; returns its handle.
@@ -229,6 +245,22 @@ impl Builder {
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// Append `other`'s steps after this builder's, as call `call` of a multi-call run, with
+    /// every location passed through `remap` (and `other`'s scratch buffers renumbered).
+    pub fn append(&mut self, other: Builder, call: u16, remap: impl Fn(Loc) -> Loc) {
+        let base = self.steps.len() as StepId;
+        let scratch_base = self.scratch.len() as u16;
+        self.scratch.extend(&other.scratch);
+        for step in &other.steps {
+            self.steps.push(step.map_locs(|l| match l.buf {
+                Buf::Scratch(k) => Loc::new(Buf::Scratch(k + scratch_base), l.off),
+                _ => remap(l),
+            }));
+            self.call_of.push(call);
+        }
+        self.deps.extend(other.deps.iter().map(|&(a, b)| (a + base, b + base)));
     }
 
     /// Merge independent sub-schedules ("channels") into one, interleaving their steps
@@ -255,6 +287,7 @@ impl Builder {
                 });
                 new_id[p][i] = out.steps.len() as StepId;
                 out.steps.push(moved);
+                out.call_of.push(b.call_of[i]);
             }
         }
         for (p, (b, _, _)) in parts.iter().enumerate() {
@@ -280,6 +313,7 @@ impl Builder {
             succ_start[i + 1] += succ_start[i];
         }
         let succ = self.deps.iter().map(|&(_, to)| to).collect();
-        Schedule { steps: self.steps, ndeps, succ_start, succ, scratch: self.scratch }
+        let call_of = if self.call_of.iter().all(|&c| c == 0) { Vec::new() } else { self.call_of };
+        Schedule { steps: self.steps, ndeps, succ_start, succ, scratch: self.scratch, call_of }
     }
 }

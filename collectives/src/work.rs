@@ -138,7 +138,8 @@ impl<T> Work<T> {
 /// One queued collective.
 pub(crate) struct Job {
     pub(crate) sched: Schedule,
-    pub(crate) info_template: CallInfo,
+    /// The call(s): one, or several batched point-to-point operations.
+    pub(crate) calls: Vec<CallInfo>,
     pub(crate) bindings: Bindings,
     pub(crate) done: Arc<Completion>,
 }
@@ -204,13 +205,14 @@ impl Engine {
 
     fn run_job(&self, job: Job) {
         let started = Instant::now();
-        let Job { sched, info_template, bindings, done } = job;
+        let Job { sched, mut calls, bindings, done } = job;
         let r = self.check_alive().and_then(|()| {
             let mut exec = lock(&self.exec);
-            let mut info = info_template;
-            info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&sched) } else { exec.next_seq() };
-            tracing::debug!(rank = exec.rank.0, call = %info.describe(), steps = sched.len(), "collective");
-            let r = exec.run(&sched, &info, &bindings);
+            for (k, info) in calls.iter_mut().enumerate() {
+                info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&sched, k) } else { exec.next_seq() };
+            }
+            tracing::debug!(rank = exec.rank.0, call = %calls[0].describe(), calls = calls.len(), steps = sched.len(), "collective");
+            let r = exec.run(&sched, &calls, &bindings);
             if let Err(e) = &r {
                 if e.is_fatal() {
                     self.poison_with(&e.to_string());

@@ -185,3 +185,42 @@ fn every_collective_through_the_typed_api() {
         assert_eq!(co, vec![vec![3; 3], vec![6]]);
     });
 }
+
+#[test]
+fn p2p_batch_exchanges_large_messages_both_ways_without_deadlock() {
+    use devccl::{DType, P2pOp};
+    use devccl_core::memory::Region;
+    // 24 MiB each way: far beyond socket buffers, so a send-then-receive on both sides
+    // would block; in one batch the two progress together.
+    let count = 6 << 20;
+    let out = with_ranks(3, |c| {
+        let (r, n) = (c.rank(), c.world_size());
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        let to_next = Region::from_vec(vec![r as f32; count]);
+        let to_prev = Region::from_vec(vec![10.0 + r as f32; 1000]);
+        let from_prev = Region::alloc(count * 4);
+        let from_next = Region::alloc(1000 * 4);
+        let ops = vec![
+            P2pOp { send: true, peer: next, tag: 1, dtype: DType::F32, buf: to_next.full() },
+            P2pOp { send: true, peer: prev, tag: 2, dtype: DType::F32, buf: to_prev.full() },
+            P2pOp { send: false, peer: prev, tag: 1, dtype: DType::F32, buf: from_prev.full() },
+            P2pOp { send: false, peer: next, tag: 2, dtype: DType::F32, buf: from_next.full() },
+        ];
+        c.p2p_batch(ops).unwrap();
+        // Twice, asynchronously, to check the per-pair sequence numbers stay in step.
+        let w = c.p2p_batch_async(vec![
+            P2pOp { send: false, peer: prev, tag: 3, dtype: DType::F32, buf: from_prev.full() },
+            P2pOp { send: true, peer: next, tag: 3, dtype: DType::F32, buf: to_next.full() },
+        ]);
+        w.wait().unwrap();
+        let a: Vec<f32> = bytemuck::cast_slice(&from_prev.full().to_vec().unwrap()).to_vec();
+        let b: Vec<f32> = bytemuck::cast_slice(&from_next.full().to_vec().unwrap()).to_vec();
+        // A tag that differs from the sender's is a clear mismatch, not a hang.
+        (a[0], a[count - 1], b[0], b[999])
+    });
+    for (r, (a0, a1, b0, b1)) in out.into_iter().enumerate() {
+        let prev = ((r + 2) % 3) as f32;
+        let next = ((r + 1) % 3) as f32;
+        assert_eq!((a0, a1, b0, b1), (prev, prev, 10.0 + next, 10.0 + next), "rank {r}");
+    }
+}

@@ -344,8 +344,9 @@ class Communicator:
 
     def send(self, tensor: Any, peer: int, tag: int = 0, *, dtype: str | None = None, async_op: bool = False) -> Any:
         """Send ``tensor`` to ``peer``; matched in order with the peer's ``recv`` of the same
-        tag and size. Calls on a communicator run in issue order, so a pair of ranks must not
-        both send large messages to each other before receiving."""
+        tag and size. Calls on a communicator run in issue order, so two ranks that both send
+        large messages to each other before receiving must put the send and the receive in
+        one ``p2p_batch``."""
         b, dt = as_buffer(tensor, "tensor")
         return self._run("send", b, None, dtype or dt, None, async_op, peer=peer, tag=tag)
 
@@ -353,6 +354,21 @@ class Communicator:
         """Receive from ``peer`` into ``tensor``."""
         b, dt = as_buffer(tensor, "tensor")
         return self._run("recv", None, b, dtype or dt, tensor, async_op, peer=peer, tag=tag)
+
+    def p2p_batch(self, ops: Sequence[tuple[bool, int, int, Any]], *, async_op: bool = False) -> Any:
+        """Run several sends and receives as one operation: ``ops`` is a list of
+        ``(is_send, peer, tag, tensor)``. They progress together (like NCCL group calls
+        around send/recv, or torch's ``batch_isend_irecv``), so two ranks that exchange
+        large tensors cannot deadlock. Between a pair of ranks, messages match in list
+        order."""
+        native_ops = []
+        for send, peer, tag, t in ops:
+            b, dt = as_buffer(t, "tensor")
+            native_ops.append((bool(send), int(peer), int(tag), b, dt))
+        if async_op:
+            return Work(self._comm.p2p_batch(native_ops, async_op=True), None)
+        self._comm.p2p_batch(native_ops)
+        return None
 
     def barrier(self, *, async_op: bool = False) -> Any:
         """Return once every rank has entered the barrier."""

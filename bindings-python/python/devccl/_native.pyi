@@ -126,6 +126,12 @@ class Communicator:
         """Run one collective on buffer-protocol objects. Blocking: returns the output object
         (or the in-place buffer, or None). ``async_op=True``: returns a :class:`Work`."""
 
+    def p2p_batch(
+        self, ops: list[tuple[bool, int, int, Any, str | None]], *, async_op: bool = False
+    ) -> Any:
+        """Several sends (is_send=True) and receives, as one operation; returns a Work when
+        async_op, else None."""
+        ...
     def abort(self, reason: str = "aborted from Python") -> None:
         """Fail the collective in progress on every rank; later calls raise AbortedError."""
 

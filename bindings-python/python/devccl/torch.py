@@ -343,6 +343,81 @@ class _Completer:
             t.join()
 
 
+class _FinishAll:
+    """Completion target standing for several Works finished by one devccl call."""
+
+    __slots__ = ("_targets",)
+
+    def __init__(self, targets: list[_Work | _FutureSink]) -> None:
+        self._targets = targets
+
+    def _finish(self, error: BaseException | None) -> None:
+        for t in self._targets:
+            t._finish(error)
+
+
+class _P2pWork(_Work):
+    """The Work of a send or receive: waiting on it first starts the batch it belongs to."""
+
+    def __init__(self, result: Any, batcher: _P2pBatcher) -> None:
+        super().__init__(result)
+        self._batcher = batcher
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        self._batcher.flush()
+        return super().wait(timeout)
+
+
+class _P2pBatcher:
+    """Sends and receives issued close together (``batch_isend_irecv`` issues them one after
+    another) run as one devccl ``p2p_batch``, so two ranks that exchange large tensors cannot
+    deadlock the way separate calls, executed in issue order, would. A batch starts when its
+    first Work is waited on, when the process group issues anything else, or 1 ms after its
+    first operation, whichever comes first."""
+
+    DELAY = 0.001
+
+    def __init__(self, pg: ProcessGroupDevccl) -> None:
+        self._pg = pg
+        self._lock = threading.Lock()
+        self._ops: list[tuple[bool, int, int, torch.Tensor]] = []
+        self._targets: list[_Work | _FutureSink] = []
+        self._timer: threading.Timer | None = None
+
+    def add(self, send: bool, tensor: torch.Tensor, peer: int, tag: int, result: Any) -> dist.Work:
+        if _called_from_c10d_python():
+            target: _Work | _FutureSink = _P2pWork(result, self)
+            work: dist.Work = target  # type: ignore[assignment]
+        else:
+            target = _FutureSink(result)
+            work = target.work()
+        with self._lock:
+            self._ops.append((send, peer, tag, tensor))
+            self._targets.append(target)
+            if self._timer is None:
+                self._timer = threading.Timer(self.DELAY, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+        return work
+
+    def flush(self) -> None:
+        with self._lock:
+            ops, self._ops = self._ops, []
+            targets, self._targets = self._targets, []
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
+            if not ops:
+                return
+            # Under the lock, so batches reach devccl in the order they were formed.
+            try:
+                native = self._pg._comm.p2p_batch(ops, async_op=True)
+            except BaseException as e:  # noqa: BLE001 - every failure goes to the waiters
+                _FinishAll(targets)._finish(e)
+                return
+            self._pg._completer.put([native], _FinishAll(targets), None)
+
+
 def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
     if len(tensors) != 1:
         raise InvalidUsageError(f"devccl {what}: expected exactly one tensor per call, got {len(tensors)}")
@@ -389,6 +464,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         self.calls: collections.Counter[str] = collections.Counter()
         self._server, self._comm = _connect(store, rank, size, timeout)
         self._completer = _Completer(f"devccl-torch-{self._comm.comm_id[:8]}")
+        self._p2p = _P2pBatcher(self)
 
     # -- identity (overridable through the C++ trampoline since torch 2.6) ---------------------
 
@@ -430,6 +506,8 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         get a :class:`_Work` (its ``wait()`` raises devccl's exception); calls from C++ get a
         pure C++ Work (see :class:`_FutureSink`)."""
         self.calls[what] += 1
+        # Sends and receives issued before this call go first (calls run in issue order).
+        self._p2p.flush()
         if async_op:
             works = [c(True) for c in calls]
             if _called_from_c10d_python():
@@ -705,12 +783,23 @@ class ProcessGroupDevccl(dist.ProcessGroup):
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         t = _one(tensors, "send")
         tag = self._tag(tag)
-        return self._launch("send", True, [lambda a: self._comm.send(t, dst, tag, async_op=a)], tensors)
+        self._check_peer(dst, "send")
+        self.calls["send"] += 1
+        return self._p2p.add(True, t, dst, tag, tensors)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         t = _one(tensors, "recv")
         tag = self._tag(tag)
-        return self._launch("recv", True, [lambda a: self._comm.recv(t, src, tag, async_op=a)], tensors)
+        self._check_peer(src, "recv")
+        self.calls["recv"] += 1
+        return self._p2p.add(False, t, src, tag, tensors)
+
+    def _check_peer(self, peer: int, what: str) -> None:
+        # Checked here, at the call: errors in a batch would otherwise surface at wait().
+        if not (0 <= peer < self.size() and peer != self.rank()):
+            raise InvalidUsageError(
+                f"devccl {what}: peer {peer} is not another rank of this {self.size()}-rank group"
+            )
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> dist.Work:
         raise UnsupportedError("devccl does not support recv from any source; pass src=")
@@ -728,6 +817,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
     def shutdown(self) -> None:
         """Finish queued work, then close the communicator and the rendezvous server."""
         self.calls["shutdown"] += 1
+        self._p2p.flush()
         self._completer.stop()
         try:
             self._comm.destroy()
