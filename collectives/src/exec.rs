@@ -343,31 +343,35 @@ impl Executor {
         let mut staged_steps = 0usize;
         let mut staged_from = vec![false; self.world];
         // Message numbers count within each call, per peer and direction (what the peer's
-        // matching call counts too).
+        // matching call counts too). With one call that is the position in the peer's queue;
+        // batches of several calls count per call.
         let mut msg_of = vec![0u32; n];
-        let mut counters: std::collections::HashMap<(usize, usize, bool), u32> = std::collections::HashMap::new();
+        let mut per_call: std::collections::HashMap<(usize, usize, bool), u32> = std::collections::HashMap::new();
+        let multi = !sched.call_of.is_empty();
         for (i, s) in sched.steps.iter().enumerate() {
-            let mut number = |peer: Rank, send: bool| {
-                let c = counters.entry((sched.call(i as StepId), peer.idx(), send)).or_insert(0);
-                msg_of[i] = *c;
-                *c += 1;
+            let (peer, send) = match s {
+                StepKind::Send { peer, .. } => (peer.idx(), true),
+                StepKind::Recv { peer, .. } | StepKind::RecvReduce { peer, .. } => (peer.idx(), false),
+                _ => continue,
             };
-            match s {
-                StepKind::Send { peer, .. } => {
-                    number(*peer, true);
-                    peers[peer.idx()].sends.push(i as StepId)
-                }
-                StepKind::Recv { peer, .. } => {
-                    number(*peer, false);
-                    peers[peer.idx()].recvs.push(i as StepId)
-                }
-                StepKind::RecvReduce { peer, .. } => {
-                    number(*peer, false);
+            let q = &mut peers[peer];
+            msg_of[i] = if multi {
+                let c = per_call.entry((sched.call(i as StepId), peer, send)).or_insert(0);
+                *c += 1;
+                *c - 1
+            } else if send {
+                q.sends.len() as u32
+            } else {
+                q.recvs.len() as u32
+            };
+            if send {
+                q.sends.push(i as StepId);
+            } else {
+                if let StepKind::RecvReduce { .. } = s {
                     staged_steps += 1;
-                    staged_from[peer.idx()] = true;
-                    peers[peer.idx()].recvs.push(i as StepId)
+                    staged_from[peer] = true;
                 }
-                _ => {}
+                q.recvs.push(i as StepId);
             }
         }
         if calls.len() <= sched.call_of.iter().copied().max().unwrap_or(0) as usize {
