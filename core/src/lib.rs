@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod handshake;
 pub mod memory;
 pub mod op;
 pub mod transport;

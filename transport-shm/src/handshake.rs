@@ -23,16 +23,20 @@
 //! Every step is blocking I/O bounded by a deadline. The acceptor runs each handshake on its
 //! own short-lived thread, so a silent or slow client holds only that thread.
 
-use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use devccl_core::auth::{self, AuthKey};
+use devccl_core::auth::AuthKey;
+use devccl_core::handshake::{self as common, read_exact_by, ready_by};
+pub(crate) use devccl_core::handshake::{Stop, acceptor_read_hello, write_all_by};
 use devccl_core::transport::{CommContext, TransportKind};
-use devccl_core::wire::{CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus};
-use devccl_core::{CommId, Error, Rank, Result};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, send, sendmsg};
+use devccl_core::wire::{Hello, VerdictStatus};
+use devccl_core::{Error, Rank, Result};
+use nix::errno::Errno;
+use nix::poll::PollFlags;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg};
 
 use crate::shm::adopt_received_fd;
 
@@ -49,180 +53,20 @@ const KIND_READY: u8 = 2;
 /// Descriptors a `Setup` carries: the memfd, the acceptor's doorbell, the connector's.
 pub(crate) const SETUP_FDS: usize = 3;
 
-/// Why a bounded blocking exchange stopped early.
-#[derive(Debug)]
-pub(crate) enum Stop {
-    /// The deadline passed.
-    Timeout,
-    /// The other side closed after `got` bytes.
-    Eof { got: usize },
-    /// The bytes so far cannot be the expected message.
-    Invalid(String),
-    /// The socket failed.
-    Io(io::Error),
-}
-
-impl Stop {
-    /// A short description for logs and error messages.
-    pub(crate) fn describe(&self, what: &str) -> String {
-        match self {
-            Stop::Timeout => format!("no complete {what} before the handshake deadline"),
-            Stop::Eof { got: 0 } => format!("connection closed before the {what}"),
-            Stop::Eof { got } => format!("connection closed after {got} bytes of the {what}"),
-            Stop::Invalid(why) => why.clone(),
-            Stop::Io(e) => format!("socket error during the {what}: {e}"),
-        }
-    }
-}
-
-fn is_would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
-}
-
-/// Time left before `deadline`, at least 1 ms (a zero socket timeout means "forever").
-fn left(deadline: Instant) -> Option<Duration> {
-    let now = Instant::now();
-    (now < deadline).then(|| (deadline - now).max(Duration::from_millis(1)))
-}
-
-/// Read exactly `buf.len()` bytes before `deadline`. `check` sees every prefix received so
-/// far and may reject it early (garbage is refused on its first bytes, not after a timeout).
-/// Descriptors a client attaches to these bytes are discarded by the kernel (a plain `read`
-/// takes no ancillary data).
-pub(crate) fn read_exact_by(
-    sock: &UnixStream,
-    buf: &mut [u8],
-    deadline: Instant,
-    check: impl Fn(&[u8]) -> Option<String>,
-) -> std::result::Result<(), Stop> {
-    let mut got = 0;
-    while got < buf.len() {
-        let t = left(deadline).ok_or(Stop::Timeout)?;
-        sock.set_read_timeout(Some(t)).map_err(Stop::Io)?;
-        let mut r: &UnixStream = sock;
-        match r.read(&mut buf[got..]) {
-            Ok(0) => return Err(Stop::Eof { got }),
-            Ok(n) => {
-                got += n;
-                if let Some(why) = check(&buf[..got]) {
-                    return Err(Stop::Invalid(why));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted || is_would_block(&e) => {}
-            Err(e) => return Err(Stop::Io(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Write all of `buf` before `deadline` (MSG_NOSIGNAL: a closed peer is an error, not a
-/// SIGPIPE that kills a host process that did not ignore the signal).
-pub(crate) fn write_all_by(sock: &UnixStream, buf: &[u8], deadline: Instant) -> std::result::Result<(), Stop> {
-    let mut sent = 0;
-    while sent < buf.len() {
-        let t = left(deadline).ok_or(Stop::Timeout)?;
-        sock.set_write_timeout(Some(t)).map_err(Stop::Io)?;
-        match send(sock.as_raw_fd(), &buf[sent..], MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => sent += n,
-            Err(e) => {
-                let e = io::Error::from(e);
-                if e.kind() == io::ErrorKind::Interrupted || is_would_block(&e) {
-                    continue;
-                }
-                return Err(Stop::Io(e));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The first 6 bytes of every handshake message of a kind: magic, version, kind.
-fn prefix_of(encoded: &[u8]) -> [u8; 6] {
-    encoded[..6].try_into().expect("6 bytes")
-}
-
-/// An early check for a partially received message: rejects as soon as the received bytes
-/// disagree with the fixed prefix, explaining why with the codec's own words.
-fn prefix_check(
-    prefix: [u8; 6],
-    full_len: usize,
-    decode: fn(&[u8]) -> std::result::Result<(), String>,
-) -> impl Fn(&[u8]) -> Option<String> {
-    move |got: &[u8]| {
-        let n = got.len().min(prefix.len());
-        if got[..n] == prefix[..n] {
-            return None;
-        }
-        // Pad to full length so the decoder reports the real problem (magic, version, kind)
-        // instead of "too short".
-        let mut padded = vec![0u8; full_len.max(got.len())];
-        padded[..got.len()].copy_from_slice(got);
-        Some(match decode(&padded) {
-            Err(e) => e,
-            Ok(()) => format!("unexpected bytes {:02x?}", &got[..n]),
-        })
-    }
-}
-
-/// The codec's message without the "remote error:" prefix its Display adds.
-fn codec_error(e: Error) -> String {
-    match e {
-        Error::Remote { message, .. } => message,
-        other => other.to_string(),
-    }
-}
-
 /// The Hello's tag for `nonce` under `key` (zeros without a key).
 pub fn hello_tag(key: Option<&AuthKey>, nonce: &[u8; 16], hello: &Hello) -> [u8; 32] {
-    auth::tag_opt(key, HELLO_DOMAIN, &[nonce, &hello.signed_part()])
+    common::hello_tag(HELLO_DOMAIN, key, nonce, hello)
 }
 
-/// Acceptor side, steps 1-2: send the challenge and read a well-formed Hello.
-pub(crate) fn acceptor_read_hello(
-    sock: &UnixStream,
-    nonce: [u8; 16],
-    deadline: Instant,
-) -> std::result::Result<Hello, Stop> {
-    write_all_by(sock, &Challenge { nonce }.encode(), deadline)?;
-    let mut buf = [0u8; HELLO_LEN];
-    let sample =
-        Hello { transport: 0, comm: CommId::default(), from: Rank(0), to: Rank(0), lane: 0, lanes: 0, auth: [0; 32] };
-    let check =
-        prefix_check(prefix_of(&sample.encode()), HELLO_LEN, |b| Hello::decode(b).map(drop).map_err(codec_error));
-    read_exact_by(sock, &mut buf, deadline, check)?;
-    Hello::decode(&buf).map_err(|e| Stop::Invalid(codec_error(e)))
+/// One socket per connection: the rings carry all traffic.
+fn lanes_ok(lane: u16, lanes: u16) -> Option<String> {
+    ((lane, lanes) != (0, 1)).then(|| format!("lane {lane} of {lanes} (shared memory uses exactly one)"))
 }
 
 /// Acceptor side, step 3: is this Hello for us? Duplicate connections are the caller's
 /// check, under its lock.
 pub(crate) fn judge_hello(ctx: &CommContext, nonce: &[u8; 16], h: &Hello) -> (VerdictStatus, String) {
-    // Authentication first: with a different secret every other field is untrustworthy,
-    // and "DEVCCL_SECRET differs" is the most useful thing to tell either side.
-    if !auth::verify_opt(ctx.key.as_ref(), HELLO_DOMAIN, &[nonce, &h.signed_part()], &h.auth) {
-        let why = if ctx.key.is_none() {
-            "the peer sent an auth tag but this rank has no DEVCCL_SECRET"
-        } else {
-            "auth tag does not verify (DEVCCL_SECRET differs or is unset on the peer)"
-        };
-        return (VerdictStatus::BadAuth, why.into());
-    }
-    if h.transport != TransportKind::Shm as u8 {
-        return (VerdictStatus::WrongComm, format!("Hello is for transport code {}, not shm", h.transport));
-    }
-    if h.comm != ctx.comm {
-        return (VerdictStatus::WrongComm, format!("communicator {} is not ours ({})", h.comm, ctx.comm));
-    }
-    if h.to != ctx.rank {
-        return (VerdictStatus::WrongRank, format!("addressed to rank {}, this is rank {}", h.to, ctx.rank));
-    }
-    if h.from.idx() >= ctx.world || h.from == ctx.rank {
-        return (VerdictStatus::WrongRank, format!("rank {} is not a peer in a world of {}", h.from, ctx.world));
-    }
-    // One socket per connection: the rings carry all traffic.
-    if (h.lane, h.lanes) != (0, 1) {
-        return (VerdictStatus::BadLane, format!("lane {} of {} (shared memory uses exactly one)", h.lane, h.lanes));
-    }
-    (VerdictStatus::Ok, String::new())
+    common::judge_hello(HELLO_DOMAIN, TransportKind::Shm, lanes_ok, ctx, nonce, h)
 }
 
 /// Which peer a connector is setting up, for the handshake and its error messages.
@@ -258,14 +102,7 @@ impl Dial<'_> {
 /// Connector side: answer the challenge on a freshly connected socket and read the verdict.
 pub(crate) fn connector_handshake(sock: &UnixStream, ctx: &CommContext, dial: &Dial<'_>) -> Result<()> {
     let (peer, deadline) = (dial.peer, dial.deadline);
-    let mut cbuf = [0u8; CHALLENGE_LEN];
-    let check = prefix_check(prefix_of(&Challenge { nonce: [0; 16] }.encode()), CHALLENGE_LEN, |b| {
-        Challenge::decode(b).map(drop).map_err(codec_error)
-    });
-    read_exact_by(sock, &mut cbuf, deadline, check).map_err(|s| dial.fail(ctx.rank, "challenge", s))?;
-    let challenge =
-        Challenge::decode(&cbuf).map_err(|e| dial.fail(ctx.rank, "challenge", Stop::Invalid(codec_error(e))))?;
-    let mut hello = Hello {
+    let hello = Hello {
         transport: TransportKind::Shm as u8,
         comm: ctx.comm,
         from: ctx.rank,
@@ -274,22 +111,16 @@ pub(crate) fn connector_handshake(sock: &UnixStream, ctx: &CommContext, dial: &D
         lanes: 1,
         auth: [0; 32],
     };
-    hello.auth = hello_tag(ctx.key.as_ref(), &challenge.nonce, &hello);
-    write_all_by(sock, &hello.encode(), deadline).map_err(|s| dial.fail(ctx.rank, "hello", s))?;
-    let mut vbuf = [0u8; VERDICT_LEN];
-    let ok = Verdict { status: VerdictStatus::Ok };
-    let check =
-        prefix_check(prefix_of(&ok.encode()), VERDICT_LEN, |b| Verdict::decode(b).map(drop).map_err(codec_error));
-    read_exact_by(sock, &mut vbuf, deadline, check).map_err(|s| dial.fail(ctx.rank, "verdict", s))?;
-    let verdict = Verdict::decode(&vbuf).map_err(|e| dial.fail(ctx.rank, "verdict", Stop::Invalid(codec_error(e))))?;
-    if verdict.status != VerdictStatus::Ok {
+    let status = common::connector_exchange(sock, HELLO_DOMAIN, ctx.key.as_ref(), hello, deadline)
+        .map_err(|(stage, s)| dial.fail(ctx.rank, stage, s))?;
+    if status != VerdictStatus::Ok {
         return Err(Error::remote(
             peer,
             format!(
                 "rank {peer} at {} refused the shared-memory connection from rank {}: {}",
                 dial.remote,
                 ctx.rank,
-                verdict.status.explain()
+                status.explain()
             ),
         ));
     }
@@ -334,20 +165,19 @@ pub(crate) fn connector_setup(
 ) -> Result<()> {
     let msg = encode_setup(KIND_SETUP, 0, ring as u64);
     let raw: [RawFd; SETUP_FDS] = fds.map(|f| f.as_raw_fd());
-    let t = left(dial.deadline).ok_or_else(|| dial.fail(me, "setup", Stop::Timeout))?;
-    sock.set_write_timeout(Some(t)).map_err(|e| dial.fail(me, "setup", Stop::Io(e)))?;
     // The descriptors ride on the first byte; a 24-byte message into a fresh socket's empty
     // buffer is never split in practice, but the remainder is written if it is.
     let sent = loop {
+        ready_by(sock, PollFlags::POLLOUT, dial.deadline).map_err(|s| dial.fail(me, "setup", s))?;
         match sendmsg::<UnixAddr>(
             sock.as_raw_fd(),
             &[IoSlice::new(&msg)],
             &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::MSG_NOSIGNAL,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
             None,
         ) {
             Ok(n) => break n,
-            Err(nix::errno::Errno::EINTR) => {}
+            Err(Errno::EINTR | Errno::EAGAIN) => {}
             Err(e) => return Err(dial.fail(me, "setup", Stop::Io(e.into()))),
         }
     };
@@ -373,21 +203,14 @@ pub(crate) fn acceptor_read_setup(
     let mut got = 0;
     let mut fds: Vec<OwnedFd> = Vec::new();
     while got < SETUP_LEN {
-        let t = left(deadline).ok_or(Stop::Timeout)?;
-        sock.set_read_timeout(Some(t)).map_err(Stop::Io)?;
+        ready_by(sock, PollFlags::POLLIN, deadline)?;
         let mut space = nix::cmsg_space!([RawFd; SETUP_FDS + 1]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let r = recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC);
-        let msg = match r {
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
+        let msg = match recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags) {
             Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                let e = io::Error::from(e);
-                if is_would_block(&e) {
-                    continue;
-                }
-                return Err(Stop::Io(e));
-            }
+            Err(Errno::EINTR | Errno::EAGAIN) => continue,
+            Err(e) => return Err(Stop::Io(e.into())),
         };
         // Adopt every received descriptor before anything can fail, so none leaks.
         let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
