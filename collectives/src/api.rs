@@ -146,7 +146,7 @@ struct Prepared {
 }
 
 fn elems(what: &str, s: &RegionSlice, dtype: DType) -> Result<usize> {
-    if s.len() % dtype.size() != 0 {
+    if !s.len().is_multiple_of(dtype.size()) {
         return Err(Error::usage(format!("{what}: {} bytes is not a whole number of {dtype} elements", s.len())));
     }
     Ok(s.len() / dtype.size())
@@ -559,7 +559,7 @@ impl Communicator {
     /// Asynchronous reduce-scatter: returns this rank's reduced block.
     pub fn reduce_scatter_async<T: Element>(&self, send: Vec<T>, op: ReduceOp) -> Work<Vec<T>> {
         let n = self.world_size();
-        if send.len() % n != 0 {
+        if !send.len().is_multiple_of(n) {
             return Work::failed(Error::usage(format!(
                 "reduce_scatter: {} elements do not split into {n} blocks",
                 send.len()

@@ -11,9 +11,9 @@ use half::{bf16, f16};
 pub fn value(op: ReduceOp, r: usize, i: usize) -> i64 {
     match op {
         ReduceOp::Prod => {
-            if (r + i) % 7 == 0 {
+            if (r + i).is_multiple_of(7) {
                 2
-            } else if (r * 3 + i) % 5 == 0 {
+            } else if (r * 3 + i).is_multiple_of(5) {
                 -1
             } else {
                 1

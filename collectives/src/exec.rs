@@ -493,22 +493,23 @@ impl Executor {
                 let call = &run.calls[run.sched.call(s)];
                 // A reduction that may happen as the bytes arrive goes straight from the
                 // transport's buffers into the output (no staging copy), where supported.
-                if let StepKind::RecvReduce { dst, base, len, finish, .. } = run.sched.steps[s as usize] {
-                    if run.pending[s as usize] == 0 && conn.accepts_sinks() {
-                        let d = run.b.slice(dst, len);
-                        let base = (!same_place(run.b, dst, base)).then(|| run.b.slice(base, len));
-                        let op = call.op.unwrap_or(ReduceOp::Sum);
-                        let sink = ReduceSink::new(call.dtype, op, d, base, finish.then_some(self.world));
-                        match conn.irecv_sink(call.header(msg, len, dst.off), Box::new(sink))? {
-                            Some(id) => {
-                                run.sunk[s as usize] = true;
-                                run.peers[p].inflight.push((id, s, None));
-                                run.peers[p].next_recv += 1;
-                                moved = true;
-                                continue;
-                            }
-                            None => break,
+                if let StepKind::RecvReduce { dst, base, len, finish, .. } = run.sched.steps[s as usize]
+                    && run.pending[s as usize] == 0
+                    && conn.accepts_sinks()
+                {
+                    let d = run.b.slice(dst, len);
+                    let base = (!same_place(run.b, dst, base)).then(|| run.b.slice(base, len));
+                    let op = call.op.unwrap_or(ReduceOp::Sum);
+                    let sink = ReduceSink::new(call.dtype, op, d, base, finish.then_some(self.world));
+                    match conn.irecv_sink(call.header(msg, len, dst.off), Box::new(sink))? {
+                        Some(id) => {
+                            run.sunk[s as usize] = true;
+                            run.peers[p].inflight.push((id, s, None));
+                            run.peers[p].next_recv += 1;
+                            moved = true;
+                            continue;
                         }
+                        None => break,
                     }
                 }
                 let (dst, slot) = match run.sched.steps[s as usize] {

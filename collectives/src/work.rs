@@ -213,14 +213,13 @@ impl Engine {
             }
             tracing::debug!(rank = exec.rank.0, call = %calls[0].describe(), calls = calls.len(), steps = sched.len(), "collective");
             let r = exec.run(&sched, &calls, &bindings);
-            if let Err(e) = &r {
-                if e.is_fatal() {
+            if let Err(e) = &r
+                && e.is_fatal() {
                     self.poison_with(&e.to_string());
                     if let Some(f) = lock(&self.on_fatal).take() {
                         f(e);
                     }
                 }
-            }
             r
         });
         // Release the buffers before announcing completion: the waiter takes them back.

@@ -269,17 +269,17 @@ impl Config {
             None => None,
             Some(s) => {
                 let c = parse_size(&s).ok_or_else(|| Error::usage(format!("DEVCCL_CHUNK={s:?} is not a size")))?;
-                if c < 64 || c > (1 << 30) {
+                if !(64..=(1 << 30)).contains(&c) {
                     return Err(Error::usage(format!("DEVCCL_CHUNK={s} must be between 64 bytes and 1 GiB")));
                 }
                 Some(c as usize)
             }
         };
         let nchannels: Option<usize> = env.parse("DEVCCL_NCHANNELS", "an integer")?;
-        if let Some(n) = nchannels {
-            if !(1..=16).contains(&n) {
-                return Err(Error::usage(format!("DEVCCL_NCHANNELS={n} is out of range 1..=16")));
-            }
+        if let Some(n) = nchannels
+            && !(1..=16).contains(&n)
+        {
+            return Err(Error::usage(format!("DEVCCL_NCHANNELS={n} is out of range 1..=16")));
         }
         let spin = env.parse::<u64>("DEVCCL_SPIN_US", "a number of microseconds")?.map(Duration::from_micros);
         Ok(Config {

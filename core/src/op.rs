@@ -266,7 +266,7 @@ fn check_lens(dtype: DType, dst: usize, src: usize) -> Result<()> {
     if dst != src {
         return Err(Error::Internal(format!("reduce: length mismatch {dst} vs {src} bytes")));
     }
-    if dst % dtype.size() != 0 {
+    if !dst.is_multiple_of(dtype.size()) {
         return Err(Error::Internal(format!("reduce: {dst} bytes is not a whole number of {dtype}")));
     }
     Ok(())
@@ -352,7 +352,7 @@ pub fn reduce_to(dtype: DType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8])
 
 /// Divide every element by `n` (the `avg` epilogue).
 pub fn finish_avg(dtype: DType, buf: &mut [u8], n: usize) -> Result<()> {
-    if buf.len() % dtype.size() != 0 {
+    if !buf.len().is_multiple_of(dtype.size()) {
         return Err(Error::Internal("finish_avg: partial element".into()));
     }
     if n > 1 {
@@ -420,7 +420,7 @@ mod tests {
     fn unaligned_path_matches_aligned() {
         let x: Vec<f64> = (0..9).map(|i| i as f64).collect();
         let y: Vec<f64> = (0..9).map(|i| (i * 2) as f64).collect();
-        let mut store = vec![0u8; 9 * 8 + 1];
+        let mut store = [0u8; 9 * 8 + 1];
         store[1..].copy_from_slice(&b(&x));
         reduce_in_place(DType::F64, ReduceOp::Sum, &mut store[1..], &b(&y)).unwrap();
         let mut aligned = b(&x);

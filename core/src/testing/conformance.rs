@@ -58,11 +58,11 @@ pub fn drive(
     loop {
         let mut moved = false;
         for (i, (c, id)) in pending.iter().enumerate() {
-            if out[i].is_none() {
-                if let Some(done) = conns[*c].test(*id)? {
-                    out[i] = Some(done);
-                    moved = true;
-                }
+            if out[i].is_none()
+                && let Some(done) = conns[*c].test(*id)?
+            {
+                out[i] = Some(done);
+                moved = true;
             }
         }
         if out.iter().all(Option::is_some) {
