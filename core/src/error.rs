@@ -64,7 +64,7 @@ pub enum Error {
     },
 
     /// A deadline passed.
-    #[error("timed out after {after:?}: {what}")]
+    #[error("timed out after {}: {what}", round_ms(*after))]
     Timeout {
         /// What we were waiting for (names the peer where known).
         what: String,
@@ -127,3 +127,8 @@ impl Error {
 
 /// Result alias for devccl-core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A duration for messages: whole milliseconds (`4.000393436s` reads as `4s`).
+fn round_ms(d: Duration) -> String {
+    format!("{:?}", Duration::from_millis(d.as_millis().min(u64::MAX as u128) as u64))
+}
