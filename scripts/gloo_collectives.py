@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Gloo (torch.distributed) all_gather_into_tensor / reduce_scatter_tensor benchmark, float32,
-in the format of ../shared/peers/gloo_allreduce.py, so devccl's all-gather and
-reduce-scatter can be compared with Gloo side by side.
+"""Gloo (torch.distributed) all_gather_into_tensor / reduce_scatter_tensor / all_reduce
+benchmark, float32, in the format of ../shared/peers/gloo_allreduce.py, so devccl can be
+compared with Gloo side by side.
 
     python scripts/gloo_collectives.py --nranks 4 --collective all_gather --sizes 1M,16M
 
-size = the whole logical buffer S (all-gather output, reduce-scatter input); each rank
-contributes or receives S/n. Per size: warm-up, then timed ops each preceded by
+With `--launch env` the script is one rank of a job started elsewhere (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME from the environment), e.g. one rank per
+network namespace in scripts/netns_compare.py.
+
+size = the whole logical buffer S (all-gather output, reduce-scatter input, all-reduce
+buffer); for all-gather and reduce-scatter each rank contributes or receives S/n. Per size: warm-up, then timed ops each preceded by
 dist.barrier(); an op's time is the max over ranks; median and min over ops are printed,
-plus a back-to-back mean. busbw = algbw * (n-1)/n (nccl-tests). Results are checked.
+plus a back-to-back mean. busbw = algbw * (n-1)/n, all-reduce 2(n-1)/n (nccl-tests).
+Results are checked.
 """
 import argparse
 import os
@@ -24,19 +29,26 @@ def parse_size(s):
     return int(s[:-1] if mul > 1 else s) * mul
 
 
-def worker(rank, n, port, coll, sizes):
+def worker(rank, n, host, port, coll, sizes):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    host = f"[{host}]" if ":" in host else host
+    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=n)
     if rank == 0:
         print(f"# torch.distributed gloo {coll} float32, nranks={n}, torch {torch.__version__}")
     for nbytes in sizes:
-        count = nbytes // 4 // n * n
+        count = nbytes // 4 // n * n if coll != "all_reduce" else max(nbytes // 4, 1)
         block = count // n
         iters = max(5, min(200, (64 << 20) // max(nbytes, 1)))
-        if coll == "all_gather":
+        prep = lambda: None  # noqa: E731
+        if coll == "all_reduce":
+            buf = torch.empty(count)
+            prep = lambda: buf.fill_(float(rank + 1))  # noqa: E731  (in place: reset so values stay exact)
+            op = lambda: dist.all_reduce(buf)  # noqa: E731
+            check = lambda: bool(torch.all(buf == float(n * (n + 1) // 2)))  # noqa: E731
+        elif coll == "all_gather":
             inp = torch.full((block,), float(rank + 1))
             out = torch.empty(count)
             op = lambda: dist.all_gather_into_tensor(out, inp)  # noqa: E731
@@ -51,11 +63,12 @@ def worker(rank, n, port, coll, sizes):
             op()
         ts = []
         for _ in range(iters):
+            prep()
             dist.barrier()
             t0 = time.perf_counter()
             op()
             ts.append(time.perf_counter() - t0)
-        ok = check()
+        ok = check()  # after the last timed op
         tt = torch.tensor(ts, dtype=torch.float64)
         dist.all_reduce(tt, op=dist.ReduceOp.MAX)
         dist.barrier()
@@ -69,7 +82,7 @@ def worker(rank, n, port, coll, sizes):
         if rank == 0:
             v = sorted(tt.tolist())
             med, mn = statistics.median(v), v[0]
-            f = (n - 1) / n
+            f = (n - 1) / n * (2 if coll == "all_reduce" else 1)
             size = count * 4
             alg, algb = size / med / 1e9, size / tb.item() / 1e9
             print(f"  {size:>12} {count:>10} {iters:>6} | {med*1e6:>10.1f} {mn*1e6:>10.1f} {alg:>8.3f} {alg*f:>8.3f} | "
@@ -80,15 +93,21 @@ def worker(rank, n, port, coll, sizes):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nranks", type=int, default=4)
-    ap.add_argument("--collective", choices=["all_gather", "reduce_scatter"], default="all_gather")
+    ap.add_argument("--collective", choices=["all_gather", "reduce_scatter", "all_reduce"], default="all_gather")
+    ap.add_argument("--launch", choices=["spawn", "env"], default="spawn",
+                    help="spawn: start --nranks local ranks over loopback; env: be one rank (RANK, WORLD_SIZE, MASTER_*)")
     ap.add_argument("--sizes", default="1M,16M")
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=600)
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
+    if a.launch == "env":
+        e = os.environ
+        worker(int(e["RANK"]), int(e["WORLD_SIZE"]), e["MASTER_ADDR"], int(e["MASTER_PORT"]), a.collective, sizes)
+        return
     if a.rank >= 0:
-        worker(a.rank, a.nranks, a.port, a.collective, sizes)
+        worker(a.rank, a.nranks, "127.0.0.1", a.port, a.collective, sizes)
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
