@@ -59,6 +59,15 @@ def parse_devccl(out, n, factor=None):
     return rows
 
 
+def record(res, path, name, n, out, factor=None):
+    """Keep one job's raw output at `path` and add its rows to `res[(name, n)][size]`."""
+    with open(path, "w") as fh:
+        fh.write(out)
+    rows = parse_devccl(out, n, factor) if name.startswith("devccl") else parse_peer(out)
+    for size, v in rows.items():
+        res.setdefault((name, n), {}).setdefault(size, []).append(v)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -97,11 +106,7 @@ def main():
                                          "--mca", "btl_tcp_if_include", "lo", "-np", str(n), mpi_bin], None))
             for name, cmd, env in jobs:
                 out, took = run(cmd, env)
-                with open(os.path.join(a.out, f"{stamp}_{name}_n{n}_r{r}.txt"), "w") as fh:
-                    fh.write(out)
-                rows = parse_devccl(out, n) if name.startswith("devccl") else parse_peer(out)
-                for size, v in rows.items():
-                    res.setdefault((name, n), {}).setdefault(size, []).append(v)
+                record(res, os.path.join(a.out, f"{stamp}_{name}_n{n}_r{r}.txt"), name, n, out)
                 print(f"#   {name} n={n}: {took:.1f}s", flush=True)
         if "blocks" not in skip:
             # all-gather and reduce-scatter, 4 ranks: devccl vs Gloo
@@ -113,11 +118,7 @@ def main():
                                                   "--collective", coll, "--sizes", "1M,16M,64M"]))
                 for name, cmd in jobs:
                     out, took = run(cmd)
-                    with open(os.path.join(a.out, f"{stamp}_{name}_n{n}_r{r}.txt"), "w") as fh:
-                        fh.write(out)
-                    rows = parse_devccl(out, n, (n - 1) / n) if name.startswith("devccl") else parse_peer(out)
-                    for size, v in rows.items():
-                        res.setdefault((name, n), {}).setdefault(size, []).append(v)
+                    record(res, os.path.join(a.out, f"{stamp}_{name}_n{n}_r{r}.txt"), name, n, out, (n - 1) / n)
                     print(f"#   {name} n={n}: {took:.1f}s", flush=True)
     med = lambda xs: statistics.median(xs) if xs else float("nan")
     summary = {}

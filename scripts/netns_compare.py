@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_peers import ROOT, parse_devccl, parse_peer  # noqa: E402
+from compare_peers import ROOT, record  # noqa: E402
 
 NODES = [("dvcbench_a", "dvcb_a", "198.18.78.1"), ("dvcbench_b", "dvcb_b", "198.18.78.2")]
 SIZES = "8,4K,64K,1M,16M,64M"
@@ -112,11 +112,7 @@ def main():
                     port += 1
                     t = time.time()
                     out = run_job(cmd, n, p, port, env)
-                    with open(os.path.join(a.out, f"{stamp}_netns_{name}_n{n}_r{r}.txt"), "w") as fh:
-                        fh.write(out)
-                    rows = parse_devccl(out, n) if name.startswith("devccl") else parse_peer(out)
-                    for size, v in rows.items():
-                        res.setdefault((name, n), {}).setdefault(size, []).append(v)
+                    record(res, os.path.join(a.out, f"{stamp}_netns_{name}_n{n}_r{r}.txt"), name, n, out)
                     print(f"#   {name} n={n}: {time.time() - t:.1f}s", flush=True)
     finally:
         drop_nodes()
