@@ -16,6 +16,8 @@
 //! own lane rules, error wording and any later setup messages.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -27,6 +29,73 @@ use crate::error::Error;
 use crate::transport::{CommContext, TransportKind};
 use crate::types::{CommId, Rank};
 use crate::wire::{CHALLENGE_LEN, Challenge, HELLO_LEN, Hello, VERDICT_LEN, Verdict, VerdictStatus};
+
+/// Handshakes an acceptor runs at once; more connections are refused until some finish, so
+/// a flood of silent clients costs bounded threads and memory.
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// Serve a non-blocking `listener` until `closed` is set: sleep until a connection arrives
+/// (or `wake`, the eventfd `close` rings, is readable), accept every pending one and hand
+/// it to `take`. `what` names the listener in logs. Accept failures such as `EMFILE` back
+/// off instead of spinning on a listener that stays readable.
+pub fn accept_until_closed<S>(
+    listener: &impl AsFd,
+    wake: &impl AsFd,
+    closed: &AtomicBool,
+    what: &str,
+    mut accept: impl FnMut() -> std::io::Result<S>,
+    mut take: impl FnMut(S),
+) {
+    loop {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!(listener = what, "poll on the listener failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
+        loop {
+            match accept() {
+                Ok(conn) => take(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(listener = what, "accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Run `work` on a short-lived thread named `name`, unless [`MAX_HANDSHAKES`] already run;
+/// `running(owner)` counts them (the owner outlives the thread through its `Arc`). `Err`
+/// says why nothing was started.
+pub fn spawn_handshake<T: Send + Sync + 'static>(
+    owner: &Arc<T>,
+    running: fn(&T) -> &AtomicUsize,
+    name: &str,
+    work: impl FnOnce(&T) + Send + 'static,
+) -> Result<(), String> {
+    if running(owner).fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+        running(owner).fetch_sub(1, Ordering::AcqRel);
+        return Err(format!("more than {MAX_HANDSHAKES} handshakes in progress"));
+    }
+    let o = owner.clone();
+    let spawned = std::thread::Builder::new().name(name.into()).stack_size(128 << 10).spawn(move || {
+        work(&o);
+        running(&o).fetch_sub(1, Ordering::AcqRel);
+    });
+    spawned.map(drop).map_err(|e| {
+        running(owner).fetch_sub(1, Ordering::AcqRel);
+        format!("cannot spawn a handshake thread: {e}")
+    })
+}
 
 /// Why a bounded blocking exchange stopped early.
 #[derive(Debug)]

@@ -2,7 +2,9 @@
 //!
 //! - [`dtype`], [`op`]: element types, reduction operators and the CPU reduction kernels.
 //! - [`memory`]: regions of host or device memory that transports read and write.
-//! - [`transport`]: the transport contract every transport implements (DESIGN §4).
+//! - [`transport`]: the transport contract every transport implements (DESIGN §4);
+//!   [`conn_state`]: the request bookkeeping connections share; [`handshake`]: the
+//!   connection handshake of stream transports.
 //! - [`wire`]: the one wire codec (frame headers, handshake messages).
 //! - [`config`]: the one place that reads `DEVCCL_*` and launcher variables.
 //! - [`bootstrap`]: the gRPC rendezvous (server and client).
@@ -13,6 +15,7 @@
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod conn_state;
 pub mod dtype;
 pub mod error;
 pub mod handshake;

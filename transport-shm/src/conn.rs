@@ -39,6 +39,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::{Acquire, SeqCst};
 use std::time::{Duration, Instant};
 
+use devccl_core::conn_state::{ConnState, RecvTarget, check_frame_len};
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
     Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
@@ -96,74 +97,8 @@ enum RecvPhase {
 struct RecvSlot {
     id: ReqId,
     expect: FrameHeader,
-    target: Target,
+    target: RecvTarget,
     phase: RecvPhase,
-}
-
-/// Where a receive's payload goes.
-enum Target {
-    /// Copied into the caller's memory.
-    Copy(RegionSlice),
-    /// Handed, straight out of the ring, to the caller's sink (which reduces it where it
-    /// belongs: one pass over the bytes instead of a copy and then a reduction).
-    Sink { len: usize, sink: Box<dyn PayloadSink> },
-}
-
-impl Target {
-    fn len(&self) -> usize {
-        match self {
-            Target::Copy(d) => d.len(),
-            Target::Sink { len, .. } => *len,
-        }
-    }
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Copy(d) => write!(f, "Copy({d:?})"),
-            Target::Sink { len, .. } => write!(f, "Sink({len} bytes)"),
-        }
-    }
-}
-
-/// The sticky failure of a connection: later calls report it again.
-#[derive(Debug)]
-struct Broken {
-    /// The peer caused it (end of stream, garbage, abort, mismatch) rather than this process.
-    remote: bool,
-    message: String,
-}
-
-/// Completed requests not yet reported, per direction. Requests of a direction complete in
-/// posting order and callers mostly test the oldest, so a short queue searched from the
-/// front beats hashing on the latency path.
-#[derive(Debug, Default)]
-struct Done {
-    q: [VecDeque<(ReqId, Completion)>; 2],
-}
-
-impl Done {
-    fn insert(&mut self, id: ReqId, c: Completion) {
-        self.q[(id.0 & 1) as usize].push_back((id, c));
-    }
-
-    fn position(&self, id: &ReqId) -> Option<usize> {
-        self.q[(id.0 & 1) as usize].iter().position(|(i, _)| i == id)
-    }
-
-    fn remove(&mut self, id: &ReqId) -> Option<Completion> {
-        let at = self.position(id)?;
-        self.q[(id.0 & 1) as usize].remove(at).map(|(_, c)| c)
-    }
-
-    fn contains_key(&self, id: &ReqId) -> bool {
-        self.position(id).is_some()
-    }
-
-    fn clear(&mut self) {
-        self.q.iter_mut().for_each(VecDeque::clear);
-    }
 }
 
 /// The pieces of an established connection, as the handshake produces them.
@@ -212,9 +147,8 @@ pub struct ShmConnection {
     sock: UnixStream,
     sendq: VecDeque<SendSlot>,
     recvq: VecDeque<RecvSlot>,
-    next_id: u64,
-    /// Completed requests not yet reported by `test`.
-    done: Done,
+    /// Request ids, unreported completions, the sticky failure.
+    st: ConnState,
     /// What `wait_fds` did before the caller slept (`ARMED_*` bits): the next `test` clears
     /// the wake-up points and drains the doorbell if it was rung. A `Cell` because
     /// `wait_fds` takes `&self`.
@@ -232,10 +166,6 @@ pub struct ShmConnection {
     /// False once a partially written frame was abandoned: nothing more may be written into
     /// the outgoing ring, because the peer would read it as that frame's payload.
     tx_in_sync: bool,
-    broken: Option<Broken>,
-    /// An error met while progressing on behalf of a request that itself completed; the
-    /// next call returns it.
-    deferred: Option<Error>,
 }
 
 /// Ring a doorbell. Errors are ignored: a full counter (2^64 - 2 rings) cannot happen, and
@@ -271,15 +201,12 @@ impl ShmConnection {
             sock: p.sock,
             sendq: VecDeque::with_capacity(MAX_INFLIGHT),
             recvq: VecDeque::with_capacity(MAX_INFLIGHT),
-            next_id: 0,
-            done: Done::default(),
+            st: ConnState::default(),
             armed: Cell::new(0),
             flowed: Cell::new(false),
             idle: 0,
             ctl: Vec::new(),
             tx_in_sync: true,
-            broken: None,
-            deferred: None,
         }
     }
 
@@ -291,34 +218,6 @@ impl ShmConnection {
     /// The peer's process id, when the socket's credentials revealed it.
     pub fn peer_pid(&self) -> Option<i32> {
         self.peer_pid
-    }
-
-    fn new_id(&mut self, dir: u64) -> ReqId {
-        let id = ReqId((self.next_id << 1) | dir);
-        self.next_id += 1;
-        id
-    }
-
-    fn check_broken(&mut self) -> Result<()> {
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
-        }
-        match &self.broken {
-            None => Ok(()),
-            Some(b) if b.remote => Err(Error::remote(
-                self.peer,
-                format!("connection to rank {} is unusable after an earlier error: {}", self.peer, b.message),
-            )),
-            Some(b) => Err(Error::Aborted { cause: b.message.clone() }),
-        }
-    }
-
-    /// Remember the first failure; every later call reports it.
-    fn fail(&mut self, e: &Error) {
-        if self.broken.is_none() {
-            let remote = matches!(e, Error::Remote { .. } | Error::Mismatch { .. });
-            self.broken = Some(Broken { remote, message: e.to_string() });
-        }
     }
 
     fn who(&self) -> String {
@@ -453,7 +352,7 @@ impl ShmConnection {
                 }
             }
             let slot = self.sendq.pop_front().expect("front");
-            self.done.insert(slot.id, Completion::Sent { bytes: slot.src.len() });
+            self.st.done.insert(slot.id, Completion::Sent { bytes: slot.src.len() });
         }
         Ok(())
     }
@@ -522,7 +421,7 @@ impl ShmConnection {
                     let need = slot.target.len() - got;
                     if need == 0 {
                         let slot = self.recvq.pop_front().expect("front");
-                        self.done.insert(
+                        self.st.done.insert(
                             slot.id,
                             Completion::Received { bytes: slot.target.len(), layout: RecvLayout::InPlace },
                         );
@@ -538,8 +437,10 @@ impl ShmConnection {
                     let n = (avail as usize).min(need).min(PIECE);
                     let (map, ring_id, head) = (&self.map, self.rx_ring, self.head);
                     match &mut self.recvq[0].target {
-                        Target::Copy(dst) => dst.sub(got..got + n).with_bytes_mut(|d| map.read(ring_id, head, d))?,
-                        Target::Sink { sink, .. } => map.with_published(ring_id, head, n, |a, b| {
+                        RecvTarget::Copy(dst) => {
+                            dst.sub(got..got + n).with_bytes_mut(|d| map.read(ring_id, head, d))?
+                        }
+                        RecvTarget::Sink { sink, .. } => map.with_published(ring_id, head, n, |a, b| {
                             sink.consume(got, a)?;
                             if b.is_empty() { Ok(()) } else { sink.consume(got + a.len(), b) }
                         })?,
@@ -704,13 +605,6 @@ impl ShmConnection {
     }
 }
 
-fn check_len(what: &str, hdr: &FrameHeader, slice: &RegionSlice) -> Result<()> {
-    if hdr.len as usize != slice.len() {
-        return Err(Error::Internal(format!("{what}: header len {} != buffer {}", hdr.len, slice.len())));
-    }
-    Ok(())
-}
-
 impl Connection for ShmConnection {
     fn peer(&self) -> Rank {
         self.peer
@@ -721,18 +615,18 @@ impl Connection for ShmConnection {
     }
 
     fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>> {
-        check_len("isend", &req.header, &req.src)?;
-        self.check_broken()?;
+        check_frame_len("isend", &req.header, &req.src)?;
+        self.st.check(self.peer)?;
         if self.sendq.len() >= MAX_INFLIGHT {
             return Ok(None);
         }
-        let id = self.new_id(SEND);
+        let id = self.st.new_id(SEND);
         self.sendq.push_back(SendSlot { id, hdr: req.header.encode(), src: req.src, sent: 0 });
         if self.sendq.len() == 1 {
             // Eager: an idle stream takes the frame now, so a small message is visible to
             // the peer before this call returns.
             if let Err(e) = self.progress_send() {
-                self.fail(&e);
+                self.st.fail(&e);
                 return Err(e);
             }
         }
@@ -740,16 +634,16 @@ impl Connection for ShmConnection {
     }
 
     fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>> {
-        check_len("irecv", &req.expect, &req.dst)?;
-        self.check_broken()?;
+        check_frame_len("irecv", &req.expect, &req.dst)?;
+        self.st.check(self.peer)?;
         if self.recvq.len() >= MAX_INFLIGHT {
             return Ok(None);
         }
-        let id = self.new_id(RECV);
+        let id = self.st.new_id(RECV);
         self.recvq.push_back(RecvSlot {
             id,
             expect: req.expect,
-            target: Target::Copy(req.dst),
+            target: RecvTarget::Copy(req.dst),
             phase: RecvPhase::Header,
         });
         Ok(Some(id))
@@ -760,21 +654,21 @@ impl Connection for ShmConnection {
     }
 
     fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
-        self.check_broken()?;
+        self.st.check(self.peer)?;
         if self.recvq.len() >= MAX_INFLIGHT {
             return Ok(None);
         }
-        let id = self.new_id(RECV);
-        let target = Target::Sink { len: expect.len as usize, sink };
+        let id = self.st.new_id(RECV);
+        let target = RecvTarget::Sink { len: expect.len as usize, sink };
         self.recvq.push_back(RecvSlot { id, expect, target, phase: RecvPhase::Header });
         Ok(Some(id))
     }
 
     fn test(&mut self, req: ReqId) -> Result<Option<Completion>> {
-        if let Some(c) = self.done.remove(&req) {
+        if let Some(c) = self.st.done.remove(&req) {
             return Ok(Some(c));
         }
-        self.check_broken()?;
+        self.st.check(self.peer)?;
         let armed = self.armed.replace(0);
         // Woken from a sleep, but not by the peer's doorbell: perhaps by the socket.
         let other_wake = armed != 0 && !self.disarm(armed);
@@ -782,24 +676,14 @@ impl Connection for ShmConnection {
         if let Ok(moved) = r {
             if moved {
                 self.idle = 0;
-            } else if !self.done.contains_key(&req) {
+            } else if !self.st.done.contains_key(&req) {
                 self.idle = self.idle.wrapping_add(1);
                 if other_wake || self.idle.is_multiple_of(SOCKET_CHECK_EVERY) {
                     r = self.check_socket().map(|()| false);
                 }
             }
         }
-        if let Err(e) = r {
-            self.fail(&e);
-            // The request may have completed before a later frame failed: report the
-            // completion now and the error on the next call.
-            if let Some(c) = self.done.remove(&req) {
-                self.deferred = Some(e);
-                return Ok(Some(c));
-            }
-            return Err(e);
-        }
-        Ok(self.done.remove(&req))
+        self.st.settle(req, r.map(drop))
     }
 
     fn wait_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
@@ -857,9 +741,7 @@ impl Connection for ShmConnection {
         }
         // Frames queued behind the abort must never follow it.
         self.tx_in_sync = false;
-        if self.broken.is_none() {
-            self.broken = Some(Broken { remote: false, message: format!("this rank aborted: {reason}") });
-        }
+        self.st.fail_locally(format!("this rank aborted: {reason}"));
     }
 
     fn peer_failure(&mut self) -> Option<Error> {
@@ -880,14 +762,11 @@ impl Connection for ShmConnection {
         }
         self.sendq.clear();
         self.recvq.clear();
-        self.done.clear();
-        // The caller is abandoning everything; `broken` still records the failure.
-        self.deferred = None;
-        if desync && self.broken.is_none() {
-            self.broken = Some(Broken {
-                remote: false,
-                message: format!("shm connection to rank {} was cancelled in the middle of a frame", self.peer),
-            });
+        // The caller is abandoning everything; the sticky failure stays.
+        self.st.abandon();
+        if desync {
+            self.st
+                .fail_locally(format!("shm connection to rank {} was cancelled in the middle of a frame", self.peer));
         }
     }
 }

@@ -14,7 +14,6 @@ use devccl_core::transport::{CommContext, Connection, Endpoint, LinkProperties, 
 use devccl_core::wire::{Hello, Verdict, VerdictStatus};
 use devccl_core::{Error, Rank, Result, auth};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{getsockopt, sockopt};
 
@@ -62,10 +61,6 @@ pub const SPEED_ESTIMATE_MBPS: u64 = 40_000;
 
 /// Prefix of published addresses: an abstract-namespace Unix socket.
 const ADDR_PREFIX: &str = "unix:@";
-
-/// Handshakes in progress at once; beyond this, new connections are refused at once so a
-/// flood of idle clients cannot exhaust threads.
-const MAX_HANDSHAKES: usize = 256;
 
 /// How a [`ShmTransport`] listens and connects.
 #[derive(Debug, Clone)]
@@ -467,56 +462,20 @@ impl Drop for ShmTransport {
 }
 
 fn acceptor_loop(shared: &Arc<Shared>, listener: UnixListener) {
-    loop {
-        let mut fds =
-            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                tracing::error!(listener = %shared.address, "poll on shm listener failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((sock, _)) => spawn_handshake(shared, sock),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on a listener that
-                    // stays readable.
-                    tracing::warn!(listener = %shared.address, "accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    break;
-                }
-            }
-        }
-    }
-}
-
-fn spawn_handshake(shared: &Arc<Shared>, sock: UnixStream) {
-    if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        shared.reject(&format!("more than {MAX_HANDSHAKES} handshakes in progress"));
-        return;
-    }
-    let s2 = shared.clone();
-    let spawned =
-        std::thread::Builder::new().name("devccl-shm-handshake".into()).stack_size(128 << 10).spawn(move || {
+    let what = format!("shm {}", shared.address);
+    let accept = || listener.accept();
+    handshake::accept_until_closed(&listener, &shared.wake, &shared.closed, &what, accept, |(sock, _)| {
+        let serve = move |s: &Shared| {
             let pid = peer_pid(&sock);
-            if let Err(reason) = serve_handshake(&s2, sock, pid) {
+            if let Err(reason) = serve_handshake(s, sock, pid) {
                 let from = pid.map_or(String::new(), |p| format!("pid {p}: "));
-                s2.reject(&format!("{from}{reason}"));
+                s.reject(&format!("{from}{reason}"));
             }
-            s2.handshakes.fetch_sub(1, Ordering::AcqRel);
-        });
-    if let Err(e) = spawned {
-        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        shared.reject(&format!("cannot spawn a handshake thread: {e}"));
-    }
+        };
+        if let Err(why) = handshake::spawn_handshake(shared, |s| &s.handshakes, "devccl-shm-handshake", serve) {
+            shared.reject(&why);
+        }
+    });
 }
 
 /// Run one incoming handshake. `Ok` means the connection was handed to a waiting `accept`;

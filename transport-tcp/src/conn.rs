@@ -12,12 +12,13 @@
 //! and often the next message's too); a large payload's remainder is read straight into the
 //! destination.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+use devccl_core::conn_state::{ConnState, RecvTarget, check_frame_len};
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
     Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
@@ -78,35 +79,8 @@ enum RecvPhase {
 struct RecvSlot {
     id: ReqId,
     expect: FrameHeader,
-    target: Target,
+    target: RecvTarget,
     phase: RecvPhase,
-}
-
-/// Where a receive's payload goes.
-enum Target {
-    /// The caller's memory (large remainders are read straight into it).
-    Copy(RegionSlice),
-    /// The caller's sink, fed from the lane buffer (the executor reduces each piece while it
-    /// is in cache, instead of receiving into a staging slot and reducing afterwards).
-    Sink { len: usize, sink: Box<dyn PayloadSink> },
-}
-
-impl Target {
-    fn len(&self) -> usize {
-        match self {
-            Target::Copy(d) => d.len(),
-            Target::Sink { len, .. } => *len,
-        }
-    }
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Copy(d) => write!(f, "Copy({d:?})"),
-            Target::Sink { len, .. } => write!(f, "Sink({len} bytes)"),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -141,14 +115,6 @@ impl Lane {
     }
 }
 
-/// The sticky failure of a connection: later calls report it again.
-#[derive(Debug)]
-struct Broken {
-    /// The peer caused it (EOF, garbage, abort, mismatch) rather than this process.
-    remote: bool,
-    message: String,
-}
-
 /// One peer's TCP connection: `lanes` sockets, each an independent FIFO per direction.
 #[derive(Debug)]
 pub struct TcpConnection {
@@ -160,13 +126,8 @@ pub struct TcpConnection {
     posted: [u64; 2],
     /// Requests not yet complete per direction.
     pending: [usize; 2],
-    next_id: u64,
-    /// Completed requests not yet reported by `test`.
-    done: HashMap<ReqId, Completion>,
-    broken: Option<Broken>,
-    /// An error met while progressing on behalf of a request that itself completed; the
-    /// next call returns it verbatim.
-    deferred: Option<Error>,
+    /// Request ids, unreported completions, the sticky failure.
+    st: ConnState,
 }
 
 impl TcpConnection {
@@ -197,18 +158,7 @@ impl TcpConnection {
         if lanes.is_empty() {
             return Err(Error::Internal(format!("TCP connection to rank {peer} without sockets")));
         }
-        Ok(TcpConnection {
-            me,
-            peer,
-            remote,
-            lanes,
-            posted: [0; 2],
-            pending: [0; 2],
-            next_id: 0,
-            done: HashMap::with_capacity(2 * MAX_INFLIGHT),
-            broken: None,
-            deferred: None,
-        })
+        Ok(TcpConnection { me, peer, remote, lanes, posted: [0; 2], pending: [0; 2], st: ConnState::default() })
     }
 
     /// Number of sockets.
@@ -219,34 +169,6 @@ impl TcpConnection {
     /// The peer's socket address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote
-    }
-
-    fn check_broken(&mut self) -> Result<()> {
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
-        }
-        match &self.broken {
-            None => Ok(()),
-            Some(b) if b.remote => Err(Error::remote(
-                self.peer,
-                format!("connection to rank {} is unusable after an earlier error: {}", self.peer, b.message),
-            )),
-            Some(b) => Err(Error::Aborted { cause: b.message.clone() }),
-        }
-    }
-
-    /// Remember the first failure; every later call reports it.
-    fn fail(&mut self, e: &Error) {
-        if self.broken.is_none() {
-            let remote = matches!(e, Error::Remote { .. } | Error::Mismatch { .. });
-            self.broken = Some(Broken { remote, message: e.to_string() });
-        }
-    }
-
-    fn new_id(&mut self, dir: u64) -> ReqId {
-        let id = ReqId((self.next_id << 1) | dir);
-        self.next_id += 1;
-        id
     }
 
     /// The error for a socket failure while talking to the peer.
@@ -319,7 +241,7 @@ impl TcpConnection {
             if slot.sent == total {
                 let slot = lane.sendq.pop_front().expect("front");
                 self.pending[SEND as usize] -= 1;
-                self.done.insert(slot.id, Completion::Sent { bytes: slot.src.len() });
+                self.st.done.insert(slot.id, Completion::Sent { bytes: slot.src.len() });
                 if front_only {
                     return Ok(());
                 }
@@ -414,7 +336,7 @@ impl TcpConnection {
                     if need == 0 {
                         let slot = lane.recvq.pop_front().expect("front");
                         self.pending[RECV as usize] -= 1;
-                        self.done.insert(
+                        self.st.done.insert(
                             slot.id,
                             Completion::Received { bytes: slot.target.len(), layout: RecvLayout::InPlace },
                         );
@@ -425,14 +347,16 @@ impl TcpConnection {
                         let n = have.min(need);
                         let src = &lane.rbuf[lane.rstart..lane.rstart + n];
                         match &mut slot.target {
-                            Target::Copy(dst) => dst.sub(got..got + n).with_bytes_mut(|d| d.copy_from_slice(src))?,
-                            Target::Sink { sink, .. } => sink.consume(got, src)?,
+                            RecvTarget::Copy(dst) => {
+                                dst.sub(got..got + n).with_bytes_mut(|d| d.copy_from_slice(src))?
+                            }
+                            RecvTarget::Sink { sink, .. } => sink.consume(got, src)?,
                         }
                         lane.rstart += n;
                         slot.phase = RecvPhase::Payload { got: got + n };
                         continue;
                     }
-                    let Target::Copy(dst) = &slot.target else {
+                    let RecvTarget::Copy(dst) = &slot.target else {
                         // Sinks are fed through the lane buffer.
                         if !self.fill(l)? {
                             return Ok(());
@@ -505,13 +429,6 @@ fn wait_writable(sock: &Socket, deadline: Instant) -> bool {
     wait_ready(&[(sock.as_fd(), Interest::Write)], deadline - now).unwrap_or(false)
 }
 
-fn check_len(what: &str, hdr: &FrameHeader, slice: &RegionSlice) -> Result<()> {
-    if hdr.len as usize != slice.len() {
-        return Err(Error::Internal(format!("{what}: header len {} != buffer {}", hdr.len, slice.len())));
-    }
-    Ok(())
-}
-
 impl Connection for TcpConnection {
     fn peer(&self) -> Rank {
         self.peer
@@ -522,14 +439,14 @@ impl Connection for TcpConnection {
     }
 
     fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>> {
-        check_len("isend", &req.header, &req.src)?;
-        self.check_broken()?;
+        check_frame_len("isend", &req.header, &req.src)?;
+        self.st.check(self.peer)?;
         if self.pending[SEND as usize] >= MAX_INFLIGHT {
             return Ok(None);
         }
         let l = (self.posted[SEND as usize] % self.lanes.len() as u64) as usize;
         self.posted[SEND as usize] += 1;
-        let id = self.new_id(SEND);
+        let id = self.st.new_id(SEND);
         let idle = self.lanes[l].sendq.is_empty();
         self.lanes[l].sendq.push_back(SendSlot { id, hdr: req.header.encode(), src: req.src, sent: 0 });
         self.pending[SEND as usize] += 1;
@@ -537,7 +454,7 @@ impl Connection for TcpConnection {
             // Eager: an idle lane takes the frame now (one syscall for a small message), so
             // latency does not wait for the caller's first `test`.
             if let Err(e) = self.progress_send_lane(l, false) {
-                self.fail(&e);
+                self.st.fail(&e);
                 return Err(e);
             }
         }
@@ -545,18 +462,18 @@ impl Connection for TcpConnection {
     }
 
     fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>> {
-        check_len("irecv", &req.expect, &req.dst)?;
-        self.check_broken()?;
+        check_frame_len("irecv", &req.expect, &req.dst)?;
+        self.st.check(self.peer)?;
         if self.pending[RECV as usize] >= MAX_INFLIGHT {
             return Ok(None);
         }
         let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
         self.posted[RECV as usize] += 1;
-        let id = self.new_id(RECV);
+        let id = self.st.new_id(RECV);
         self.lanes[l].recvq.push_back(RecvSlot {
             id,
             expect: req.expect,
-            target: Target::Copy(req.dst),
+            target: RecvTarget::Copy(req.dst),
             phase: RecvPhase::Header,
         });
         self.pending[RECV as usize] += 1;
@@ -568,43 +485,33 @@ impl Connection for TcpConnection {
     }
 
     fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
-        self.check_broken()?;
+        self.st.check(self.peer)?;
         if self.pending[RECV as usize] >= MAX_INFLIGHT {
             return Ok(None);
         }
         let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
         self.posted[RECV as usize] += 1;
-        let id = self.new_id(RECV);
-        let target = Target::Sink { len: expect.len as usize, sink };
+        let id = self.st.new_id(RECV);
+        let target = RecvTarget::Sink { len: expect.len as usize, sink };
         self.lanes[l].recvq.push_back(RecvSlot { id, expect, target, phase: RecvPhase::Header });
         self.pending[RECV as usize] += 1;
         Ok(Some(id))
     }
 
     fn test(&mut self, req: ReqId) -> Result<Option<Completion>> {
-        if let Some(c) = self.done.remove(&req) {
+        if let Some(c) = self.st.done.remove(&req) {
             return Ok(Some(c));
         }
-        self.check_broken()?;
+        self.st.check(self.peer)?;
         // The request's own direction first; then the other one too, so a caller that
         // waits on its sends alone still drains the peer's sends to it (two ranks both
         // blocked in large sends would otherwise fill each other's buffers and deadlock).
         let dir = req.0 & 1;
         let mut r = self.progress(dir);
-        if r.is_ok() && !self.done.contains_key(&req) {
+        if r.is_ok() && !self.st.done.contains_key(&req) {
             r = self.progress(dir ^ 1);
         }
-        if let Err(e) = r {
-            self.fail(&e);
-            // The request may have completed before a later frame failed: report the
-            // completion now and the error on the next call.
-            if let Some(c) = self.done.remove(&req) {
-                self.deferred = Some(e);
-                return Ok(Some(c));
-            }
-            return Err(e);
-        }
-        Ok(self.done.remove(&req))
+        self.st.settle(req, r)
     }
 
     fn wait_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
@@ -661,9 +568,7 @@ impl Connection for TcpConnection {
             }
         }
         // Frames queued behind the abort must never follow it.
-        if self.broken.is_none() {
-            self.broken = Some(Broken { remote: false, message: format!("this rank aborted: {reason}") });
-        }
+        self.st.fail_locally(format!("this rank aborted: {reason}"));
     }
 
     fn peer_failure(&mut self) -> Option<Error> {
@@ -746,40 +651,10 @@ impl Connection for TcpConnection {
             lane.recvq.clear();
         }
         self.pending = [0; 2];
-        self.done.clear();
-        // The caller is abandoning everything; `broken` still records the failure.
-        self.deferred = None;
-        if desync && self.broken.is_none() {
-            self.broken = Some(Broken {
-                remote: false,
-                message: format!("connection to rank {} was cancelled in the middle of a frame", self.peer),
-            });
+        // The caller is abandoning everything; the sticky failure stays.
+        self.st.abandon();
+        if desync {
+            self.st.fail_locally(format!("connection to rank {} was cancelled in the middle of a frame", self.peer));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_encode_direction() {
-        let mut c = TcpConnection {
-            me: Rank(0),
-            peer: Rank(1),
-            remote: "127.0.0.1:1".parse().unwrap(),
-            lanes: vec![],
-            posted: [0; 2],
-            pending: [0; 2],
-            next_id: 0,
-            done: HashMap::new(),
-            broken: None,
-            deferred: None,
-        };
-        let a = c.new_id(SEND);
-        let b = c.new_id(RECV);
-        assert_ne!(a, b);
-        assert_eq!(a.0 & 1, SEND);
-        assert_eq!(b.0 & 1, RECV);
     }
 }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use devccl_core::auth::AuthKey;
 use devccl_core::handshake::{self as common};
-pub(crate) use devccl_core::handshake::{Stop, acceptor_read_hello, write_all_by};
+pub(crate) use devccl_core::handshake::{
+    Stop, accept_until_closed, acceptor_read_hello, spawn_handshake, write_all_by,
+};
 use devccl_core::transport::{CommContext, TransportKind};
 use devccl_core::wire::{Hello, VerdictStatus};
 use devccl_core::{Error, Rank, Result};

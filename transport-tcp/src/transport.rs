@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -12,17 +11,12 @@ use devccl_core::config::Config;
 use devccl_core::transport::{CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind};
 use devccl_core::wire::{Verdict, VerdictStatus};
 use devccl_core::{Error, Rank, Result, auth};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::conn::{MAX_INFLIGHT, TcpConnection};
 use crate::handshake;
 use crate::iface;
-
-/// Handshakes in progress at once; beyond this, new connections are refused at once so a
-/// flood of idle clients cannot exhaust threads.
-const MAX_HANDSHAKES: usize = 256;
 
 /// One-way small-message latency estimate for the cost model, in microseconds. Measured with
 /// `examples/pingpong.rs` over loopback on the 2-core development VM: median 8-byte round
@@ -427,57 +421,19 @@ impl Drop for TcpTransport {
 }
 
 fn acceptor_loop(shared: &Arc<Shared>, listener: Socket) {
-    loop {
-        let mut fds =
-            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                tracing::error!(listener = %shared.local, "poll on TCP listener failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
+    let what = format!("TCP {}", shared.local);
+    let accept = || listener.accept();
+    handshake::accept_until_closed(&listener, &shared.wake, &shared.closed, &what, accept, |(sock, addr)| {
+        let remote = addr.as_socket().unwrap_or(shared.local);
+        let serve = move |s: &Shared| {
+            if let Err(reason) = serve_handshake(s, sock, remote) {
+                s.reject(remote, &reason);
             }
+        };
+        if let Err(why) = handshake::spawn_handshake(shared, |s| &s.handshakes, "devccl-tcp-handshake", serve) {
+            shared.reject(remote, &why);
         }
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((sock, addr)) => {
-                    let remote = addr.as_socket().unwrap_or(shared.local);
-                    spawn_handshake(shared, sock, remote);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on a listener that
-                    // stays readable.
-                    tracing::warn!(listener = %shared.local, "accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    break;
-                }
-            }
-        }
-    }
-}
-
-fn spawn_handshake(shared: &Arc<Shared>, sock: Socket, remote: SocketAddr) {
-    if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        shared.reject(remote, &format!("more than {MAX_HANDSHAKES} handshakes in progress"));
-        return;
-    }
-    let s2 = shared.clone();
-    let spawned =
-        std::thread::Builder::new().name("devccl-tcp-handshake".into()).stack_size(128 << 10).spawn(move || {
-            if let Err(reason) = serve_handshake(&s2, sock, remote) {
-                s2.reject(remote, &reason);
-            }
-            s2.handshakes.fetch_sub(1, Ordering::AcqRel);
-        });
-    if let Err(e) = spawned {
-        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        shared.reject(remote, &format!("cannot spawn a handshake thread: {e}"));
-    }
+    });
 }
 
 /// Run one incoming handshake. `Ok` means the socket was handed to a waiting `accept`;

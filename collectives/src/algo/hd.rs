@@ -17,7 +17,7 @@
 use std::ops::Range;
 
 use super::dag::{Dag, Io};
-use super::rd::{fold_rank, pof2_floor, unfold_rank};
+use super::rd::{fold_in, fold_out, fold_rank, pof2_floor, unfold_rank};
 use super::{Shape, block, pieces};
 use crate::schedule::{Buf, Builder};
 
@@ -65,21 +65,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     let ce = sh.chunk_elems();
     let p = pof2_floor(n);
     let rem = n - p;
-    let Some(nr) = fold_rank(r, rem) else {
-        for c in pieces(0..cnt, ce) {
-            d.send(r + 1, (Buf::Input, c.start), c.len());
-        }
-        for c in pieces(0..cnt, ce) {
-            d.recv(r + 1, (Buf::Output, c.start), c.len());
-        }
-        return;
-    };
-    let folded = r < 2 * rem;
-    if folded {
-        for c in pieces(0..cnt, ce) {
-            d.recv_reduce(r - 1, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), false);
-        }
-    }
+    let Some((nr, folded)) = fold_in(&mut d, r, rem, cnt, ce) else { return };
     let unit = |i: usize| block(cnt, p, i);
     let steps = halving(nr, p, rem, &unit);
     // Steps that reduce into Output already reduced from another peer receive into `tmp`
@@ -115,9 +101,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
         }
     }
     if folded {
-        for c in pieces(0..cnt, ce) {
-            d.send(r - 1, (Buf::Output, c.start), c.len());
-        }
+        fold_out(&mut d, r, cnt, ce);
     }
 }
 

@@ -35,6 +35,38 @@ pub(crate) fn unfold_rank(nr: usize, rem: usize) -> usize {
     if nr < rem { 2 * nr + 1 } else { nr + rem }
 }
 
+/// The fold of a world that is not a power of two, around an all-reduce of `cnt` elements
+/// among the `2^k` active ranks. A rank that sits out hands its input to its odd partner
+/// and receives the result: its whole part is added here and it gets `None`. An active rank
+/// that absorbed a partner first reduces the partner's input into Output (not finished:
+/// the active ranks' exchange follows) and must later [`fold_out`]. Returns the active rank
+/// and whether it absorbed a partner.
+pub(crate) fn fold_in(d: &mut Dag<'_>, r: usize, rem: usize, cnt: usize, ce: usize) -> Option<(usize, bool)> {
+    let Some(nr) = fold_rank(r, rem) else {
+        for c in pieces(0..cnt, ce) {
+            d.send(r + 1, (Buf::Input, c.start), c.len());
+        }
+        for c in pieces(0..cnt, ce) {
+            d.recv(r + 1, (Buf::Output, c.start), c.len());
+        }
+        return None;
+    };
+    let folded = r < 2 * rem;
+    if folded {
+        for c in pieces(0..cnt, ce) {
+            d.recv_reduce(r - 1, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), false);
+        }
+    }
+    Some((nr, folded))
+}
+
+/// Hand the finished result back to the partner that sat out (see [`fold_in`]).
+pub(crate) fn fold_out(d: &mut Dag<'_>, r: usize, cnt: usize, ce: usize) {
+    for c in pieces(0..cnt, ce) {
+        d.send(r - 1, (Buf::Output, c.start), c.len());
+    }
+}
+
 /// Recursive-doubling all-reduce (see the module docs).
 pub fn all_reduce(b: &mut Builder, sh: Shape) {
     let (r, n, cnt) = (sh.rank, sh.n, sh.count);
@@ -50,23 +82,8 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
     let p2 = pof2_floor(n);
     let rem = n - p2;
     let rounds = p2.trailing_zeros() as usize;
-    let Some(nr) = fold_rank(r, rem) else {
-        // Even rank of a folded pair: contribute, then wait for the answer.
-        for c in pieces(0..cnt, ce) {
-            d.send(r + 1, (Buf::Input, c.start), c.len());
-        }
-        for c in pieces(0..cnt, ce) {
-            d.recv(r + 1, (Buf::Output, c.start), c.len());
-        }
-        return;
-    };
-    let folded = r < 2 * rem;
-    if folded {
-        // rounds >= 1 here (n >= 3), so the fold never finishes an element.
-        for c in pieces(0..cnt, ce) {
-            d.recv_reduce(r - 1, (Buf::Output, c.start), (Buf::Input, c.start), c.len(), false);
-        }
-    }
+    // A folded pair means n >= 3, so rounds >= 1 and the fold never finishes an element.
+    let Some((nr, folded)) = fold_in(&mut d, r, rem, cnt, ce) else { return };
     // Incoming vectors of rounds that reduce into an already reduced Output land here
     // first: a RecvReduce there would hold a staging slot while waiting for another peer.
     let tmp = (folded || rounds > 1).then(|| d.scratch(cnt));
@@ -88,9 +105,7 @@ pub fn all_reduce(b: &mut Builder, sh: Shape) {
         }
     }
     if folded {
-        for c in pieces(0..cnt, ce) {
-            d.send(r - 1, (Buf::Output, c.start), c.len());
-        }
+        fold_out(&mut d, r, cnt, ce);
     }
 }
 

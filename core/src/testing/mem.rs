@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::conn_state::{RecvTarget, check_frame_len};
 use crate::error::{Error, Result};
-use crate::memory::RegionSlice;
 use crate::transport::{
     CommContext, Completion, Connection, Endpoint, Interest, LinkProperties, PayloadSink, RecvLayout, RecvRequest,
     ReqId, SendRequest, Transport, TransportKind,
@@ -146,14 +146,9 @@ struct MemConn {
     tx: Arc<Queue>,
     rx: Arc<Queue>,
     next: u64,
-    recvs: VecDeque<(ReqId, FrameHeader, Target)>,
+    recvs: VecDeque<(ReqId, FrameHeader, RecvTarget)>,
     done: HashMap<ReqId, Completion>,
     sinks: bool,
-}
-
-enum Target {
-    Copy(RegionSlice),
-    Sink(Box<dyn PayloadSink>),
 }
 
 impl std::fmt::Debug for MemConn {
@@ -197,8 +192,8 @@ impl MemConn {
             let id = *id;
             let (_, _, target) = self.recvs.pop_front().expect("front");
             match target {
-                Target::Copy(dst) => dst.with_bytes_mut(|d| d.copy_from_slice(&frame.payload))?,
-                Target::Sink(mut sink) => {
+                RecvTarget::Copy(dst) => dst.with_bytes_mut(|d| d.copy_from_slice(&frame.payload))?,
+                RecvTarget::Sink { mut sink, .. } => {
                     // Irregular pieces: 1..=61 bytes, from a tiny deterministic generator.
                     let (mut at, mut x) = (0usize, (id.0 as usize).wrapping_mul(2654435761) | 1);
                     while at < frame.payload.len() {
@@ -216,13 +211,6 @@ impl MemConn {
     }
 }
 
-fn check_len(what: &str, hdr: &FrameHeader, slice: &RegionSlice) -> Result<()> {
-    if hdr.len as usize != slice.len() {
-        return Err(Error::Internal(format!("{what}: header len {} != buffer {}", hdr.len, slice.len())));
-    }
-    Ok(())
-}
-
 impl Connection for MemConn {
     fn peer(&self) -> Rank {
         self.peer
@@ -233,7 +221,7 @@ impl Connection for MemConn {
     }
 
     fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>> {
-        check_len("isend", &req.header, &req.src)?;
+        check_frame_len("isend", &req.header, &req.src)?;
         if self.tx.closed.load(Ordering::SeqCst) {
             return Err(Error::remote(self.peer, format!("connection to rank {} is closed", self.peer)));
         }
@@ -246,12 +234,12 @@ impl Connection for MemConn {
     }
 
     fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>> {
-        check_len("irecv", &req.expect, &req.dst)?;
+        check_frame_len("irecv", &req.expect, &req.dst)?;
         if self.recvs.len() >= MAX_POSTED_RECVS {
             return Ok(None);
         }
         let id = self.id();
-        self.recvs.push_back((id, req.expect, Target::Copy(req.dst)));
+        self.recvs.push_back((id, req.expect, RecvTarget::Copy(req.dst)));
         Ok(Some(id))
     }
 
@@ -267,7 +255,7 @@ impl Connection for MemConn {
             return Ok(None);
         }
         let id = self.id();
-        self.recvs.push_back((id, expect, Target::Sink(sink)));
+        self.recvs.push_back((id, expect, RecvTarget::Sink { len: expect.len as usize, sink }));
         Ok(Some(id))
     }
 

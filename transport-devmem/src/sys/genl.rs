@@ -320,17 +320,8 @@ pub fn flatten(p: &OpPolicy) -> BTreeMap<(u32, u16), PolicyDesc> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::netlink::{NlaType, parse_messages};
+    use crate::sys::netlink::{NlaType, genl_messages};
     use crate::sys::recorded::*;
-
-    fn genl_msgs(gram: &[u8]) -> Vec<GenlMsg> {
-        parse_messages(gram)
-            .unwrap()
-            .into_iter()
-            .filter(|m| m.ty >= 0x10)
-            .map(|m| GenlMsg::from_payload(m.payload).unwrap())
-            .collect()
-    }
 
     #[test]
     fn golden_getfamily_request() {
@@ -364,7 +355,7 @@ mod tests {
 
     #[test]
     fn decode_recorded_netdev_family() {
-        let msgs = genl_msgs(REPLY_GETFAMILY_NETDEV_0);
+        let msgs = genl_messages(REPLY_GETFAMILY_NETDEV_0);
         let f = Family::decode(&msgs[0]).unwrap();
         assert_eq!(f.name, "netdev");
         assert_eq!(f.id, 20);
@@ -386,7 +377,7 @@ mod tests {
 
     #[test]
     fn decode_recorded_ethtool_family() {
-        let msgs = genl_msgs(REPLY_GETFAMILY_ETHTOOL_0);
+        let msgs = genl_messages(REPLY_GETFAMILY_ETHTOOL_0);
         let f = Family::decode(&msgs[0]).unwrap();
         assert_eq!(f.name, "ethtool");
         assert_eq!(f.id, 21);
@@ -396,7 +387,7 @@ mod tests {
 
     #[test]
     fn decode_recorded_bind_rx_policy() {
-        let msgs = genl_msgs(REPLY_GETPOLICY_BIND_RX_0);
+        let msgs = genl_messages(REPLY_GETPOLICY_BIND_RX_0);
         let p = OpPolicy::decode(13, &msgs).unwrap();
         assert_eq!(p.do_policy, Some(0));
         assert_eq!(p.dump_policy, None);

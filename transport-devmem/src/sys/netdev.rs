@@ -648,17 +648,8 @@ impl Drop for Binding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::netlink::parse_messages;
+    use crate::sys::netlink::{genl_messages, parse_messages};
     use crate::sys::recorded::*;
-
-    fn genl_msgs(gram: &[u8]) -> Vec<GenlMsg> {
-        parse_messages(gram)
-            .unwrap()
-            .into_iter()
-            .filter(|m| m.ty >= 0x10)
-            .map(|m| GenlMsg::from_payload(m.payload).unwrap())
-            .collect()
-    }
 
     fn rx(ifindex: Option<u32>, fd: Option<u32>, queues: Vec<(u32, u32)>) -> BindRx {
         BindRx { ifindex, fd, queues, rx_page_size: None, nested_flag: true }
@@ -742,7 +733,7 @@ mod tests {
 
     #[test]
     fn decode_recorded_dev_dump() {
-        let msgs = genl_msgs(REPLY_DEV_GET_DUMP_0);
+        let msgs = genl_messages(REPLY_DEV_GET_DUMP_0);
         // The parts carry no NLM_F_MULTI; the datagram ends with NLMSG_DONE.
         let raw = parse_messages(REPLY_DEV_GET_DUMP_0).unwrap();
         assert!(raw.iter().filter(|m| m.ty == 20).all(|m| m.flags & 0x2 == 0));
@@ -757,7 +748,7 @@ mod tests {
     #[test]
     fn decode_recorded_queue_and_napi_dumps() {
         let qs: Vec<QueueInfo> =
-            genl_msgs(REPLY_QUEUE_GET_DUMP_0).iter().map(|m| QueueInfo::decode(m).unwrap()).collect();
+            genl_messages(REPLY_QUEUE_GET_DUMP_0).iter().map(|m| QueueInfo::decode(m).unwrap()).collect();
         let rows: Vec<(u32, u32, QueueType, Option<u32>)> =
             qs.iter().map(|q| (q.ifindex, q.id, q.ty, q.napi_id)).collect();
         assert_eq!(
@@ -770,15 +761,16 @@ mod tests {
             ]
         );
         assert!(qs.iter().all(|q| q.dmabuf.is_none()));
-        let ns: Vec<NapiInfo> = genl_msgs(REPLY_NAPI_GET_DUMP_0).iter().map(|m| NapiInfo::decode(m).unwrap()).collect();
+        let ns: Vec<NapiInfo> =
+            genl_messages(REPLY_NAPI_GET_DUMP_0).iter().map(|m| NapiInfo::decode(m).unwrap()).collect();
         assert_eq!(ns.len(), 1);
         assert_eq!((ns[0].id, ns[0].ifindex, ns[0].threaded), (257, 4, Some(0)));
     }
 
     #[test]
     fn features_from_recorded_6_18() {
-        let fam = Family::decode(&genl_msgs(REPLY_GETFAMILY_NETDEV_0)[0]).unwrap();
-        let pol = OpPolicy::decode(13, &genl_msgs(REPLY_GETPOLICY_BIND_RX_0)).unwrap();
+        let fam = Family::decode(&genl_messages(REPLY_GETFAMILY_NETDEV_0)[0]).unwrap();
+        let pol = OpPolicy::decode(13, &genl_messages(REPLY_GETPOLICY_BIND_RX_0)).unwrap();
         let f = Features::from_family(&fam, Some(&pol));
         assert_eq!(
             f,

@@ -330,6 +330,18 @@ pub struct NlMsg<'a> {
     pub payload: &'a [u8],
 }
 
+/// The generic-netlink messages of a recorded datagram (control messages such as
+/// `NLMSG_DONE` left out); for tests that decode kernel replies.
+#[cfg(test)]
+pub(crate) fn genl_messages(datagram: &[u8]) -> Vec<GenlMsg> {
+    parse_messages(datagram)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.ty >= 0x10)
+        .map(|m| GenlMsg::from_payload(m.payload).unwrap())
+        .collect()
+}
+
 /// Split a received datagram into netlink messages.
 pub fn parse_messages(buf: &[u8]) -> Result<Vec<NlMsg<'_>>, DecodeError> {
     let mut out = Vec::new();
