@@ -103,6 +103,8 @@ fn format_dtype(format: &str, item_size: usize) -> Option<DType> {
         (b'B', 1) => DType::U8,
         (b'i' | b'l' | b'q', 4) => DType::I32,
         (b'i' | b'l' | b'q', 8) => DType::I64,
+        (b'I' | b'L' | b'Q', 4) => DType::U32,
+        (b'I' | b'L' | b'Q', 8) => DType::U64,
         _ => return None,
     })
 }
@@ -315,7 +317,8 @@ mod tests {
             ("H", 2, None),
             ("?", 1, None),
             ("Zf", 8, None),
-            ("Q", 8, None),
+            ("Q", 8, Some(DType::U64)),
+            ("I", 4, Some(DType::U32)),
             ("", 1, None),
         ] {
             assert_eq!(format_dtype(f, size), want, "format {f:?} size {size}");

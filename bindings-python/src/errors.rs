@@ -148,7 +148,7 @@ pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Timeout { .. } => &c.timeout,
         Error::Aborted { .. } => &c.aborted,
         Error::Unsupported { .. } => &c.unsupported,
-        Error::System { .. } => &c.system,
+        Error::System { .. } | Error::Device { .. } => &c.system,
         Error::Internal(_) => &c.internal,
         _ => &c.base,
     };

@@ -33,6 +33,10 @@ fn dtypes() -> Vec<&'static str> {
             devccl::DType::U8 => "uint8",
             devccl::DType::I32 => "int32",
             devccl::DType::I64 => "int64",
+            devccl::DType::U32 => "uint32",
+            devccl::DType::U64 => "uint64",
+            devccl::DType::F8E4M3 => "float8_e4m3fn",
+            devccl::DType::F8E5M2 => "float8_e5m2",
         })
         .collect()
 }

@@ -34,6 +34,27 @@ pub fn encode(dtype: DType, v: i64, out: &mut Vec<u8>) {
         DType::U8 => out.push(v as u8),
         DType::I32 => out.extend((v as i32).to_le_bytes()),
         DType::I64 => out.extend(v.to_le_bytes()),
+        DType::U32 => out.extend((v as u32).to_le_bytes()),
+        DType::U64 => out.extend((v as u64).to_le_bytes()),
+        DType::F8E4M3 => out.push(devccl_core::dtype::F8E4M3::from_f32(v as f32).0),
+        DType::F8E5M2 => out.push(devccl_core::dtype::F8E5M2::from_f32(v as f32).0),
+    }
+}
+
+/// The value for `dtype`: fp8 keeps every partial sum exact too (E5M2 holds the integers
+/// only up to 8), so its sums and averages take values in [-2, 2] from the first four ranks
+/// and 0 from the others; products keep [`value`]'s ±1 and 2s (powers of two are exact).
+pub fn value_for(dtype: DType, op: ReduceOp, r: usize, i: usize) -> i64 {
+    let v = value(op, r, i);
+    match dtype {
+        DType::F8E4M3 | DType::F8E5M2 if op != ReduceOp::Prod => {
+            if r < 4 {
+                v / 2
+            } else {
+                0
+            }
+        }
+        _ => v,
     }
 }
 
@@ -41,7 +62,7 @@ pub fn encode(dtype: DType, v: i64, out: &mut Vec<u8>) {
 pub fn input(dtype: DType, op: ReduceOp, r: usize, first: usize, count: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(count * dtype.size());
     for i in first..first + count {
-        encode(dtype, value(op, r, i), &mut out);
+        encode(dtype, value_for(dtype, op, r, i), &mut out);
     }
     out
 }

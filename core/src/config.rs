@@ -95,6 +95,21 @@ pub const VARIABLES: &[Variable] = &[
         default: "(auto)",
         doc: "Reduce large buffers on this many threads (rayon). Auto: only when the host has cores to spare beyond one per local rank.",
     },
+    Variable {
+        name: "DEVCCL_STAGING_SLOTS",
+        default: "8",
+        doc: "Device buffers over a transport that cannot reach device memory (TCP, shm) are staged through pinned host slots: this many slots per peer and direction (2..=64), each one chunk, so copies of the next chunks overlap the transfer of this one.",
+    },
+    Variable {
+        name: "DEVCCL_VULKAN_DISABLE",
+        default: "(none)",
+        doc: "Comma list of Vulkan features to treat as missing (shaderFloat64, shaderInt64): the dtypes that need them are reduced on the host, staged. For testing the fallback; the real device's missing features are detected.",
+    },
+    Variable {
+        name: "DEVCCL_CUDA_ARCH",
+        default: "(the device's)",
+        doc: "NVRTC target for devccl's CUDA kernels, e.g. `sm_90`. Default: the GPU's compute capability (CUBIN, so the driver never JIT-compiles PTX newer than it knows).",
+    },
     Variable { name: "MASTER_ADDR", default: "127.0.0.1", doc: "torchrun convention: rendezvous host." },
     Variable {
         name: "MASTER_PORT",
@@ -206,6 +221,49 @@ pub struct Config {
     pub spin: Option<Duration>,
     /// Reduction threads; None = auto.
     pub reduce_threads: Option<usize>,
+    /// Staging slots per peer and direction for device buffers.
+    pub staging_slots: usize,
+}
+
+/// Process-wide device settings (devices are shared by every communicator of a process).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Vulkan features to treat as missing (`DEVCCL_VULKAN_DISABLE`).
+    pub vulkan_disable: Vec<String>,
+    /// NVRTC target (`DEVCCL_CUDA_ARCH`), e.g. `sm_90`.
+    pub cuda_arch: Option<String>,
+}
+
+impl DeviceConfig {
+    /// Read the process environment.
+    pub fn from_env() -> Result<DeviceConfig> {
+        DeviceConfig::from(&Env::process())
+    }
+
+    /// Read from an [`Env`].
+    pub fn from(env: &Env) -> Result<DeviceConfig> {
+        const KNOWN: [&str; 2] = ["shaderFloat64", "shaderInt64"];
+        let mut vulkan_disable = Vec::new();
+        for f in env.get("DEVCCL_VULKAN_DISABLE").unwrap_or_default().split(',').map(str::trim) {
+            if f.is_empty() {
+                continue;
+            }
+            let Some(k) = KNOWN.iter().find(|k| k.eq_ignore_ascii_case(f)) else {
+                return Err(Error::usage(format!(
+                    "DEVCCL_VULKAN_DISABLE: unknown feature '{f}' (known: {})",
+                    KNOWN.join(", ")
+                )));
+            };
+            vulkan_disable.push(k.to_string());
+        }
+        let cuda_arch = env.get("DEVCCL_CUDA_ARCH").map(|a| a.trim().to_string());
+        if let Some(a) = &cuda_arch
+            && !(a.starts_with("sm_") || a.starts_with("compute_"))
+        {
+            return Err(Error::usage(format!("DEVCCL_CUDA_ARCH={a:?}: expected e.g. sm_90")));
+        }
+        Ok(DeviceConfig { vulkan_disable, cuda_arch })
+    }
 }
 
 impl Default for Config {
@@ -224,6 +282,7 @@ impl Default for Config {
             chunk: None,
             spin: None,
             reduce_threads: None,
+            staging_slots: 8,
         }
     }
 }
@@ -282,6 +341,10 @@ impl Config {
             return Err(Error::usage(format!("DEVCCL_NCHANNELS={n} is out of range 1..=16")));
         }
         let spin = env.parse::<u64>("DEVCCL_SPIN_US", "a number of microseconds")?.map(Duration::from_micros);
+        let staging_slots: usize = env.parse("DEVCCL_STAGING_SLOTS", "an integer")?.unwrap_or(d.staging_slots);
+        if !(2..=64).contains(&staging_slots) {
+            return Err(Error::usage(format!("DEVCCL_STAGING_SLOTS={staging_slots} is out of range 2..=64")));
+        }
         Ok(Config {
             debug: env.get("DEVCCL_DEBUG").unwrap_or(d.debug),
             secret: env.get("DEVCCL_SECRET"),
@@ -296,6 +359,7 @@ impl Config {
             chunk,
             spin,
             reduce_threads: env.parse("DEVCCL_REDUCE_THREADS", "an integer")?,
+            staging_slots,
         })
     }
 }

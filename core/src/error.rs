@@ -86,6 +86,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A compute device (CUDA, Vulkan) failed or refused an operation.
+    #[error("device error on {device}: {message}")]
+    Device {
+        /// The device (`cuda:0 NVIDIA H200`, `vulkan:0 llvmpipe ...`).
+        device: String,
+        /// The call that failed and the driver's answer.
+        message: String,
+    },
+
     /// A bug in devccl.
     #[error("internal error: {0}")]
     Internal(String),
@@ -96,7 +105,7 @@ impl Error {
     pub fn fault(&self) -> Fault {
         match self {
             Error::InvalidUsage(_) | Error::Unsupported { .. } => Fault::Caller,
-            Error::System { .. } => Fault::System,
+            Error::System { .. } | Error::Device { .. } => Fault::System,
             Error::Remote { .. } | Error::Mismatch { .. } | Error::Aborted { .. } => Fault::Remote,
             Error::Timeout { .. } => Fault::Timeout,
             Error::Internal(_) => Fault::Internal,

@@ -2,6 +2,8 @@
 //!
 //! - [`dtype`], [`op`]: element types, reduction operators and the CPU reduction kernels.
 //! - [`memory`]: regions of host or device memory that transports read and write.
+//! - [`device`]: the `Device` trait (copies, reductions, gathers on the memory's own device,
+//!   tested like transport requests) and the host device.
 //! - [`transport`]: the transport contract every transport implements (DESIGN §4);
 //!   [`conn_state`]: the request bookkeeping connections share; [`handshake`]: the
 //!   connection handshake of stream transports.
@@ -16,6 +18,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod config;
 pub mod conn_state;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod handshake;

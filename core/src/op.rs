@@ -1,8 +1,9 @@
 //! Reduction operators and the CPU reduction kernels.
 //!
 //! Semantics, per element, identical on every path (ring, tree, recursive doubling):
-//! - `sum`, `prod`: floats use IEEE arithmetic in the element's own precision (f16/bf16 are
-//!   widened to f32 for one operation and rounded back, round-to-nearest-even); integers wrap
+//! - `sum`, `prod`: floats use IEEE arithmetic in the element's own precision (f16, bf16 and
+//!   the fp8 types are widened to f32 for one operation and rounded back once,
+//!   round-to-nearest-even, as NCCL does); integers wrap
 //!   on overflow (two's complement), like NCCL and C unsigned arithmetic.
 //! - `min`, `max`: a NaN operand propagates (like torch).
 //! - `avg`: the sum (as above), divided once at the end by the world size. Floats divide in
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::dtype::DType;
+use crate::dtype::{DType, F8E4M3, F8E5M2};
 use crate::error::{Error, Result};
 
 /// A reduction operator.
@@ -147,6 +148,8 @@ arith_int!(i8);
 arith_int!(u8);
 arith_int!(i32);
 arith_int!(i64);
+arith_int!(u32);
+arith_int!(u64);
 
 macro_rules! arith_float {
     ($t:ty) => {
@@ -207,6 +210,8 @@ macro_rules! arith_half {
 }
 arith_half!(f16);
 arith_half!(bf16);
+arith_half!(F8E4M3);
+arith_half!(F8E5M2);
 
 #[inline(always)]
 fn binop<T: Arith>(op: ReduceOp) -> fn(T, T) -> T {
@@ -330,6 +335,10 @@ macro_rules! dispatch {
             DType::U8 => $f::<u8>($($arg),*),
             DType::I32 => $f::<i32>($($arg),*),
             DType::I64 => $f::<i64>($($arg),*),
+            DType::U32 => $f::<u32>($($arg),*),
+            DType::U64 => $f::<u64>($($arg),*),
+            DType::F8E4M3 => $f::<F8E4M3>($($arg),*),
+            DType::F8E5M2 => $f::<F8E5M2>($($arg),*),
         }
     };
 }
@@ -414,6 +423,29 @@ mod tests {
         let mut h = b(&[f16::from_f32(3.0)]);
         finish_avg(DType::F16, &mut h, 2).unwrap();
         assert_eq!(bytemuck::cast_slice::<u8, f16>(&h), &[f16::from_f32(1.5)]);
+    }
+
+    #[test]
+    fn new_dtypes_reduce() {
+        let mut u = b(&[u32::MAX, 7]);
+        reduce_in_place(DType::U32, ReduceOp::Sum, &mut u, &b(&[2u32, 1])).unwrap();
+        assert_eq!(bytemuck::cast_slice::<u8, u32>(&u), &[1, 8], "u32 wraps");
+        finish_avg(DType::U32, &mut u, 3).unwrap();
+        assert_eq!(bytemuck::cast_slice::<u8, u32>(&u), &[0, 2]);
+        let mut w = b(&[u64::MAX, 3]);
+        reduce_in_place(DType::U64, ReduceOp::Max, &mut w, &b(&[1u64, 9])).unwrap();
+        assert_eq!(bytemuck::cast_slice::<u8, u64>(&w), &[u64::MAX, 9]);
+        // fp8: one rounding per step, through f32: 1.0 + 0.0625 ties to even (1.0) in E4M3.
+        let mut x = vec![F8E4M3::from_f32(1.0).0, F8E4M3::from_f32(448.0).0];
+        reduce_in_place(DType::F8E4M3, ReduceOp::Sum, &mut x, &[F8E4M3::from_f32(0.0625).0, F8E4M3::from_f32(448.0).0])
+            .unwrap();
+        assert_eq!(F8E4M3(x[0]).to_f32(), 1.0);
+        assert!(F8E4M3(x[1]).to_f32().is_nan(), "E4M3 overflow is NaN");
+        let mut y = vec![F8E5M2::from_f32(3.0).0];
+        reduce_in_place(DType::F8E5M2, ReduceOp::Prod, &mut y, &[F8E5M2::from_f32(-2.0).0]).unwrap();
+        assert_eq!(F8E5M2(y[0]).to_f32(), -6.0);
+        finish_avg(DType::F8E5M2, &mut y, 4).unwrap();
+        assert_eq!(F8E5M2(y[0]).to_f32(), -1.5);
     }
 
     #[test]

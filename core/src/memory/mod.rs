@@ -30,6 +30,12 @@ pub enum MemKind {
         /// CUDA device ordinal.
         device: i32,
     },
+    /// A Vulkan buffer (device-local memory of Vulkan device `device`; the region's address
+    /// is not a pointer, offsets are relative to the buffer).
+    Vulkan {
+        /// Index of the device in devccl's Vulkan device list.
+        device: u32,
+    },
     /// A dma-buf (fd + offset); the CPU cannot assume it can map it.
     DmaBuf {
         /// The dma-buf file descriptor (owned elsewhere).
@@ -44,6 +50,76 @@ impl MemKind {
     pub fn is_host(&self) -> bool {
         matches!(self, MemKind::Host)
     }
+
+    /// The device that computes on this memory (`None` for dma-bufs, which are not a compute
+    /// device of their own).
+    pub fn device(&self) -> Option<DeviceId> {
+        match self {
+            MemKind::Host => Some(DeviceId::Host),
+            MemKind::Cuda { device } => Some(DeviceId::Cuda(*device as u32)),
+            MemKind::Vulkan { device } => Some(DeviceId::Vulkan(*device)),
+            MemKind::DmaBuf { .. } => None,
+        }
+    }
+}
+
+/// A compute device: where reductions on a region run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeviceId {
+    /// The CPU.
+    Host,
+    /// CUDA device by ordinal.
+    Cuda(u32),
+    /// Vulkan device by index in devccl's device list.
+    Vulkan(u32),
+}
+
+impl DeviceId {
+    /// True for the CPU.
+    pub fn is_host(self) -> bool {
+        self == DeviceId::Host
+    }
+
+    /// The memory kind of this device's own (device-local) memory.
+    pub fn mem_kind(self) -> MemKind {
+        match self {
+            DeviceId::Host => MemKind::Host,
+            DeviceId::Cuda(d) => MemKind::Cuda { device: d as i32 },
+            DeviceId::Vulkan(d) => MemKind::Vulkan { device: d },
+        }
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceId::Host => f.write_str("host"),
+            DeviceId::Cuda(d) => write!(f, "cuda:{d}"),
+            DeviceId::Vulkan(d) => write!(f, "vulkan:{d}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceId {
+    type Err = Error;
+
+    /// `host`, `cpu`, `cuda`, `cuda:N`, `vulkan`, `vulkan:N`.
+    fn from_str(s: &str) -> Result<DeviceId> {
+        let s = s.trim().to_ascii_lowercase();
+        let (name, idx) = match s.split_once(':') {
+            Some((n, i)) => {
+                let i = i.parse::<u32>().map_err(|_| Error::usage(format!("device '{s}': '{i}' is not an index")))?;
+                (n.to_string(), i)
+            }
+            None => (s.clone(), 0),
+        };
+        match name.as_str() {
+            "host" | "cpu" => Ok(DeviceId::Host),
+            "cuda" | "gpu" => Ok(DeviceId::Cuda(idx)),
+            "vulkan" | "vk" => Ok(DeviceId::Vulkan(idx)),
+            _ => Err(Error::usage(format!("unknown device '{s}' (expected host, cuda[:N] or vulkan[:N])"))),
+        }
+    }
 }
 
 struct Inner {
@@ -55,6 +131,9 @@ struct Inner {
     alive: Mutex<bool>,
     /// Owns the memory for regions made from owned buffers (dropped with the region).
     keeper: Mutex<Option<Box<dyn Any + Send>>>,
+    /// A device backend's handle on this memory (its buffer object, or the fact that host
+    /// memory is pinned/mapped for it); see [`Region::device_view`].
+    view: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 // SAFETY: the raw pointer is only dereferenced under `alive`'s lock (see module docs), so
@@ -97,8 +176,39 @@ impl Region {
         writable: bool,
         keeper: Option<Box<dyn Any + Send>>,
     ) -> Region {
+        // SAFETY: forwarded contract.
+        unsafe { Region::from_device(ptr, len, kind, writable, keeper, None) }
+    }
+
+    /// Like [`Region::from_raw`], with a device backend's handle attached (its buffer object
+    /// for device memory, or a marker that host memory is pinned or mapped for the device).
+    /// For device kinds `ptr` is the device address (CUDA) or an opaque base (Vulkan) and is
+    /// never dereferenced by the CPU.
+    ///
+    /// # Safety
+    /// As for [`Region::from_raw`]; for host memory, `ptr..ptr+len` must be CPU-accessible.
+    pub unsafe fn from_device(
+        ptr: *mut u8,
+        len: usize,
+        kind: MemKind,
+        writable: bool,
+        keeper: Option<Box<dyn Any + Send>>,
+        view: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Region {
         let ptr = NonNull::new(ptr).unwrap_or(NonNull::dangling());
-        Region(Arc::new(Inner { ptr, len, kind, writable, alive: Mutex::new(true), keeper: Mutex::new(keeper) }))
+        Region(Arc::new(Inner { ptr, len, kind, writable, alive: Mutex::new(true), keeper: Mutex::new(keeper), view }))
+    }
+
+    /// The device backend's handle attached at creation, if any (backends downcast it to
+    /// their own buffer type).
+    pub fn device_view(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.0.view.as_ref()
+    }
+
+    /// Fails once the region was revoked: device backends check this before they queue work
+    /// on the memory (the executor waits for queued work before a call returns).
+    pub fn ensure_live(&self) -> Result<()> {
+        self.live().map(|_| ())
     }
 
     /// A zeroed host region of `len` bytes, 64-byte aligned (scratch, staging).
@@ -135,6 +245,7 @@ impl Region {
                             writable: inner.writable,
                             alive: inner.alive,
                             keeper: Mutex::new(Some(k)),
+                            view: inner.view,
                         }));
                         Err(r)
                     }
@@ -337,6 +448,16 @@ impl RegionSlice {
     /// Write the bytes.
     pub fn with_bytes_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
         self.region.with_bytes_mut(self.range.clone(), f)
+    }
+
+    /// True when both denote the same bytes of the same region.
+    pub fn same_as(&self, other: &RegionSlice) -> bool {
+        self.region.same(&other.region) && self.range == other.range
+    }
+
+    /// True when both share at least one byte.
+    pub fn overlaps(&self, other: &RegionSlice) -> bool {
+        self.region.same(&other.region) && self.range.start < other.range.end && other.range.start < self.range.end
     }
 
     /// Copy into a new Vec (tests, small messages).
