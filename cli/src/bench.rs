@@ -6,11 +6,15 @@
 //! rendezvous (rank 0 hosts it); under torchrun, srun or mpirun it runs as one rank.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use devccl::{Collective, Communicator, DType, ReduceOp};
+use devccl::check::Case;
+use devccl::{CollKind, Communicator, DType, ReduceOp};
 use devccl_core::config::{LaunchEnv, parse_size};
+use devccl_core::device::Device;
+use devccl_core::memory::{DeviceId, RegionSlice};
 use serde::Serialize;
 
 use crate::launch::{LaunchSpec, launch};
@@ -66,6 +70,9 @@ pub struct BenchArgs {
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the buffers live: host, cuda[:N] or vulkan[:N] (results are checked there too).
+    #[arg(long, default_value = "host")]
+    pub device: String,
     /// Rendezvous port for local runs (default: a free one).
     #[arg(long)]
     pub master_port: Option<u16>,
@@ -86,6 +93,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     if args.iters == 0 {
         bail!("-i must be at least 1");
     }
+    // A missing driver is said once, at once, before any rank starts.
+    let device: DeviceId = args.device.parse()?;
+    devccl_device::open(device).with_context(|| format!("--device {}", args.device))?;
     match LaunchEnv::from_env()? {
         Some(_) => run_rank(&args),
         None => {
@@ -143,284 +153,82 @@ struct Report {
     wrong_total: u64,
 }
 
-/// The collectives `devccl bench` knows (nccl-tests names and ours).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    AllReduce,
-    Broadcast,
-    Reduce,
-    AllGather,
-    ReduceScatter,
-    AllToAll,
-    AllToAllV,
-    Gather,
-    Scatter,
-    SendRecv,
-    Barrier,
+/// The collective a name means (nccl-tests names like `all_reduce_perf` work too).
+fn parse_coll(s: &str) -> Option<CollKind> {
+    let n = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
+    let n = n.strip_suffix("perf").unwrap_or(&n);
+    Some(match n {
+        "allreduce" => CollKind::AllReduce,
+        "broadcast" | "bcast" => CollKind::Broadcast,
+        "reduce" => CollKind::Reduce,
+        "allgather" => CollKind::AllGather,
+        "reducescatter" => CollKind::ReduceScatter,
+        "alltoall" => CollKind::AllToAll,
+        "alltoallv" => CollKind::AllToAllV,
+        "gather" => CollKind::Gather,
+        "scatter" => CollKind::Scatter,
+        "sendrecv" => CollKind::SendRecv,
+        "barrier" => CollKind::Barrier,
+        _ => return None,
+    })
 }
 
-impl Kind {
-    fn parse(s: &str) -> Option<Kind> {
-        let n = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
-        let n = n.strip_suffix("perf").unwrap_or(&n);
-        Some(match n {
-            "allreduce" => Kind::AllReduce,
-            "broadcast" | "bcast" => Kind::Broadcast,
-            "reduce" => Kind::Reduce,
-            "allgather" => Kind::AllGather,
-            "reducescatter" => Kind::ReduceScatter,
-            "alltoall" => Kind::AllToAll,
-            "alltoallv" => Kind::AllToAllV,
-            "gather" => Kind::Gather,
-            "scatter" => Kind::Scatter,
-            "sendrecv" => Kind::SendRecv,
-            "barrier" => Kind::Barrier,
-            _ => return None,
-        })
-    }
-
-    fn coll_kind(self) -> devccl::CollKind {
-        use devccl::CollKind as C;
-        match self {
-            Kind::AllReduce => C::AllReduce,
-            Kind::Broadcast => C::Broadcast,
-            Kind::Reduce => C::Reduce,
-            Kind::AllGather => C::AllGather,
-            Kind::ReduceScatter => C::ReduceScatter,
-            Kind::AllToAll => C::AllToAll,
-            Kind::AllToAllV => C::AllToAllV,
-            Kind::Gather => C::Gather,
-            Kind::Scatter => C::Scatter,
-            Kind::SendRecv => C::SendRecv,
-            Kind::Barrier => C::Barrier,
-        }
-    }
-
-    /// busbw / algbw (nccl-tests' factors).
-    fn bus_factor(self, n: usize) -> f64 {
-        let nf = n as f64;
-        match self {
-            Kind::AllReduce => 2.0 * (nf - 1.0) / nf,
-            Kind::AllGather | Kind::ReduceScatter | Kind::AllToAll | Kind::AllToAllV | Kind::Gather | Kind::Scatter => {
-                (nf - 1.0) / nf
-            }
-            Kind::Broadcast | Kind::Reduce | Kind::SendRecv => 1.0,
-            Kind::Barrier => 0.0,
-        }
-    }
-
-    fn reduces(self) -> bool {
-        matches!(self, Kind::AllReduce | Kind::Reduce | Kind::ReduceScatter)
-    }
-
-    fn rooted(self) -> bool {
-        matches!(self, Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter)
+/// busbw / algbw (nccl-tests' factors).
+fn bus_factor(c: CollKind, n: usize) -> f64 {
+    let nf = n as f64;
+    match c {
+        CollKind::AllReduce => 2.0 * (nf - 1.0) / nf,
+        CollKind::AllGather
+        | CollKind::ReduceScatter
+        | CollKind::AllToAll
+        | CollKind::AllToAllV
+        | CollKind::Gather
+        | CollKind::Scatter => (nf - 1.0) / nf,
+        CollKind::Broadcast | CollKind::Reduce | CollKind::SendRecv => 1.0,
+        CollKind::Barrier => 0.0,
     }
 }
 
-/// One row's call: buffer sizes (elements), where the input sits for the in-place form, and
-/// how to check results.
-struct Bench {
-    kind: Kind,
-    dtype: DType,
-    op: ReduceOp,
-    root: usize,
-    rank: usize,
-    n: usize,
-    /// Logical elements of the row (size / element size, rounded to a multiple of n where
-    /// the collective splits by rank).
-    total: usize,
+/// One row's buffers, on the benchmark's device: the input (never written), the
+/// out-of-place output, and the in-place buffer.
+struct Buffers {
+    dev: Arc<dyn Device>,
+    input: RegionSlice,
+    out: RegionSlice,
+    ip: RegionSlice,
 }
 
-/// all_to_all_v element count from rank i to rank j (uneven on purpose).
-fn v_count(total: usize, n: usize, i: usize, j: usize) -> usize {
-    let unit = (total / (2 * n * n)).max(1);
-    unit * (1 + (i + 2 * j) % 3)
-}
-
-impl Bench {
-    fn block(&self) -> usize {
-        self.total / self.n
+impl Buffers {
+    fn new(dev: &Arc<dyn Device>, case: &Case) -> devccl::Result<Buffers> {
+        let (ib, ob) = case.byte_lens();
+        let ip_len = case.in_place_bytes().len();
+        let alloc = |len: usize| -> devccl::Result<RegionSlice> { Ok(dev.alloc(len)?.slice(0..len)) };
+        let b = Buffers { dev: dev.clone(), input: alloc(ib)?, out: alloc(ob)?, ip: alloc(ip_len)? };
+        b.dev.upload(&b.input, &case.input())?;
+        Ok(b)
     }
 
-    fn desc(&self) -> Collective {
-        let (op, root) = (self.op, self.root);
-        match self.kind {
-            Kind::AllReduce => Collective::AllReduce { op },
-            Kind::Broadcast => Collective::Broadcast { root },
-            Kind::Reduce => Collective::Reduce { op, root },
-            Kind::AllGather => Collective::AllGather,
-            Kind::ReduceScatter => Collective::ReduceScatter { op },
-            Kind::AllToAll => Collective::AllToAll,
-            Kind::AllToAllV => {
-                let n = self.n;
-                let sc: Vec<usize> = (0..n).map(|j| v_count(self.total, n, self.rank, j)).collect();
-                let rc: Vec<usize> = (0..n).map(|i| v_count(self.total, n, i, self.rank)).collect();
-                Collective::AllToAllV {
-                    send_displs: prefix(&sc),
-                    send_counts: sc,
-                    recv_displs: prefix(&rc),
-                    recv_counts: rc,
-                }
-            }
-            Kind::Gather => Collective::Gather { root },
-            Kind::Scatter => Collective::Scatter { root },
-            Kind::SendRecv | Kind::Barrier => Collective::Barrier,
-        }
+    fn read(&self, s: &RegionSlice) -> devccl::Result<Vec<u8>> {
+        let mut v = vec![0u8; s.len()];
+        self.dev.download(s, &mut v)?;
+        Ok(v)
     }
 
-    /// (input elements, output elements).
-    fn lens(&self) -> (usize, usize) {
-        let (t, b) = (self.total, self.block());
-        match self.kind {
-            Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::AllToAll | Kind::SendRecv => (t, t),
-            Kind::AllGather | Kind::Gather => (b, t),
-            Kind::ReduceScatter | Kind::Scatter => (t, b),
-            Kind::AllToAllV => {
-                let n = self.n;
-                ((0..n).map(|j| v_count(t, n, self.rank, j)).sum(), (0..n).map(|i| v_count(t, n, i, self.rank)).sum())
-            }
-            Kind::Barrier => (0, 0),
-        }
+    /// One checked round (out of place, then in place from fresh buffers): wrong elements of
+    /// each.
+    fn check(&self, c: &Communicator, case: &Case, want: Option<&[u8]>) -> devccl::Result<[u64; 2]> {
+        self.dev.upload(&self.out, &vec![0u8; self.out.len()])?;
+        case.run(c, self.input.clone(), self.out.clone())?;
+        let oop = self.read(&self.out)?;
+        self.dev.upload(&self.out, &vec![0u8; self.out.len()])?;
+        self.dev.upload(&self.ip, &case.in_place_bytes())?;
+        case.run_in_place(c, self.ip.clone(), self.input.clone(), self.out.clone())?;
+        let Some(w) = want else { return Ok([0, 0]) };
+        // Collectives without an in-place form ran out of place again, into `out`.
+        let ip = if case.no_in_place() { &self.out } else { &self.ip.sub(case.in_place_output_range()) };
+        let ip = self.read(ip)?;
+        Ok([devccl::check::count_wrong(case.dtype, &oop, w), devccl::check::count_wrong(case.dtype, &ip, w)])
     }
-
-    /// Where the input sits inside the output (or the output inside the input: negative
-    /// sense) for the in-place form; `None` when the input is the output itself.
-    fn in_place_offset(&self) -> Option<(bool, usize)> {
-        let b = self.block();
-        match self.kind {
-            Kind::AllGather | Kind::Gather => Some((true, self.rank * b)),
-            Kind::ReduceScatter | Kind::Scatter => Some((false, self.rank * b)),
-            _ => None,
-        }
-    }
-
-    /// This rank's input (logical element numbering as described in `expected`).
-    fn input(&self) -> Vec<u8> {
-        let (ni, _) = self.lens();
-        let first = match self.kind {
-            Kind::AllGather | Kind::Gather => self.rank * self.block(),
-            _ => 0,
-        };
-        devccl::check::input(self.dtype, self.op, self.rank, first, ni)
-    }
-
-    /// Expected output, or `None` where the output is not defined (reduce, gather off the
-    /// root).
-    fn expected(&self) -> devccl::Result<Option<Vec<u8>>> {
-        let (d, op, n, r, b, t) = (self.dtype, self.op, self.n, self.rank, self.block(), self.total);
-        let inp = |rank: usize, first: usize, count: usize| devccl::check::input(d, op, rank, first, count);
-        Ok(Some(match self.kind {
-            Kind::AllReduce => devccl::check::reduced(d, op, n, 0, t)?,
-            Kind::Broadcast => inp(self.root, 0, t),
-            Kind::Reduce if r == self.root => devccl::check::reduced(d, op, n, 0, t)?,
-            Kind::Reduce | Kind::Barrier => return Ok(None),
-            Kind::AllGather => (0..n).flat_map(|i| inp(i, i * b, b)).collect(),
-            Kind::Gather if r == self.root => (0..n).flat_map(|i| inp(i, i * b, b)).collect(),
-            Kind::Gather => return Ok(None),
-            Kind::ReduceScatter => devccl::check::reduced(d, op, n, r * b, b)?,
-            Kind::AllToAll => (0..n).flat_map(|i| inp(i, r * b, b)).collect(),
-            Kind::AllToAllV => (0..n)
-                .flat_map(|i| {
-                    let displ: usize = (0..r).map(|j| v_count(t, n, i, j)).sum();
-                    inp(i, displ, v_count(t, n, i, r))
-                })
-                .collect(),
-            Kind::Scatter => inp(self.root, r * b, b),
-            Kind::SendRecv => inp((r + n - 1) % n, 0, t),
-        }))
-    }
-
-    /// Run once out of place (send/recv: `send` holds the input, prepared once per row).
-    fn run(
-        &self,
-        c: &Communicator,
-        input: &[u8],
-        out: &mut [u8],
-        send: &devccl_core::memory::Region,
-    ) -> devccl::Result<()> {
-        use devccl_core::memory::Region;
-        let d = self.dtype;
-        match self.kind {
-            Kind::SendRecv => {
-                let (next, prev) = ((self.rank + 1) % self.n, (self.rank + self.n - 1) % self.n);
-                if self.n == 1 {
-                    out.copy_from_slice(input);
-                    return Ok(());
-                }
-                let w = c.collective_async(&Collective::Send { peer: next, tag: 0 }, d, send.full(), send.full());
-                Region::scoped(out, |o| c.collective(&Collective::Recv { peer: prev, tag: 0 }, d, o.full(), o.full()))?;
-                w.wait()
-            }
-            Kind::Barrier => c.barrier(),
-            _ => Region::scoped_ref(input, |i| {
-                Region::scoped(out, |o| c.collective(&self.desc(), d, i.full(), o.full()))
-            }),
-        }
-    }
-
-    /// The buffer of the nccl-tests in-place form with this rank's input in place: the input
-    /// is the output (all-reduce, broadcast, ...), inside it (all-gather, gather), or contains
-    /// it (reduce-scatter, scatter).
-    fn in_place_buffer(&self, input: &[u8]) -> Vec<u8> {
-        let (_, out_len) = self.lens();
-        match self.in_place_offset() {
-            Some((true, at)) => {
-                let e = self.dtype.size();
-                let mut buf = vec![0u8; out_len * e];
-                buf[at * e..at * e + input.len()].copy_from_slice(input);
-                buf
-            }
-            _ => input.to_vec(),
-        }
-    }
-
-    /// Where the output is inside the in-place buffer.
-    fn in_place_output_range(&self) -> std::ops::Range<usize> {
-        let (_, out_len) = self.lens();
-        let e = self.dtype.size();
-        match self.in_place_offset() {
-            Some((false, at)) => at * e..(at + out_len) * e,
-            _ => 0..out_len * e,
-        }
-    }
-
-    /// Run once in place on `buf` (prepared by [`Bench::in_place_buffer`]; successive runs
-    /// reuse it as nccl-tests does). Collectives without an in-place form (all_to_all_v,
-    /// sendrecv, barrier) repeat the out-of-place run.
-    fn run_in_place(
-        &self,
-        c: &Communicator,
-        buf: &mut [u8],
-        input: &[u8],
-        out: &mut [u8],
-        send: &devccl_core::memory::Region,
-    ) -> devccl::Result<()> {
-        use devccl_core::memory::Region;
-        let d = self.dtype;
-        if matches!(self.kind, Kind::SendRecv | Kind::Barrier | Kind::AllToAllV) {
-            return self.run(c, input, out, send);
-        }
-        let e = d.size();
-        let (in_len, _) = self.lens();
-        let outr = self.in_place_output_range();
-        Region::scoped(buf, |b| match self.in_place_offset() {
-            None => c.collective(&self.desc(), d, b.full(), b.full()),
-            Some((true, at)) => c.collective(&self.desc(), d, b.slice(at * e..(at + in_len) * e), b.full()),
-            Some((false, _)) => c.collective(&self.desc(), d, b.full(), b.slice(outr.clone())),
-        })
-    }
-}
-
-fn prefix(v: &[usize]) -> Vec<usize> {
-    let mut acc = 0;
-    v.iter()
-        .map(|x| {
-            let s = acc;
-            acc += x;
-            s
-        })
-        .collect()
 }
 
 fn barrier(c: &Communicator) -> devccl::Result<()> {
@@ -448,21 +256,22 @@ fn time_loop(c: &Communicator, iters: usize, mut f: impl FnMut() -> devccl::Resu
 fn run_rank(args: &BenchArgs) -> Result<i32> {
     let dtype: DType = args.datatype.parse()?;
     let op: ReduceOp = args.op.parse()?;
-    let kind = Kind::parse(&args.collective).with_context(|| {
+    let kind = parse_coll(&args.collective).with_context(|| {
         format!(
             "unknown collective '{}' (all_reduce, broadcast, reduce, all_gather, reduce_scatter, all_to_all, all_to_all_v, gather, scatter, sendrecv, barrier)",
             args.collective
         )
     })?;
+    let device_id: DeviceId = args.device.parse()?;
+    let dev = devccl_device::open(device_id)?;
     let comm = Communicator::init().context("initialising the communicator")?;
     let (rank, n) = (comm.rank(), comm.world_size());
-    if args.root >= n && kind.rooted() {
+    if args.root >= n && devccl::check::rooted(kind) {
         bail!("-r {} is not a rank of this {n}-rank job", args.root);
     }
-    let esize = dtype.size();
     let mut rows = Vec::new();
     if rank == 0 {
-        print_header(args, n, dtype);
+        print_header(args, n, dtype, &*dev);
     }
     let sizes: Vec<u64> = if args.sizes.is_empty() {
         let mut v = vec![args.minbytes];
@@ -474,53 +283,36 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
     } else {
         args.sizes.clone()
     };
-    let split = !matches!(kind, Kind::AllReduce | Kind::Broadcast | Kind::Reduce | Kind::SendRecv | Kind::Barrier);
     for &size in &sizes {
-        let mut total = size as usize / esize;
-        if split {
-            total -= total % n;
-        }
-        let b = Bench { kind, dtype, op, root: args.root, rank, n, total };
-        let bytes = total * esize;
-        let input = b.input();
-        let send = devccl_core::memory::Region::from_vec(input.clone());
-        let (_, out_len) = b.lens();
-        let mut out = vec![0u8; out_len * esize];
+        let case = Case::sized(kind, dtype, op, args.root, rank, n, size as usize);
+        let (total, bytes) = (case.total, case.total * dtype.size());
+        let bufs = Buffers::new(&dev, &case)?;
         let mut wrong = [0u64; 2];
         if args.check > 0 {
-            let want = b.expected()?;
+            let want = case.expected()?;
             for _ in 0..args.check {
-                out.fill(0);
-                b.run(&comm, &input, &mut out, &send)?;
-                let mut buf = b.in_place_buffer(&input);
-                let mut out2 = vec![0u8; out_len * esize];
-                b.run_in_place(&comm, &mut buf, &input, &mut out2, &send)?;
-                let ip_out = if matches!(kind, Kind::SendRecv | Kind::Barrier | Kind::AllToAllV) {
-                    &out2[..]
-                } else {
-                    &buf[b.in_place_output_range()]
-                };
-                if let Some(w) = &want {
-                    wrong[0] += devccl::check::count_wrong(dtype, &out, w);
-                    wrong[1] += devccl::check::count_wrong(dtype, ip_out, w);
-                }
+                let w = bufs.check(&comm, &case, want.as_deref())?;
+                wrong[0] += w[0];
+                wrong[1] += w[1];
             }
             let mut w = [wrong[0] as i64, wrong[1] as i64];
             comm.all_reduce(&mut w, ReduceOp::Sum)?;
             wrong = [w[0] as u64, w[1] as u64];
         }
+        let oop = || case.run(&comm, bufs.input.clone(), bufs.out.clone());
+        let ip = || case.run_in_place(&comm, bufs.ip.clone(), bufs.input.clone(), bufs.out.clone());
         for _ in 0..args.warmup {
-            b.run(&comm, &input, &mut out, &send)?;
+            oop()?;
         }
-        let t_oop = time_loop(&comm, args.iters, || b.run(&comm, &input, &mut out, &send))?;
-        let mut ipbuf = b.in_place_buffer(&input);
-        let t_ip = time_loop(&comm, args.iters, || b.run_in_place(&comm, &mut ipbuf, &input, &mut out, &send))?;
+        let t_oop = time_loop(&comm, args.iters, oop)?;
+        dev.upload(&bufs.ip, &case.in_place_bytes())?;
+        let t_ip = time_loop(&comm, args.iters, ip)?;
         let per_iter = if args.per_iter {
             let mut ts = Vec::with_capacity(args.iters);
             for _ in 0..args.iters {
                 barrier(&comm)?;
                 let t0 = Instant::now();
-                b.run(&comm, &input, &mut out, &send)?;
+                oop()?;
                 ts.push(t0.elapsed().as_secs_f64() * 1e6);
             }
             max_over_ranks(&comm, &mut ts)?;
@@ -529,18 +321,18 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
         } else {
             None
         };
-        let f = kind.bus_factor(n);
+        let f = bus_factor(kind, n);
         let mk = |t: f64, w: u64| {
             let alg = if t > 0.0 { bytes as f64 / t / 1e3 } else { 0.0 };
             Timing { time_us: t, algbw: alg, busbw: alg * f, wrong: if args.check > 0 { w } else { u64::MAX } }
         };
         let row = Row { size: bytes as u64, count: total, oop: mk(t_oop, wrong[0]), ip: mk(t_ip, wrong[1]), per_iter };
         if rank == 0 {
-            let opname = if kind.reduces() { op.name() } else { "none" };
-            let root = if kind.rooted() { args.root as i64 } else { -1 };
+            let opname = if devccl::check::reduces(kind) { op.name() } else { "none" };
+            let root = if devccl::check::rooted(kind) { args.root as i64 } else { -1 };
             print_row(&row, dtype, opname, root);
-            if args.explain && !matches!(kind, Kind::SendRecv | Kind::AllToAllV) {
-                println!("#   plan: {}", comm.explain(kind.coll_kind(), bytes));
+            if args.explain && !matches!(kind, CollKind::SendRecv | CollKind::AllToAllV) {
+                println!("#   plan: {}", comm.explain(kind, bytes));
             }
         }
         rows.push(row);
@@ -575,7 +367,7 @@ fn median(sorted: &[f64]) -> f64 {
     if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
 }
 
-fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
+fn print_header(args: &BenchArgs, n: usize, dtype: DType, dev: &dyn Device) {
     println!(
         "# devccl bench {}: nranks {n}, minbytes {}, maxbytes {}, step x{}, warmup {}, iters {}, check {}, dtype {}, op {}",
         args.collective,
@@ -588,6 +380,7 @@ fn print_header(args: &BenchArgs, n: usize, dtype: DType) {
         dtype,
         args.op
     );
+    println!("# buffers on {}", dev.describe());
     println!("#");
     let extra = if args.per_iter { "   per-iteration (out-of-place)" } else { "" };
     println!("# {:>58} {:>33} {:>33}{extra}", "", "out-of-place", "in-place");

@@ -199,7 +199,7 @@ impl Communicator {
             {
                 return Err(Error::usage(format!("{name}: input and output overlap without being the same buffer")));
             }
-            input = copy_of(&input)?;
+            input = copy_of(&input, self.config().timeout)?;
         }
         let count = match c {
             Collective::AllReduce { .. } | Collective::Broadcast { .. } => {
@@ -429,13 +429,12 @@ impl Communicator {
         }
         let mut sched = b.build();
         sched.scratch.clear(); // the slots are the operations' own buffers
+        let device = crate::comm::device_of(&scratch.iter().collect::<Vec<_>>())?;
+        let sched = self.lower_for(sched, device.id());
         let empty = Region::alloc(0).full();
-        Ok(crate::work::Job {
-            sched,
-            calls,
-            bindings: crate::exec::Bindings { input: empty.clone(), output: empty, scratch },
-            done: std::sync::Arc::new(Default::default()),
-        })
+        let mut bindings = crate::exec::Bindings::host(empty.clone(), empty, scratch);
+        bindings.device = device;
+        Ok(crate::work::Job::new(sched, calls, bindings))
     }
 
     /// Typed blocking call over slices: `input` is read, `output` written (pass the same
@@ -598,9 +597,10 @@ impl Communicator {
 }
 
 /// A private copy of `s` (in-place forms of collectives whose algorithms read the input
-/// after the output has been written).
-fn copy_of(s: &RegionSlice) -> Result<RegionSlice> {
-    let r = Region::alloc(s.len());
-    Region::with_pair(&r.full(), s, |d, x| d.copy_from_slice(x))?;
+/// after the output has been written), on the device that holds it.
+fn copy_of(s: &RegionSlice, timeout: std::time::Duration) -> Result<RegionSlice> {
+    let dev = crate::comm::device_of(&[s])?;
+    let r = dev.alloc(s.len())?;
+    dev.copy(&r.full(), s)?.wait(std::time::Instant::now() + timeout, "copying an overlapping input")?;
     Ok(r.full())
 }

@@ -9,7 +9,7 @@ use devccl_core::bootstrap::{
     HostIdentity, JoinRequest, PeerInfo, PeerTable, RendezvousClient, RendezvousServer, ServerOptions, WatchHandle,
 };
 use devccl_core::config::{Config, LaunchEnv};
-use devccl_core::memory::{Region, RegionSlice};
+use devccl_core::memory::{DeviceId, Region, RegionSlice};
 use devccl_core::transport::{CommContext, Connection, Transport, TransportKind};
 use devccl_core::wire::CollKind;
 use devccl_core::{CommId, DType, Element, Error, Rank, ReduceOp, Result};
@@ -107,6 +107,8 @@ struct Inner {
     peers: Vec<PeerInfo>,
     forced: AlgoOverride,
     model: std::sync::Mutex<LinkModel>,
+    /// Per peer: the connection moves device memory itself (else device buffers are staged).
+    device_reach: Vec<bool>,
     logged: std::sync::Mutex<std::collections::HashSet<(CollKind, usize)>>,
     link: Option<RendezvousLink>,
     _watch: Option<WatchHandle>,
@@ -194,6 +196,34 @@ fn tune_host(cfg: &Config, local_world: Option<usize>) -> Spin {
         None => (Duration::from_micros(50), Duration::from_micros(100)),
     };
     Spin { budget, budget_small, yield_cpu: oversubscribed }
+}
+
+/// The device that holds a call's memory: every non-empty slice must live on the same one
+/// (host memory, including a device's staging memory, is the host's).
+pub(crate) fn device_of(slices: &[&RegionSlice]) -> Result<Arc<dyn devccl_core::device::Device>> {
+    let mut found: Option<(DeviceId, &RegionSlice)> = None;
+    for s in slices.iter().filter(|s| !s.is_empty()) {
+        let id = s.region.kind().device().ok_or_else(|| {
+            Error::usage(format!(
+                "{:?} memory cannot take part in a collective (pass host, CUDA or Vulkan memory)",
+                s.region.kind()
+            ))
+        })?;
+        match found {
+            None => found = Some((id, s)),
+            Some((other, _)) if other != id => {
+                return Err(Error::usage(format!(
+                    "buffers on different devices ({other} and {id}): a collective's input and output must live on \
+                     one device"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    match found {
+        None | Some((DeviceId::Host, _)) => Ok(devccl_core::device::host()),
+        Some((id, _)) => devccl_device::open(id),
+    }
 }
 
 /// The transport pair (a < b) uses: the first kind in `a`'s published preference order that
@@ -531,6 +561,7 @@ impl Communicator {
             None => AlgoOverride::default(),
         };
         let model = LinkModel::from_transports(&transports);
+        let device_reach = conns.iter().map(|c| c.as_ref().is_some_and(|c| c.device_memory())).collect();
         let exec = Executor::new(rank, world, conns, config.timeout, spin, abort.clone());
         let engine = Engine::new(exec);
         Ok(Communicator {
@@ -546,6 +577,7 @@ impl Communicator {
                 peers: table.peers,
                 forced,
                 model: std::sync::Mutex::new(model),
+                device_reach,
                 logged: Default::default(),
                 link: None,
                 _watch: None,
@@ -626,7 +658,7 @@ impl Communicator {
         output: RegionSlice,
     ) -> Result<()> {
         self.inner.engine.check_alive()?;
-        self.inner.engine.run_blocking(self.job(call, build, input, output))
+        self.inner.engine.run_blocking(self.job(call, build, input, output)?)
     }
 
     /// Like [`Communicator::run_schedule`], but queued for the progress thread: returns at
@@ -641,13 +673,32 @@ impl Communicator {
         if let Err(e) = self.inner.engine.check_alive() {
             return Work::failed(e);
         }
-        let job = self.job(call, build, input, output);
+        let job = match self.job(call, build, input, output) {
+            Ok(j) => j,
+            Err(e) => return Work::failed(e),
+        };
         let done = job.done.clone();
         self.inner.engine.submit(job);
         Work::new(done, || Ok(()))
     }
 
-    fn job(&self, call: Call, build: impl FnOnce(&mut Builder), input: RegionSlice, output: RegionSlice) -> Job {
+    /// Rewrite a schedule on device memory for the peers whose connections cannot reach it
+    /// (see [`crate::lower`]); host schedules are returned unchanged.
+    pub(crate) fn lower_for(&self, sched: crate::schedule::Schedule, device: DeviceId) -> crate::schedule::Schedule {
+        if device.is_host() {
+            return sched;
+        }
+        let reach = &self.inner.device_reach;
+        crate::lower::stage(sched, |p| !reach.get(p.idx()).copied().unwrap_or(false), self.inner.config.staging_slots)
+    }
+
+    pub(crate) fn job(
+        &self,
+        call: Call,
+        build: impl FnOnce(&mut Builder),
+        input: RegionSlice,
+        output: RegionSlice,
+    ) -> Result<Job> {
         let info = CallInfo {
             coll: call.coll,
             dtype: call.dtype,
@@ -658,16 +709,18 @@ impl Communicator {
             algo: call.algo as u8,
             tag: call.tag,
         };
+        let device = device_of(&[&input, &output])?;
         let mut b = Builder::new();
         build(&mut b);
-        let sched = b.build();
-        let scratch = sched.scratch.iter().map(|&n| Region::alloc(n).full()).collect();
-        Job {
-            sched,
-            calls: vec![info],
-            bindings: Bindings { input, output, scratch },
-            done: Arc::new(Default::default()),
-        }
+        let sched = self.lower_for(b.build(), device.id());
+        let bindings = if device.id().is_host() {
+            let scratch = sched.scratch.iter().map(|&n| Region::alloc(n).full()).collect();
+            Bindings::host(input, output, scratch)
+        } else {
+            // Scratch and staging come from the executor's device buffer cache.
+            Bindings { input, output, scratch: Vec::new(), staging: Vec::new(), device }
+        };
+        Ok(Job::new(sched, vec![info], bindings))
     }
 
     /// Wait for every queued collective, then destroy the communicator (leave the

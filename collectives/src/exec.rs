@@ -16,7 +16,8 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use devccl_core::memory::{Region, RegionSlice};
+use devccl_core::device::{Device, Pending, ReduceArgs, Scattered};
+use devccl_core::memory::{DeviceId, Region, RegionSlice};
 use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
 use devccl_core::transport::{
     Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
@@ -80,18 +81,93 @@ pub struct Bindings {
     /// Output bytes (same region and range as `input` for in-place calls).
     pub output: RegionSlice,
     /// Scratch buffers, as declared by the schedule (or, for batched point-to-point
-    /// operations, each operation's buffer).
+    /// operations, each operation's buffer). Empty for device calls: the executor allocates
+    /// them on the device (from its cache).
     pub scratch: Vec<RegionSlice>,
+    /// Host staging buffers of a lowered schedule ([`crate::lower`]); filled by the executor.
+    pub staging: Vec<RegionSlice>,
+    /// The device that holds the call's memory and runs its copies and reductions.
+    pub device: Arc<dyn Device>,
 }
 
 impl Bindings {
+    /// Host-memory bindings (the CPU reduces).
+    pub fn host(input: RegionSlice, output: RegionSlice, scratch: Vec<RegionSlice>) -> Bindings {
+        Bindings { input, output, scratch, staging: Vec::new(), device: devccl_core::device::host() }
+    }
+
     fn slice(&self, loc: Loc, len: usize) -> RegionSlice {
         match loc.buf {
             Buf::Input => self.input.sub(loc.off..loc.off + len),
             Buf::Output => self.output.sub(loc.off..loc.off + len),
             Buf::Scratch(i) => self.scratch[i as usize].sub(loc.off..loc.off + len),
+            Buf::Staging(i) => self.staging[i as usize].sub(loc.off..loc.off + len),
         }
     }
+}
+
+/// Device buffers kept between calls (scratch and staging of device calls, receive slots),
+/// so a training loop does not allocate device or pinned memory on every collective.
+#[derive(Debug, Default)]
+struct BufferCache {
+    /// (device, staging?, buffer).
+    free: Vec<(DeviceId, bool, Region)>,
+}
+
+impl BufferCache {
+    /// Most bytes kept idle.
+    const LIMIT: usize = 1 << 30;
+
+    fn take(&mut self, dev: &dyn Device, staging: bool, len: usize) -> Result<Region> {
+        let id = dev.id();
+        let best = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, (d, st, r))| *d == id && *st == staging && r.len() >= len)
+            .min_by_key(|(_, (_, _, r))| r.len())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            return Ok(self.free.swap_remove(i).2);
+        }
+        let len = len.max(64);
+        if staging { dev.alloc_staging(len) } else { dev.alloc(len) }
+    }
+
+    fn give(&mut self, dev: DeviceId, staging: bool, r: Region) {
+        self.free.push((dev, staging, r));
+        let mut total: usize = self.free.iter().map(|(_, _, r)| r.len()).sum();
+        while total > Self::LIMIT && !self.free.is_empty() {
+            // Drop the largest first: it is the least likely to be reused as is.
+            let i = (0..self.free.len()).max_by_key(|&i| self.free[i].2.len()).expect("non-empty");
+            total -= self.free.swap_remove(i).2.len();
+        }
+    }
+
+    fn clear_device(&mut self, dev: DeviceId) {
+        self.free.retain(|(d, _, _)| *d != dev);
+    }
+}
+
+/// What finishing a queued device operation completes.
+#[derive(Debug, Clone, Copy)]
+enum After {
+    /// The step.
+    Step,
+    /// A receive-reduce's reduction: then the step, and its slot is free again.
+    SlotReduce { slot: usize, peer: usize },
+    /// A scattered receive was gathered: return the pool's buffers to the transport, then
+    /// either hand the step on (`arrived`: a receive-reduce waiting for its deps, gathered
+    /// into its slot) or complete it.
+    Gathered { peer: usize, req: ReqId, slot: Option<usize>, arrived: bool },
+}
+
+/// A device operation in flight.
+#[derive(Debug)]
+struct LocalOp {
+    pending: Pending,
+    step: StepId,
+    after: After,
 }
 
 /// A communicator-wide abort signal: set once (by `abort()` or a rendezvous event), rings an
@@ -168,7 +244,10 @@ pub struct Executor {
     pub spin: Spin,
     /// Abort signal.
     pub abort: Arc<AbortSignal>,
-    staging: Vec<Region>,
+    /// Receive-reduce slots, on `slots_dev` (host memory, or a device's staging memory).
+    slots: Vec<Region>,
+    slots_dev: DeviceId,
+    cache: BufferCache,
     seq: u64,
     p2p_tx: Vec<u64>,
     p2p_rx: Vec<u64>,
@@ -192,6 +271,10 @@ struct Run<'a> {
     /// Message index of each network step within its own call, per peer and direction.
     msg_of: Vec<u32>,
     b: &'a Bindings,
+    /// The call's memory is the CPU's (payload sinks may reduce on arrival).
+    on_host: bool,
+    /// Device operations in flight.
+    local: Vec<LocalOp>,
     pending: Vec<u32>,
     arrived: Vec<bool>,
     /// Receive-reduces whose payload a transport sink reduced on arrival.
@@ -226,7 +309,9 @@ impl Executor {
             timeout,
             spin,
             abort,
-            staging: Vec::new(),
+            slots: Vec::new(),
+            slots_dev: DeviceId::Host,
+            cache: BufferCache::default(),
             seq: 0,
             p2p_tx: vec![0; world],
             p2p_rx: vec![0; world],
@@ -330,14 +415,71 @@ impl Executor {
         }
     }
 
-    fn ensure_slots(&mut self, n: usize, size: usize) {
-        self.staging.retain(|r| r.len() >= size);
-        while self.staging.len() < n {
-            self.staging.push(Region::alloc(size.max(64)));
+    /// Receive-reduce slots: `n` of at least `size` bytes, in memory `dev` reduces from
+    /// (host memory for the CPU, pinned/host-visible staging memory for a device).
+    fn ensure_slots(&mut self, dev: &dyn Device, n: usize, size: usize) -> Result<()> {
+        if self.slots_dev != dev.id() {
+            self.slots.clear();
+            self.slots_dev = dev.id();
+        }
+        self.slots.retain(|r| r.len() >= size);
+        while self.slots.len() < n {
+            let r = if dev.id().is_host() { Region::alloc(size.max(64)) } else { dev.alloc_staging(size.max(64))? };
+            self.slots.push(r);
+        }
+        Ok(())
+    }
+
+    /// The call's bindings with the scratch buffers of a device call and the staging buffers
+    /// of a lowered schedule taken from the cache.
+    fn complete_bindings(&mut self, sched: &Schedule, b: &Bindings) -> Result<Bindings> {
+        let mut full = b.clone();
+        let dev = b.device.clone();
+        if full.scratch.is_empty() && !sched.scratch.is_empty() {
+            for &len in &sched.scratch {
+                let r = if dev.id().is_host() { Region::alloc(len) } else { self.cache.take(&*dev, false, len)? };
+                full.scratch.push(r.slice(0..len));
+            }
+        }
+        for &len in sched.staging.iter().skip(full.staging.len()) {
+            full.staging.push(self.cache.take(&*dev, true, len)?.slice(0..len));
+        }
+        Ok(full)
+    }
+
+    /// Give the buffers [`Executor::complete_bindings`] took back to the cache.
+    fn release_bindings(&mut self, given: &Bindings, full: Bindings) {
+        let id = full.device.id();
+        if given.scratch.is_empty() && !id.is_host() {
+            for s in full.scratch {
+                self.cache.give(id, false, s.region);
+            }
+        }
+        for s in full.staging.into_iter().skip(given.staging.len()) {
+            self.cache.give(id, true, s.region);
         }
     }
 
-    fn run_inner(&mut self, sched: &Schedule, calls: &[CallInfo], b: &Bindings) -> Result<()> {
+    /// Forget the buffers kept for `dev` (after a failure on it).
+    fn forget_device_buffers(&mut self, dev: DeviceId) {
+        self.cache.clear_device(dev);
+        if self.slots_dev == dev {
+            self.slots.clear();
+        }
+    }
+
+    fn run_inner(&mut self, sched: &Schedule, calls: &[CallInfo], given: &Bindings) -> Result<()> {
+        let b = &self.complete_bindings(sched, given)?;
+        let r = self.run_bound(sched, calls, b);
+        match &r {
+            Ok(()) => self.release_bindings(given, b.clone()),
+            Err(_) if !b.device.id().is_host() => self.forget_device_buffers(b.device.id()),
+            Err(_) => {}
+        }
+        r
+    }
+
+    fn run_bound(&mut self, sched: &Schedule, calls: &[CallInfo], b: &Bindings) -> Result<()> {
         let n = sched.len();
         let mut peers: Vec<PeerQueue> = (0..self.world).map(|_| PeerQueue::default()).collect();
         let mut staged_steps = 0usize;
@@ -391,13 +533,15 @@ impl Executor {
         // Enough staging for every connection to keep its receive queue full.
         let staged_peers = staged_from.iter().filter(|&&x| x).count().max(1);
         let nslots = staged_steps.min(64.max(16 * staged_peers));
-        self.ensure_slots(nslots, sched.max_staged());
+        self.ensure_slots(&*b.device, nslots, sched.max_staged())?;
         let slot_quota = (nslots / staged_peers).max(1);
         let mut run = Run {
             sched,
             calls,
             msg_of,
             b,
+            on_host: b.device.id().is_host(),
+            local: Vec::new(),
             pending: sched.ndeps.clone(),
             arrived: vec![false; n],
             sunk: vec![false; n],
@@ -415,18 +559,31 @@ impl Executor {
                 run.ready.push(i as StepId);
             }
         }
+        let r = self.drive(&mut run);
+        if r.is_err() {
+            // Device work already queued still reads and writes the call's buffers: let it
+            // finish (bounded) before the caller may free them.
+            Executor::drain_local(&mut run, Instant::now() + self.timeout.min(Duration::from_secs(30)));
+        }
+        r
+    }
+
+    /// Run the loop until every step finished or something failed.
+    fn drive(&mut self, run: &mut Run<'_>) -> Result<()> {
+        let n = run.sched.len();
         // Latency-bound calls (every message small) may poll longer before sleeping.
-        let small = sched.steps.iter().all(|s| s.len() <= SMALL_MESSAGE);
+        let small = run.sched.steps.iter().all(|s| s.len() <= SMALL_MESSAGE);
         let spin_budget = if small { self.spin.budget_small } else { self.spin.budget };
         let mut last_progress = Instant::now();
         loop {
             if let Some(e) = self.abort.error() {
                 return Err(e);
             }
-            let mut moved = self.post(&mut run)?;
-            moved |= self.test_all(&mut run)?;
+            let mut moved = self.post(run)?;
+            moved |= self.test_all(run)?;
+            moved |= self.test_local(run)?;
             while let Some(s) = run.ready.pop() {
-                self.local_step(&mut run, s)?;
+                self.local_step(run, s)?;
                 moved = true;
             }
             if run.done == n {
@@ -438,7 +595,7 @@ impl Executor {
             }
             let idle = last_progress.elapsed();
             if idle >= self.timeout {
-                return Err(self.stall_error(&run));
+                return Err(self.stall_error(run));
             }
             if idle < spin_budget {
                 if self.spin.yield_cpu {
@@ -458,9 +615,83 @@ impl Executor {
                     self.conns[p].as_ref().expect("checked").wait_fds(&mut fds);
                 }
             }
+            if !run.local.is_empty() {
+                // Device fences have no descriptor to sleep on (and poll sleeps in whole
+                // milliseconds): nap briefly, then test sockets and fences again.
+                std::thread::sleep(Duration::from_micros(20));
+                continue;
+            }
             let left = self.timeout - idle;
             wait_ready(&fds, left.min(Duration::from_millis(200)))?;
         }
+    }
+
+    /// Wait (bounded) for the queued device operations of a failed run, ignoring their
+    /// results; anything still running at `deadline` is left to its fence's own drop.
+    fn drain_local(run: &mut Run<'_>, deadline: Instant) {
+        while !run.local.is_empty() && Instant::now() < deadline {
+            run.local.retain_mut(|op| !matches!(op.pending.test(), Ok(true) | Err(_)));
+            if !run.local.is_empty() {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        if !run.local.is_empty() {
+            tracing::warn!(ops = run.local.len(), "device work still running after a failed collective");
+        }
+    }
+
+    /// Queue `pending` as the device part of step `s`; finished work is handled at once.
+    fn queue_local(&mut self, run: &mut Run<'_>, mut pending: Pending, s: StepId, after: After) -> Result<()> {
+        if pending.test()? {
+            return self.after_local(run, s, after);
+        }
+        run.local.push(LocalOp { pending, step: s, after });
+        Ok(())
+    }
+
+    /// Test the device operations in flight; handle the finished ones.
+    fn test_local(&mut self, run: &mut Run<'_>) -> Result<bool> {
+        let mut moved = false;
+        let mut i = 0;
+        while i < run.local.len() {
+            if run.local[i].pending.test()? {
+                let op = run.local.swap_remove(i);
+                self.after_local(run, op.step, op.after)?;
+                moved = true;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    fn after_local(&mut self, run: &mut Run<'_>, s: StepId, after: After) -> Result<()> {
+        match after {
+            After::Step => self.complete(run, s),
+            After::SlotReduce { slot, peer } => {
+                run.free_slots.push(slot);
+                run.slots_used[peer] -= 1;
+                self.complete(run, s);
+            }
+            After::Gathered { peer, req, slot, arrived } => {
+                self.conns[peer].as_mut().expect("checked").recv_consumed(req)?;
+                if let (Some(k), false) = (slot, arrived) {
+                    // Gathered and reduced in one go: the slot was never used.
+                    run.free_slots.push(k);
+                    run.slots_used[peer] -= 1;
+                }
+                if arrived {
+                    run.arrived[s as usize] = true;
+                    run.slot_of[s as usize] = slot;
+                    if run.pending[s as usize] == 0 {
+                        run.ready.push(s);
+                    }
+                } else {
+                    self.complete(run, s);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Post every send/receive whose turn has come. Returns whether anything was posted.
@@ -495,6 +726,7 @@ impl Executor {
                 // transport's buffers into the output (no staging copy), where supported.
                 if let StepKind::RecvReduce { dst, base, len, finish, .. } = run.sched.steps[s as usize]
                     && run.pending[s as usize] == 0
+                    && run.on_host
                     && conn.accepts_sinks()
                 {
                     let d = run.b.slice(dst, len);
@@ -525,7 +757,7 @@ impl Executor {
                         }
                         let Some(slot) = run.free_slots.pop() else { break };
                         run.slots_used[p] += 1;
-                        (self.staging[slot].slice(0..len), Some(slot))
+                        (self.slots[slot].slice(0..len), Some(slot))
                     }
                     _ => unreachable!(),
                 };
@@ -567,17 +799,9 @@ impl Executor {
                     Some(done) => {
                         run.peers[p].inflight.remove(i);
                         moved = true;
-                        if let Completion::Received { layout: RecvLayout::Scattered { pool, frags }, .. } = &done {
-                            // Gather what the transport left in its RX pool (devmem layout).
-                            let dst = match slot {
-                                Some(k) => self.staging[k].slice(0..run.sched.steps[s as usize].len()),
-                                None => match run.sched.steps[s as usize] {
-                                    StepKind::Recv { dst, len, .. } => run.b.slice(dst, len),
-                                    _ => unreachable!(),
-                                },
-                            };
-                            gather(pool, frags, &dst)?;
-                            conn.recv_consumed(id)?;
+                        if let Completion::Received { layout: RecvLayout::Scattered { pool, frags }, .. } = done {
+                            self.unpack(run, p, id, s, slot, &pool, &frags)?;
+                            continue;
                         }
                         match run.sched.steps[s as usize] {
                             StepKind::RecvReduce { .. } if run.sunk[s as usize] => self.complete(run, s),
@@ -595,6 +819,37 @@ impl Executor {
             }
         }
         Ok(moved)
+    }
+
+    /// A receive that the transport left scattered in its pool (devmem): gather it on the
+    /// device — fused with the reduction when a receive-reduce's operand is ready, else into
+    /// the destination or the slot — and return the pool's buffers once that finished.
+    #[allow(clippy::too_many_arguments)]
+    fn unpack(
+        &mut self,
+        run: &mut Run<'_>,
+        peer: usize,
+        req: ReqId,
+        s: StepId,
+        slot: Option<usize>,
+        pool: &Region,
+        frags: &[devccl_core::transport::Fragment],
+    ) -> Result<()> {
+        let dev = run.b.device.clone();
+        let src = Scattered { pool, frags };
+        let call = &run.calls[run.sched.call(s)];
+        let (dtype, op) = (call.dtype, call.op.unwrap_or(ReduceOp::Sum));
+        let (pending, arrived) = match (run.sched.steps[s as usize].clone(), slot) {
+            (StepKind::RecvReduce { dst, base, len, finish, .. }, Some(_)) if run.pending[s as usize] == 0 => {
+                let (d, a) = (run.b.slice(dst, len), run.b.slice(base, len));
+                let fin = finish.then_some(self.world);
+                (dev.gather_reduce(dtype, op, &d, &a, src, fin)?, false)
+            }
+            (StepKind::RecvReduce { len, .. }, Some(k)) => (dev.gather(&self.slots[k].slice(0..len), src)?, true),
+            (StepKind::Recv { dst, len, .. }, None) => (dev.gather(&run.b.slice(dst, len), src)?, false),
+            (other, _) => return Err(Error::Internal(format!("scattered completion for {other:?}"))),
+        };
+        self.queue_local(run, pending, s, After::Gathered { peer, req, slot, arrived })
     }
 
     fn complete(&self, run: &mut Run<'_>, s: StepId) {
@@ -616,51 +871,36 @@ impl Executor {
         }
     }
 
+    /// Start a local step on the call's device (the host runs it at once).
     fn local_step(&mut self, run: &mut Run<'_>, s: StepId) -> Result<()> {
         let call = &run.calls[run.sched.call(s)];
         let (dtype, op) = (call.dtype, call.op.unwrap_or(ReduceOp::Sum));
         let world = self.world;
-        let avg = op == ReduceOp::Avg;
-        match run.sched.steps[s as usize].clone() {
+        let dev = run.b.device.clone();
+        let (pending, after) = match run.sched.steps[s as usize] {
             StepKind::RecvReduce { peer, dst, base, len, finish } => {
                 let slot = run.slot_of[s as usize].take().expect("staged receive has a slot");
-                let staged = self.staging[slot].slice(0..len);
-                let d = run.b.slice(dst, len);
-                if same_place(run.b, dst, base) {
-                    Region::with_pair(&d, &staged, |d, x| {
-                        reduce_in_place(dtype, op, d, x)?;
-                        if finish && avg { finish_avg(dtype, d, world) } else { Ok(()) }
-                    })??;
-                } else {
-                    let a = run.b.slice(base, len);
-                    Region::with_pair(&d, &a, |d, a| {
-                        staged.with_bytes(|x| reduce_to(dtype, op, d, a, x))??;
-                        if finish && avg { finish_avg(dtype, d, world) } else { Ok(()) }
-                    })??;
-                }
-                run.free_slots.push(slot);
-                run.slots_used[peer.idx()] -= 1;
+                let (d, a, x) = (run.b.slice(dst, len), run.b.slice(base, len), self.slots[slot].slice(0..len));
+                let fin = finish.then_some(world);
+                let p = dev.reduce(ReduceArgs { dtype, op, dst: &d, a: &a, b: &x, finish: fin })?;
+                (p, After::SlotReduce { slot, peer: peer.idx() })
             }
-            StepKind::Copy { src, dst, len } => {
-                if !same_place(run.b, src, dst) {
-                    Region::with_pair(&run.b.slice(dst, len), &run.b.slice(src, len), |d, x| d.copy_from_slice(x))?;
-                }
+            StepKind::Copy { src, dst, len } if !same_place(run.b, src, dst) => {
+                (dev.copy(&run.b.slice(dst, len), &run.b.slice(src, len))?, After::Step)
             }
+            StepKind::Copy { .. } => (Pending::Done, After::Step),
             StepKind::Reduce { src, dst, len, finish } => {
-                Region::with_pair(&run.b.slice(dst, len), &run.b.slice(src, len), |d, x| {
-                    reduce_in_place(dtype, op, d, x)?;
-                    if finish && avg { finish_avg(dtype, d, world) } else { Ok(()) }
-                })??;
+                let (d, x) = (run.b.slice(dst, len), run.b.slice(src, len));
+                let fin = finish.then_some(world);
+                (dev.reduce(ReduceArgs { dtype, op, dst: &d, a: &d, b: &x, finish: fin })?, After::Step)
             }
-            StepKind::Finish { dst, len } => {
-                if avg {
-                    run.b.slice(dst, len).with_bytes_mut(|d| finish_avg(dtype, d, world))??;
-                }
+            StepKind::Finish { dst, len } if op == ReduceOp::Avg => {
+                (dev.finish_avg(dtype, &run.b.slice(dst, len), world)?, After::Step)
             }
+            StepKind::Finish { .. } => (Pending::Done, After::Step),
             StepKind::Send { .. } | StepKind::Recv { .. } => unreachable!("network steps are not local"),
-        }
-        self.complete(run, s);
-        Ok(())
+        };
+        self.queue_local(run, pending, s, after)
     }
 
     fn stall_error(&self, run: &Run<'_>) -> Error {
@@ -680,6 +920,18 @@ impl Executor {
             }
         }
         let names = |v: &[usize]| v.iter().map(|p| format!("rank {p}")).collect::<Vec<_>>().join(", ");
+        if !run.local.is_empty() {
+            return Error::Timeout {
+                what: format!(
+                    "rank {} in {}: {} operation(s) on {} did not finish",
+                    self.rank,
+                    run.calls[0].describe(),
+                    run.local.len(),
+                    run.b.device.describe()
+                ),
+                after: self.timeout,
+            };
+        }
         Error::Timeout {
             what: format!(
                 "rank {} in {}: no progress; waiting for data from {}{}",
@@ -702,7 +954,7 @@ fn same_place(b: &Bindings, x: Loc, y: Loc) -> bool {
     let base = |l: Loc| match l.buf {
         Buf::Input => Some(&b.input),
         Buf::Output => Some(&b.output),
-        Buf::Scratch(_) => None,
+        Buf::Scratch(_) | Buf::Staging(_) => None,
     };
     match (base(x), base(y)) {
         (Some(sx), Some(sy)) => sx.region.same(&sy.region) && sx.range.start + x.off == sy.range.start + y.off,
@@ -781,24 +1033,4 @@ impl PayloadSink for ReduceSink {
         self.carried = rest.len();
         Ok(())
     }
-}
-
-/// Copy scattered fragments from a transport's RX pool into `dst`.
-fn gather(pool: &Region, frags: &[devccl_core::transport::Fragment], dst: &RegionSlice) -> Result<()> {
-    let mut covered = 0usize;
-    dst.with_bytes_mut(|d| -> Result<()> {
-        for f in frags {
-            let (so, len, dof) = (f.src_off as usize, f.len as usize, f.dst_off as usize);
-            if dof + len > d.len() {
-                return Err(Error::Internal(format!("fragment {f:?} outside a {}-byte receive", d.len())));
-            }
-            pool.with_bytes(so..so + len, |s| d[dof..dof + len].copy_from_slice(s))?;
-            covered += len;
-        }
-        Ok(())
-    })??;
-    if covered != dst.len() {
-        return Err(Error::Internal(format!("fragments cover {covered} of {} bytes", dst.len())));
-    }
-    Ok(())
 }

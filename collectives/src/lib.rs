@@ -15,6 +15,7 @@ pub mod api;
 pub mod check;
 pub mod comm;
 pub mod exec;
+pub mod lower;
 pub mod registry;
 pub mod schedule;
 pub mod select;

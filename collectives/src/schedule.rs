@@ -22,6 +22,9 @@ pub enum Buf {
     Output,
     /// A scratch buffer of the schedule (`Builder::scratch`).
     Scratch(u16),
+    /// A host staging buffer added by [`crate::lower`] (pinned host memory the device reaches
+    /// directly), never named by algorithms.
+    Staging(u16),
 }
 
 /// A byte range of one buffer.
@@ -158,6 +161,8 @@ pub struct Schedule {
     pub succ: Vec<StepId>,
     /// Sizes of scratch buffers in bytes.
     pub scratch: Vec<usize>,
+    /// Sizes of host staging buffers in bytes (added by [`crate::lower`]).
+    pub staging: Vec<usize>,
     /// Which call of a multi-call run (batched point-to-point operations) each step belongs
     /// to; empty when every step belongs to call 0.
     pub call_of: Vec<u16>,
@@ -256,6 +261,7 @@ impl Builder {
         for step in &other.steps {
             self.steps.push(step.map_locs(|l| match l.buf {
                 Buf::Scratch(k) => Loc::new(Buf::Scratch(k + scratch_base), l.off),
+                Buf::Staging(_) => l,
                 _ => remap(l),
             }));
             self.call_of.push(call);
@@ -284,6 +290,7 @@ impl Builder {
                     Buf::Input => Loc::new(Buf::Input, l.off + in_shift),
                     Buf::Output => Loc::new(Buf::Output, l.off + out_shift),
                     Buf::Scratch(k) => Loc::new(Buf::Scratch(k + scratch_base[p]), l.off),
+                    Buf::Staging(_) => l,
                 });
                 new_id[p][i] = out.steps.len() as StepId;
                 out.steps.push(moved);
@@ -314,6 +321,6 @@ impl Builder {
         }
         let succ = self.deps.iter().map(|&(_, to)| to).collect();
         let call_of = if self.call_of.iter().all(|&c| c == 0) { Vec::new() } else { self.call_of };
-        Schedule { steps: self.steps, ndeps, succ_start, succ, scratch: self.scratch, call_of }
+        Schedule { steps: self.steps, ndeps, succ_start, succ, scratch: self.scratch, staging: Vec::new(), call_of }
     }
 }

@@ -135,6 +135,13 @@ impl<T> Work<T> {
     }
 }
 
+/// Runs when a job starts executing (e.g. make devccl's CUDA stream wait for the work the
+/// caller's stream had queued at call time); an error fails the job.
+pub(crate) type BeforeHook = Box<dyn FnOnce() -> Result<()> + Send>;
+/// Runs once when a job ends, successfully or not (e.g. release a CUDA stream gate so the
+/// caller's stream never waits forever).
+pub(crate) type AfterHook = Box<dyn FnOnce(&Result<()>) + Send>;
+
 /// One queued collective.
 pub(crate) struct Job {
     pub(crate) sched: Schedule,
@@ -142,6 +149,23 @@ pub(crate) struct Job {
     pub(crate) calls: Vec<CallInfo>,
     pub(crate) bindings: Bindings,
     pub(crate) done: Arc<Completion>,
+    pub(crate) before: Option<BeforeHook>,
+    pub(crate) after: Option<AfterHook>,
+}
+
+impl Job {
+    pub(crate) fn new(sched: Schedule, calls: Vec<CallInfo>, bindings: Bindings) -> Job {
+        Job { sched, calls, bindings, done: Arc::new(Completion::default()), before: None, after: None }
+    }
+
+    /// Fail without running (the after hook still runs).
+    fn fail(self, e: Error) {
+        let r = Err(e);
+        if let Some(f) = self.after {
+            f(&r);
+        }
+        self.done.set(r);
+    }
 }
 
 #[derive(Default)]
@@ -205,8 +229,8 @@ impl Engine {
 
     fn run_job(&self, job: Job) {
         let started = Instant::now();
-        let Job { sched, mut calls, bindings, done } = job;
-        let r = self.check_alive().and_then(|()| {
+        let Job { sched, mut calls, bindings, done, before, after } = job;
+        let r = self.check_alive().and_then(|()| before.map_or(Ok(()), |f| f())).and_then(|()| {
             let mut exec = lock(&self.exec);
             for (k, info) in calls.iter_mut().enumerate() {
                 info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&sched, k) } else { exec.next_seq() };
@@ -224,6 +248,9 @@ impl Engine {
         });
         // Release the buffers before announcing completion: the waiter takes them back.
         drop(bindings);
+        if let Some(f) = after {
+            f(&r);
+        }
         done.set_timed(r, started);
     }
 
@@ -256,7 +283,7 @@ impl Engine {
         let mut q = lock(&self.queue);
         if q.shutdown {
             drop(q);
-            job.done.set(Err(Error::Aborted { cause: "communicator destroyed".into() }));
+            job.fail(Error::Aborted { cause: "communicator destroyed".into() });
             return;
         }
         q.jobs.push_back(job);
@@ -275,7 +302,7 @@ impl Engine {
         if let Err(e) = spawned {
             q.worker = false;
             for j in q.jobs.drain(..) {
-                j.done.set(Err(Error::system("spawning the progress thread", std::io::Error::other(e.to_string()))));
+                j.fail(Error::system("spawning the progress thread", std::io::Error::other(e.to_string())));
             }
         }
     }

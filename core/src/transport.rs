@@ -250,6 +250,12 @@ pub trait Connection: Send + fmt::Debug {
     fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>>;
     /// Post a receive. `Ok(None)`: queue full, try again after progress.
     fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>>;
+    /// True when requests may name device memory (CUDA, Vulkan, dma-buf) directly. When
+    /// false (TCP, shared memory) the executor stages device buffers through pinned host
+    /// slots (see `devccl::lower`).
+    fn device_memory(&self) -> bool {
+        false
+    }
     /// True when [`Connection::irecv_sink`] is supported.
     fn accepts_sinks(&self) -> bool {
         false

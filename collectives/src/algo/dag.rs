@@ -55,6 +55,7 @@ enum Space {
     /// Input when it never aliases Output.
     In,
     Scratch(u16),
+    Staging(u16),
 }
 
 /// Which data a step (transitively) waits for: nothing remote, one peer's messages, or
@@ -199,6 +200,8 @@ impl<'b> Dag<'b> {
                 // A scratch buffer declared before this Dag: not bounds-checked here.
                 self.scratch_len.get(&i).copied().unwrap_or(usize::MAX),
             ),
+            // Staging buffers exist only after lowering, never in a generator's hands.
+            (Buf::Staging(i), _) => (Space::Staging(i), 0, View::Scratch, usize::MAX),
         };
         debug_assert!(off + len <= limit, "{buf:?}[{off}..{}] is outside its {limit} elements", off + len);
         Access { space, range: base + off..base + off + len, view }

@@ -256,6 +256,35 @@ impl Region {
         }
     }
 
+    /// Take back the owner given as `keeper` (e.g. a device allocation handed to an
+    /// asynchronous collective). Fails (returning the region) while other clones exist or
+    /// when the keeper is not a `K`.
+    pub fn into_keeper<K: Any + Send>(self) -> std::result::Result<K, Region> {
+        let inner = match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner,
+            Err(arc) => return Err(Region(arc)),
+        };
+        let keeper = inner.keeper.into_inner().unwrap_or_else(|e| e.into_inner());
+        match keeper.map(|k| k.downcast::<K>()) {
+            Some(Ok(k)) => Ok(*k),
+            other => {
+                let keeper = match other {
+                    Some(Err(k)) => Some(k),
+                    _ => None,
+                };
+                Err(Region(Arc::new(Inner {
+                    ptr: inner.ptr,
+                    len: inner.len,
+                    kind: inner.kind,
+                    writable: inner.writable,
+                    alive: inner.alive,
+                    keeper: Mutex::new(keeper),
+                    view: inner.view,
+                })))
+            }
+        }
+    }
+
     /// Run `f` with a writable region over `buf`; the region is revoked when `f` returns, so
     /// nothing can touch `buf` afterwards even if a clone of the region was kept.
     pub fn scoped<R>(buf: &mut [u8], f: impl FnOnce(&Region) -> R) -> R {
