@@ -6,15 +6,14 @@
 //! rendezvous (rank 0 hosts it); under torchrun, srun or mpirun it runs as one rank.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use devccl::check::Case;
+use devccl::check::{Case, CaseBuffers};
 use devccl::{CollKind, Communicator, DType, ReduceOp};
 use devccl_core::config::{LaunchEnv, parse_size};
 use devccl_core::device::Device;
-use devccl_core::memory::{DeviceId, RegionSlice};
+use devccl_core::memory::DeviceId;
 use serde::Serialize;
 
 use crate::launch::{LaunchSpec, launch};
@@ -189,48 +188,6 @@ fn bus_factor(c: CollKind, n: usize) -> f64 {
     }
 }
 
-/// One row's buffers, on the benchmark's device: the input (never written), the
-/// out-of-place output, and the in-place buffer.
-struct Buffers {
-    dev: Arc<dyn Device>,
-    input: RegionSlice,
-    out: RegionSlice,
-    ip: RegionSlice,
-}
-
-impl Buffers {
-    fn new(dev: &Arc<dyn Device>, case: &Case) -> devccl::Result<Buffers> {
-        let (ib, ob) = case.byte_lens();
-        let ip_len = case.in_place_bytes().len();
-        let alloc = |len: usize| -> devccl::Result<RegionSlice> { Ok(dev.alloc(len)?.slice(0..len)) };
-        let b = Buffers { dev: dev.clone(), input: alloc(ib)?, out: alloc(ob)?, ip: alloc(ip_len)? };
-        b.dev.upload(&b.input, &case.input())?;
-        Ok(b)
-    }
-
-    fn read(&self, s: &RegionSlice) -> devccl::Result<Vec<u8>> {
-        let mut v = vec![0u8; s.len()];
-        self.dev.download(s, &mut v)?;
-        Ok(v)
-    }
-
-    /// One checked round (out of place, then in place from fresh buffers): wrong elements of
-    /// each.
-    fn check(&self, c: &Communicator, case: &Case, want: Option<&[u8]>) -> devccl::Result<[u64; 2]> {
-        self.dev.upload(&self.out, &vec![0u8; self.out.len()])?;
-        case.run(c, self.input.clone(), self.out.clone())?;
-        let oop = self.read(&self.out)?;
-        self.dev.upload(&self.out, &vec![0u8; self.out.len()])?;
-        self.dev.upload(&self.ip, &case.in_place_bytes())?;
-        case.run_in_place(c, self.ip.clone(), self.input.clone(), self.out.clone())?;
-        let Some(w) = want else { return Ok([0, 0]) };
-        // Collectives without an in-place form ran out of place again, into `out`.
-        let ip = if case.no_in_place() { &self.out } else { &self.ip.sub(case.in_place_output_range()) };
-        let ip = self.read(ip)?;
-        Ok([devccl::check::count_wrong(case.dtype, &oop, w), devccl::check::count_wrong(case.dtype, &ip, w)])
-    }
-}
-
 fn barrier(c: &Communicator) -> devccl::Result<()> {
     c.barrier()
 }
@@ -286,7 +243,7 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
     for &size in &sizes {
         let case = Case::sized(kind, dtype, op, args.root, rank, n, size as usize);
         let (total, bytes) = (case.total, case.total * dtype.size());
-        let bufs = Buffers::new(&dev, &case)?;
+        let bufs = CaseBuffers::new(&dev, &case)?;
         let mut wrong = [0u64; 2];
         if args.check > 0 {
             let want = case.expected()?;

@@ -1,6 +1,9 @@
 //! Deterministic, exactly representable test data for benchmarks' `#wrong` checks and for
 //! tests: every order of reduction yields the same bits, so any difference is a bug.
 
+use std::sync::Arc;
+
+use devccl_core::device::Device;
 use devccl_core::memory::RegionSlice;
 use devccl_core::op::{finish_avg, reduce_in_place};
 use devccl_core::wire::CollKind;
@@ -333,5 +336,60 @@ impl Case {
                 c.collective(&self.desc(), self.dtype, buf.clone(), buf.sub(outr))
             }
         }
+    }
+}
+
+/// One case's buffers on a device: the input (never written), the
+/// out-of-place output, and the in-place buffer.
+#[derive(Debug)]
+pub struct CaseBuffers {
+    /// The device holding them.
+    pub dev: Arc<dyn Device>,
+    /// The input (never written).
+    pub input: RegionSlice,
+    /// The out-of-place output.
+    pub out: RegionSlice,
+    /// The in-place buffer.
+    pub ip: RegionSlice,
+}
+
+impl CaseBuffers {
+    /// Allocate them on `dev` and upload the input.
+    pub fn new(dev: &Arc<dyn Device>, case: &Case) -> Result<CaseBuffers> {
+        let (ib, ob) = case.byte_lens();
+        let ip_len = case.in_place_bytes().len();
+        let alloc = |len: usize| -> Result<RegionSlice> { Ok(dev.alloc(len)?.slice(0..len)) };
+        let b = CaseBuffers { dev: dev.clone(), input: alloc(ib)?, out: alloc(ob)?, ip: alloc(ip_len)? };
+        b.dev.upload(&b.input, &case.input())?;
+        Ok(b)
+    }
+
+    /// Download a slice of one of them.
+    pub fn read(&self, s: &RegionSlice) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; s.len()];
+        self.dev.download(s, &mut v)?;
+        Ok(v)
+    }
+
+    /// One checked round (out of place, then in place from fresh buffers): wrong elements of
+    /// each.
+    pub fn check(&self, c: &Communicator, case: &Case, want: Option<&[u8]>) -> Result<[u64; 2]> {
+        let (oop, ip) = self.outputs(c, case)?;
+        let Some(w) = want else { return Ok([0, 0]) };
+        Ok([count_wrong(case.dtype, &oop, w), count_wrong(case.dtype, &ip, w)])
+    }
+
+    /// Run one out-of-place and one in-place round (from fresh buffers) and return both
+    /// outputs' bytes.
+    pub fn outputs(&self, c: &Communicator, case: &Case) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.dev.upload(&self.out, &vec![0u8; self.out.len()])?;
+        case.run(c, self.input.clone(), self.out.clone())?;
+        let oop = self.read(&self.out)?;
+        self.dev.upload(&self.out, &vec![0u8; self.out.len()])?;
+        self.dev.upload(&self.ip, &case.in_place_bytes())?;
+        case.run_in_place(c, self.ip.clone(), self.input.clone(), self.out.clone())?;
+        // Collectives without an in-place form ran out of place again, into `out`.
+        let ip = if case.no_in_place() { &self.out } else { &self.ip.sub(case.in_place_output_range()) };
+        Ok((oop, self.read(ip)?))
     }
 }
