@@ -34,7 +34,20 @@ def test_exception_hierarchy() -> None:
 
 
 def test_dtypes_and_ops() -> None:
-    assert devccl.dtypes() == ["float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64"]
+    assert devccl.dtypes() == [
+        "float32",
+        "float64",
+        "float16",
+        "bfloat16",
+        "int8",
+        "uint8",
+        "int32",
+        "int64",
+        "uint32",
+        "uint64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    ]
     assert devccl.reduce_ops() == ["sum", "prod", "min", "max", "avg"]
 
 

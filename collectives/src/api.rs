@@ -143,6 +143,16 @@ struct Prepared {
     nchannels: usize,
     input: RegionSlice,
     output: RegionSlice,
+    /// Device calls whose input must be copied first (see [`Communicator::prepare`]): the
+    /// copy runs when the call starts executing, after the work it is ordered behind.
+    pre_copy: Option<PreCopy>,
+}
+
+/// A private copy of a device input, taken when the call starts executing.
+#[derive(Debug, Clone)]
+struct PreCopy {
+    src: RegionSlice,
+    dst: RegionSlice,
 }
 
 fn elems(what: &str, s: &RegionSlice, dtype: DType) -> Result<usize> {
@@ -179,6 +189,7 @@ impl Communicator {
             return Err(Error::usage(format!("{name}: the output is read-only")));
         }
         let mut input = input;
+        let mut pre_copy = None;
         // All-reduce, broadcast and reduce run in place natively, and all-gather with the
         // input as this rank's block of the output. Every other overlap (reduce-scatter with
         // the output inside the input, in-place all-to-all, gather/scatter with the root's
@@ -199,7 +210,17 @@ impl Communicator {
             {
                 return Err(Error::usage(format!("{name}: input and output overlap without being the same buffer")));
             }
-            input = copy_of(&input, self.config().timeout)?;
+            // Host memory is copied now, at the call. Device memory may still be written by
+            // work queued before this call (an earlier collective, the caller's stream): its
+            // copy runs on the device when the call starts executing.
+            let dev = crate::comm::device_of(&[&input])?;
+            if dev.id().is_host() {
+                input = copy_of(&input, self.config().timeout)?;
+            } else {
+                let copy = dev.alloc(input.len())?.full();
+                pre_copy = Some(PreCopy { src: input, dst: copy.clone() });
+                input = copy;
+            }
         }
         let count = match c {
             Collective::AllReduce { .. } | Collective::Broadcast { .. } => {
@@ -300,7 +321,7 @@ impl Communicator {
             _ => 0,
         };
         let call = Call { coll: c.kind(), dtype, op: c.op(), root: c.root(), count, algo: plan.algo, tag };
-        Ok(Prepared { call, shape, nchannels: plan.nchannels.max(1), input, output })
+        Ok(Prepared { call, shape, nchannels: plan.nchannels.max(1), input, output, pre_copy })
     }
 
     fn builder(c: &Collective, p: &Prepared) -> impl FnOnce(&mut Builder) + use<> {
@@ -344,21 +365,99 @@ impl Communicator {
     /// Run a collective on regions (blocking). `input` and `output` may be the same slice
     /// for in-place calls (all_reduce, broadcast, reduce, reduce_scatter's output inside its
     /// input is not supported; all_gather in place: `input` is the rank's block of `output`).
+    /// Regions may be host memory or device memory (CUDA, Vulkan): reductions then run on
+    /// that device, staged through pinned host memory where a transport cannot reach it.
     pub fn collective(&self, c: &Collective, dtype: DType, input: RegionSlice, output: RegionSlice) -> Result<()> {
-        let p = self.prepare(c, dtype, input, output)?;
-        let build = Communicator::builder(c, &p);
-        self.run_schedule(p.call, build, p.input, p.output)
+        let job = self.prepared_job(c, dtype, input, output)?;
+        self.engine().check_alive()?;
+        self.engine().run_blocking(job)
     }
 
     /// Queue a collective on regions; returns at once.
     pub fn collective_async(&self, c: &Collective, dtype: DType, input: RegionSlice, output: RegionSlice) -> Work<()> {
-        match self.prepare(c, dtype, input, output) {
-            Ok(p) => {
-                let build = Communicator::builder(c, &p);
-                self.submit_schedule(p.call, build, p.input, p.output)
-            }
+        match self.prepared_job(c, dtype, input, output) {
+            Ok(job) => self.submit_job(job),
             Err(e) => Work::failed(e),
         }
+    }
+
+    /// Stream-ordered collective on CUDA memory, like an NCCL call on `stream` (a raw
+    /// `CUstream`; 0 is the legacy default stream): its device work waits for everything
+    /// queued on `stream` before this call, and it returns without blocking the host. Work
+    /// queued on a stream after [`StreamWork::hold`] on it waits for the collective (hold
+    /// `stream` at once for NCCL's blocking-call semantics, or later, when the caller waits,
+    /// for `async_op` semantics). Errors found before queueing return `Err` and hold nothing;
+    /// errors during the call release held streams (the output is then undefined) and are
+    /// reported by [`StreamWork::wait`]. The regions stay alive until the call finished.
+    pub fn collective_on_stream(
+        &self,
+        c: &Collective,
+        dtype: DType,
+        input: RegionSlice,
+        output: RegionSlice,
+        stream: u64,
+    ) -> Result<StreamWork> {
+        let device = crate::comm::device_of(&[&input, &output])?;
+        let (point, gate) = (device.queue_point(stream)?, device.queue_gate()?);
+        let job = self.prepared_job(c, dtype, input, output)?;
+        self.stream_ordered(job, point, gate)
+    }
+
+    /// Stream-ordered [`Communicator::p2p_batch`] (see [`Communicator::collective_on_stream`]).
+    pub fn p2p_batch_on_stream(&self, ops: Vec<P2pOp>, stream: u64) -> Result<StreamWork> {
+        let device = crate::comm::device_of(&ops.iter().map(|o| &o.buf).collect::<Vec<_>>())?;
+        let (point, gate) = (device.queue_point(stream)?, device.queue_gate()?);
+        let job = self.p2p_job(ops)?;
+        self.stream_ordered(job, point, gate)
+    }
+
+    /// Queue `job` ordered after `point`, opening `gate` when it ends.
+    fn stream_ordered(
+        &self,
+        mut job: crate::work::Job,
+        mut point: Box<dyn devccl_core::device::QueuePoint>,
+        gate: std::sync::Arc<dyn devccl_core::device::QueueGate>,
+    ) -> Result<StreamWork> {
+        self.engine().check_alive()?;
+        let copy = job.before.take();
+        job.before = Some(Box::new(move || {
+            point.order_internal()?;
+            copy.map_or(Ok(()), |f| f())
+        }));
+        let opened = gate.clone();
+        job.after = Some(Box::new(move |_| opened.open()));
+        Ok(StreamWork { work: self.submit_job(job), gate })
+    }
+
+    /// The job for a validated call, with the device pre-copy (if any) as its before hook.
+    fn prepared_job(
+        &self,
+        c: &Collective,
+        dtype: DType,
+        input: RegionSlice,
+        output: RegionSlice,
+    ) -> Result<crate::work::Job> {
+        let p = self.prepare(c, dtype, input, output)?;
+        let build = Communicator::builder(c, &p);
+        let mut job = self.job(p.call, build, p.input, p.output)?;
+        if let Some(pc) = p.pre_copy {
+            let dev = job.bindings.device.clone();
+            let timeout = self.config().timeout;
+            job.before = Some(Box::new(move || {
+                dev.copy(&pc.dst, &pc.src)?
+                    .wait(std::time::Instant::now() + timeout, "copying an overlapping input on the device")
+            }));
+        }
+        Ok(job)
+    }
+
+    fn submit_job(&self, job: crate::work::Job) -> Work<()> {
+        if let Err(e) = self.engine().check_alive() {
+            return Work::failed(e);
+        }
+        let done = job.done.clone();
+        self.engine().submit(job);
+        Work::new(done, || Ok(()))
     }
 
     /// Run several sends and receives as one operation, like NCCL's group calls around
@@ -375,12 +474,8 @@ impl Communicator {
 
     /// Asynchronous [`Communicator::p2p_batch`].
     pub fn p2p_batch_async(&self, ops: Vec<P2pOp>) -> Work<()> {
-        match self.p2p_job(ops).and_then(|j| self.engine().check_alive().map(|()| j)) {
-            Ok(job) => {
-                let done = job.done.clone();
-                self.engine().submit(job);
-                Work::new(done, || Ok(()))
-            }
+        match self.p2p_job(ops) {
+            Ok(job) => self.submit_job(job),
             Err(e) => Work::failed(e),
         }
     }
@@ -596,11 +691,41 @@ impl Communicator {
     }
 }
 
-/// A private copy of `s` (in-place forms of collectives whose algorithms read the input
-/// after the output has been written), on the device that holds it.
+/// A private host copy of `s` (in-place forms of collectives whose algorithms read the input
+/// after the output has been written).
 fn copy_of(s: &RegionSlice, timeout: std::time::Duration) -> Result<RegionSlice> {
-    let dev = crate::comm::device_of(&[s])?;
+    let dev = devccl_core::device::host();
     let r = dev.alloc(s.len())?;
     dev.copy(&r.full(), s)?.wait(std::time::Instant::now() + timeout, "copying an overlapping input")?;
     Ok(r.full())
+}
+
+/// A stream-ordered collective in flight ([`Communicator::collective_on_stream`]).
+#[derive(Debug)]
+pub struct StreamWork {
+    work: Work<()>,
+    gate: std::sync::Arc<dyn devccl_core::device::QueueGate>,
+}
+
+impl StreamWork {
+    /// Make work queued on `stream` from now on wait for the collective (never blocks the
+    /// host; may be called for several streams, before or after the collective finished).
+    pub fn hold(&self, stream: u64) -> Result<()> {
+        self.gate.hold(stream)
+    }
+
+    /// True once the collective finished on the host side (its device work too).
+    pub fn test(&self) -> bool {
+        self.work.test()
+    }
+
+    /// Block the host until the collective finished; its error, if it failed.
+    pub fn wait(self) -> Result<()> {
+        self.work.wait()
+    }
+
+    /// Wait at most `timeout`; true when finished.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        self.work.wait_timeout(timeout)
+    }
 }

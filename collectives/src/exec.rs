@@ -353,9 +353,30 @@ impl Executor {
                     c.cancel();
                 }
                 let e = self.with_root_cause(e);
+                let e = self.prefer_abort(e);
                 self.fail_all(call.seq, &format!("rank {} failed in {}: {e}", self.rank, call.describe()));
                 Err(e)
             }
+        }
+    }
+
+    /// A peer that failed because someone called `abort()` tells us before the rendezvous
+    /// does (its abort frame races the rendezvous event). Wait briefly for that event, so an
+    /// aborted communicator fails every rank's call with the same `Aborted` error.
+    fn prefer_abort(&self, e: Error) -> Error {
+        let Error::Remote { message, .. } = &e else { return e };
+        if !message.contains("aborted the communicator") {
+            return e;
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Some(a @ Error::Aborted { .. }) = self.abort.error() {
+                return a;
+            }
+            if Instant::now() >= deadline {
+                return e;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

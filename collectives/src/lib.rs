@@ -14,6 +14,7 @@ pub mod algo;
 pub mod api;
 pub mod check;
 pub mod comm;
+pub mod device_buf;
 pub mod exec;
 pub mod lower;
 pub mod registry;
@@ -24,8 +25,10 @@ pub mod work;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
-pub use api::{Collective, P2pOp};
+pub use api::{Collective, P2pOp, StreamWork};
 pub use comm::{Call, Communicator, InitOptions};
+pub use device_buf::DeviceBuffer;
+pub use devccl_core::memory::DeviceId;
 pub use devccl_core::wire::CollKind;
 pub use devccl_core::{CommId, DType, Element, Error, Fault, Rank, ReduceOp, Result};
 pub use work::Work;

@@ -121,6 +121,28 @@ pub struct DeviceStats {
     pub host_fallbacks: u64,
 }
 
+/// A point in a caller's device queue (a CUDA stream), captured when a stream-ordered
+/// collective is called: everything the caller had queued on that stream by then.
+pub trait QueuePoint: Send + fmt::Debug {
+    /// Make the device's internal queues wait for that point before any later operation
+    /// (called once, when the collective starts running). Never blocks the host.
+    fn order_internal(&mut self) -> Result<()>;
+}
+
+/// A gate in callers' device queues: work queued on a queue after [`QueueGate::hold`] does not
+/// start until [`QueueGate::open`]. A stream-ordered collective holds the caller's stream
+/// with it and opens it when it ends, successfully or not, so the stream can never wait
+/// forever.
+pub trait QueueGate: Send + Sync + fmt::Debug {
+    /// Queue a wait for the gate on `queue` (a raw `CUstream`; 0 is the legacy default
+    /// stream). Never blocks the host.
+    fn hold(&self, queue: u64) -> Result<()>;
+    /// Open the gate (idempotent): queues holding on it proceed.
+    fn open(&self);
+    /// True once opened.
+    fn is_open(&self) -> bool;
+}
+
 /// One compute device. Implementations are thread-safe: several communicators (and the
 /// ranks of an in-process mesh) may share one.
 pub trait Device: Send + Sync + fmt::Debug {
@@ -166,6 +188,17 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Counters.
     fn stats(&self) -> DeviceStats {
         DeviceStats::default()
+    }
+    /// Capture everything queued so far on the caller's queue `queue` (a raw `CUstream`), so
+    /// a collective can order its device work after it. Devices without caller-visible
+    /// queues (host, Vulkan) answer [`Error::Unsupported`].
+    fn queue_point(&self, queue: u64) -> Result<Box<dyn QueuePoint>> {
+        let _ = queue;
+        Err(Error::Unsupported { reason: format!("{} has no stream ordering", self.describe()) })
+    }
+    /// A fresh, closed gate for callers' queues (see [`QueueGate`]).
+    fn queue_gate(&self) -> Result<Arc<dyn QueueGate>> {
+        Err(Error::Unsupported { reason: format!("{} has no stream ordering", self.describe()) })
     }
 }
 

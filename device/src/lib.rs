@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub use devccl_core::device::{Device, DeviceStats, Fence, Pending, ReduceArgs, Scattered};
+pub use devccl_core::device::{Device, DeviceStats, Fence, Pending, QueueGate, QueuePoint, ReduceArgs, Scattered};
 pub use devccl_core::memory::DeviceId;
 use devccl_core::memory::MemKind;
 use devccl_core::{Error, Result};
