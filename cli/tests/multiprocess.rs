@@ -3,74 +3,19 @@
 //! harness kills anything still alive after its own deadline.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_devccl-testworker");
 const DEVCCL: &str = env!("CARGO_BIN_EXE_devccl");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
+use common::{finish, free_port};
 
-struct Rank {
-    child: Child,
-}
-
-fn spawn(n: usize, common: &[(&str, &str)], per_rank: impl Fn(usize) -> Vec<(String, String)>) -> Vec<Rank> {
-    let port = free_port().to_string();
-    (0..n)
-        .map(|r| {
-            let mut c = Command::new(WORKER);
-            c.env("RANK", r.to_string())
-                .env("WORLD_SIZE", n.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("LOCAL_WORLD_SIZE", n.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("DEVCCL_INIT_TIMEOUT", "20")
-                .env("DEVCCL_TIMEOUT", "10")
-                .envs(common.iter().copied())
-                .envs(per_rank(r))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            Rank { child: c.spawn().expect("spawn worker") }
-        })
-        .collect()
-}
-
-/// Wait for every rank (killing stragglers after `limit`); per rank: (exited successfully,
-/// stdout+stderr, time until it exited or was killed).
-fn finish(mut ranks: Vec<Rank>, limit: Duration) -> Vec<(bool, String, Duration)> {
-    let start = Instant::now();
-    let mut status: Vec<Option<(bool, Duration)>> = vec![None; ranks.len()];
-    while status.iter().any(Option::is_none) {
-        for (i, r) in ranks.iter_mut().enumerate() {
-            if status[i].is_some() {
-                continue;
-            }
-            if let Some(st) = r.child.try_wait().unwrap() {
-                status[i] = Some((st.success(), start.elapsed()));
-            } else if start.elapsed() > limit {
-                let _ = r.child.kill();
-                let _ = r.child.wait();
-                status[i] = Some((false, start.elapsed()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    ranks
-        .into_iter()
-        .zip(status)
-        .map(|(mut r, st)| {
-            let (ok, took) = st.expect("every rank finished");
-            let mut s = String::new();
-            r.child.stdout.take().unwrap().read_to_string(&mut s).unwrap();
-            let mut e = String::new();
-            r.child.stderr.take().unwrap().read_to_string(&mut e).unwrap();
-            (ok, format!("{s}{e}"), took)
-        })
-        .collect()
+/// Start `n` test workers with the launcher's variables, short timeouts, `common` and each
+/// rank's own extra variables.
+fn spawn(n: usize, common: &[(&str, &str)], per_rank: impl Fn(usize) -> Vec<(String, String)>) -> Vec<common::Rank> {
+    common::spawn(WORKER, n, common, per_rank)
 }
 
 #[test]
