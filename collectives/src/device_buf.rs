@@ -38,10 +38,7 @@ pub struct DeviceBuffer<T> {
 
 impl<T> fmt::Debug for DeviceBuffer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceBuffer")
-            .field("device", &self.device.id())
-            .field("bytes", &self.region.len())
-            .finish()
+        f.debug_struct("DeviceBuffer").field("device", &self.device.id()).field("bytes", &self.region.len()).finish()
     }
 }
 

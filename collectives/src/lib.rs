@@ -27,8 +27,8 @@ pub mod testing;
 
 pub use api::{Collective, P2pOp, StreamWork};
 pub use comm::{Call, Communicator, InitOptions};
-pub use device_buf::DeviceBuffer;
 pub use devccl_core::memory::DeviceId;
 pub use devccl_core::wire::CollKind;
 pub use devccl_core::{CommId, DType, Element, Error, Fault, Rank, ReduceOp, Result};
+pub use device_buf::DeviceBuffer;
 pub use work::Work;

@@ -103,12 +103,17 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "DEVCCL_VULKAN_DISABLE",
         default: "(none)",
-        doc: "Comma list of Vulkan features to treat as missing (shaderFloat64, shaderInt64): the dtypes that need them are reduced on the host, staged. For testing the fallback; the real device's missing features are detected.",
+        doc: "Comma list of Vulkan features to treat as missing (shaderInt64, shaderFloat64): the dtypes whose shaders need them are reduced on the host, staged. For testing the fallback; a real device's missing features are detected.",
     },
     Variable {
-        name: "DEVCCL_CUDA_ARCH",
-        default: "(the device's)",
-        doc: "NVRTC target for devccl's CUDA kernels, e.g. `sm_90`. Default: the GPU's compute capability (CUBIN, so the driver never JIT-compiles PTX newer than it knows).",
+        name: "DEVCCL_NVRTC_PATH",
+        default: "(search)",
+        doc: "NVRTC for devccl's CUDA kernels: libnvrtc.so.13 or its directory. Default: the dynamic loader's search (a process that imported torch already has it loaded).",
+    },
+    Variable {
+        name: "DEVCCL_CUDA_GATE_FALLBACK",
+        default: "0",
+        doc: "1: stream-ordered collectives hold the caller's CUDA stream with a host function instead of cuStreamWaitValue32 (for drivers without stream memory operations; chosen automatically when the device lacks them).",
     },
     Variable { name: "MASTER_ADDR", default: "127.0.0.1", doc: "torchrun convention: rendezvous host." },
     Variable {
@@ -228,10 +233,15 @@ pub struct Config {
 /// Process-wide device settings (devices are shared by every communicator of a process).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceConfig {
-    /// Vulkan features to treat as missing (`DEVCCL_VULKAN_DISABLE`).
-    pub vulkan_disable: Vec<String>,
-    /// NVRTC target (`DEVCCL_CUDA_ARCH`), e.g. `sm_90`.
-    pub cuda_arch: Option<String>,
+    /// Treat the Vulkan device as lacking shaderInt64 (`DEVCCL_VULKAN_DISABLE`).
+    pub vulkan_disable_int64: bool,
+    /// Treat the Vulkan device as lacking shaderFloat64 (`DEVCCL_VULKAN_DISABLE`).
+    pub vulkan_disable_float64: bool,
+    /// NVRTC to load (`DEVCCL_NVRTC_PATH`): the library or the directory holding it.
+    pub nvrtc_path: Option<std::path::PathBuf>,
+    /// Hold CUDA streams with host functions instead of stream memory operations
+    /// (`DEVCCL_CUDA_GATE_FALLBACK=1`).
+    pub cuda_gate_fallback: bool,
 }
 
 impl DeviceConfig {
@@ -242,27 +252,27 @@ impl DeviceConfig {
 
     /// Read from an [`Env`].
     pub fn from(env: &Env) -> Result<DeviceConfig> {
-        const KNOWN: [&str; 2] = ["shaderFloat64", "shaderInt64"];
-        let mut vulkan_disable = Vec::new();
+        let mut c = DeviceConfig::default();
         for f in env.get("DEVCCL_VULKAN_DISABLE").unwrap_or_default().split(',').map(str::trim) {
-            if f.is_empty() {
-                continue;
+            match f.to_ascii_lowercase().as_str() {
+                "" => {}
+                "int64" | "shaderint64" => c.vulkan_disable_int64 = true,
+                "float64" | "shaderfloat64" => c.vulkan_disable_float64 = true,
+                _ => {
+                    return Err(Error::usage(format!(
+                        "DEVCCL_VULKAN_DISABLE: unknown feature '{f}' (known: shaderInt64, shaderFloat64; or int64, \
+                         float64)"
+                    )));
+                }
             }
-            let Some(k) = KNOWN.iter().find(|k| k.eq_ignore_ascii_case(f)) else {
-                return Err(Error::usage(format!(
-                    "DEVCCL_VULKAN_DISABLE: unknown feature '{f}' (known: {})",
-                    KNOWN.join(", ")
-                )));
-            };
-            vulkan_disable.push(k.to_string());
         }
-        let cuda_arch = env.get("DEVCCL_CUDA_ARCH").map(|a| a.trim().to_string());
-        if let Some(a) = &cuda_arch
-            && !(a.starts_with("sm_") || a.starts_with("compute_"))
-        {
-            return Err(Error::usage(format!("DEVCCL_CUDA_ARCH={a:?}: expected e.g. sm_90")));
-        }
-        Ok(DeviceConfig { vulkan_disable, cuda_arch })
+        c.nvrtc_path = env.get("DEVCCL_NVRTC_PATH").filter(|p| !p.trim().is_empty()).map(Into::into);
+        c.cuda_gate_fallback = match env.get("DEVCCL_CUDA_GATE_FALLBACK").as_deref().map(str::trim) {
+            None | Some("" | "0") => false,
+            Some("1") => true,
+            Some(v) => return Err(Error::usage(format!("DEVCCL_CUDA_GATE_FALLBACK={v:?}: expected 0 or 1"))),
+        };
+        Ok(c)
     }
 }
 

@@ -236,6 +236,31 @@ pub fn check_dst(dst: &RegionSlice, srcs: &[&RegionSlice], allowed: Option<&Regi
     Ok(())
 }
 
+/// Check a fused gather-and-reduce's shapes (every backend's): fragments covering the
+/// destination exactly once, a base of the destination's length (or the destination itself),
+/// whole elements, and a pool that is not the destination's region. Returns the fragments
+/// sorted by destination offset.
+pub fn check_gather_reduce(
+    dtype: DType,
+    dst: &RegionSlice,
+    base: &RegionSlice,
+    src: &Scattered<'_>,
+) -> Result<Vec<Fragment>> {
+    let frags = check_fragments(dst.len(), src)?;
+    check_dst(dst, &[base], Some(base))?;
+    if src.pool.same(&dst.region) {
+        return Err(Error::Internal("gather from the destination's own region".into()));
+    }
+    if base.len() != dst.len() || !dst.len().is_multiple_of(dtype.size()) {
+        return Err(Error::Internal(format!(
+            "gather_reduce: {} destination bytes, {} base bytes: not equal whole numbers of {dtype}",
+            dst.len(),
+            base.len()
+        )));
+    }
+    Ok(frags)
+}
+
 /// Check that fragments cover a destination of `len` bytes exactly once and lie inside the
 /// pool. Returns them sorted by destination offset.
 pub fn check_fragments(len: usize, src: &Scattered<'_>) -> Result<Vec<Fragment>> {
@@ -380,11 +405,7 @@ impl Device for HostDevice {
         src: Scattered<'_>,
         finish: Option<usize>,
     ) -> Result<Pending> {
-        let frags = check_fragments(dst.len(), &src)?;
-        check_dst(dst, &[base], Some(base))?;
-        if src.pool.same(&dst.region) {
-            return Err(Error::Internal("gather from the destination's own region".into()));
-        }
+        let frags = check_gather_reduce(dtype, dst, base, &src)?;
         // Reduce fragment by fragment straight from the pool (no gathered copy). Fragments
         // may split elements; a split element is assembled in `carry`.
         let e = dtype.size();
