@@ -3,6 +3,7 @@
 
     python bindings-python/bench/torch_allreduce.py              # 2 and 4 ranks, 4 KiB .. 256 MiB
     python bindings-python/bench/torch_allreduce.py --ranks 2 --max-mib 16
+    python bindings-python/bench/torch_allreduce.py --device cuda --ranks 2 --min-mib 64   # CUDA tensors
 
 For each world size and backend it starts the ranks as processes on 127.0.0.1 (Gloo on
 ``lo``), and for each size (float32, sum) runs warm-up ops, then timed ops each preceded by
@@ -13,7 +14,9 @@ busbw = algbw × 2(n−1)/n (nccl-tests, GB = 1e9 B). Every result is checked (#
 The closing markdown tables compare the backends: latency ratio devccl/gloo (lower is
 better) and busbw ratio devccl/gloo (higher is better). Run it with the extension built in
 release mode (``maturin build --release`` + pip install, or ``maturin develop --release``);
-``--python`` picks the interpreter of the ranks.
+``--python`` picks the interpreter of the ranks. With ``--device cuda`` the tensors live on
+the GPU (ranks share GPU ``LOCAL_RANK % device_count``) and each timed op ends with
+``torch.cuda.synchronize()``, so the time covers the whole stream-ordered collective.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ SIZES = [
 ]
 
 
-def worker(backend: str, max_bytes: int, out: str) -> None:
+def worker(backend: str, min_bytes: int, max_bytes: int, device: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -51,6 +54,17 @@ def worker(backend: str, max_bytes: int, out: str) -> None:
         import devccl.torch  # noqa: F401
 
     torch.set_num_threads(1)
+    cuda = device == "cuda"
+    if cuda:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     dist.init_process_group(backend)
     rank, n = dist.get_rank(), dist.get_world_size()
     expect = float(n * (n + 1) // 2)
@@ -58,17 +72,22 @@ def worker(backend: str, max_bytes: int, out: str) -> None:
     for nbytes, warm, iters in SIZES:
         if nbytes > max_bytes:
             break
-        x = torch.empty(nbytes // 4, dtype=torch.float32)
+        if nbytes < min_bytes:
+            continue
+        x = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
         for _ in range(warm):
             x.fill_(rank + 1)
             dist.all_reduce(x)
+        sync()
         ts = []
         wrong = 0
         for _ in range(iters):
             x.fill_(rank + 1)
+            sync()
             dist.barrier()
             t0 = time.perf_counter()
             dist.all_reduce(x)
+            sync()
             ts.append(time.perf_counter() - t0)
             wrong += int((x != expect).sum())
         tt = torch.tensor(ts, dtype=torch.float64)
@@ -78,7 +97,8 @@ def worker(backend: str, max_bytes: int, out: str) -> None:
         rows.append({"bytes": nbytes, "times": tt.tolist(), "wrong": int(w.item())})
         del x
     if rank == 0:
-        Path(out).write_text(json.dumps({"backend": backend, "n": n, "torch": torch.__version__, "rows": rows}))
+        result = {"backend": backend, "n": n, "torch": torch.__version__, "device": device, "rows": rows}
+        Path(out).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -89,7 +109,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(python: str, backend: str, n: int, max_mib: int, timeout: float) -> dict:
+def launch(python: str, backend: str, n: int, a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         port = free_port()
@@ -107,9 +127,10 @@ def launch(python: str, backend: str, n: int, max_mib: int, timeout: float) -> d
                 OMP_NUM_THREADS="1",
                 MKL_NUM_THREADS="1",
             )
-            cmd = [python, __file__, "--worker", backend, "--max-mib", str(max_mib), "--out", out]
+            cmd = [python, __file__, "--worker", backend, "--out", out, "--device", a.device]
+            cmd += ["--min-mib", str(a.min_mib), "--max-mib", str(a.max_mib)]
             procs.append(subprocess.Popen(cmd, env=env))
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + a.timeout
         rc = 0
         try:
             for p in procs:
@@ -143,7 +164,8 @@ def stats(res: dict) -> dict[int, tuple[float, float, int]]:
 
 def print_nccl_table(res: dict) -> None:
     n = res["n"]
-    print(f"\n# {res['backend']} (torch.distributed {res['torch']}) all_reduce float32 sum, {n} ranks, loopback")
+    where = res.get("device", "cpu")
+    print(f"\n# {res['backend']} (torch.distributed {res['torch']}) all_reduce float32 sum on {where} tensors, {n} ranks, loopback")
     print(f"# {'size(B)':>12} {'count':>10} {'iters':>6} {'med(us)':>10} {'min(us)':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>6}")
     f = 2.0 * (n - 1) / n
     for row in res["rows"]:
@@ -160,7 +182,9 @@ def print_nccl_table(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--min-mib", type=int, default=0, help="skip sizes below this")
     ap.add_argument("--max-mib", type=int, default=256)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the tensors live")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the ranks (with torch and devccl)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per (backend, ranks) run")
     ap.add_argument("--json", default=None, help="also write all results here")
@@ -168,13 +192,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker, a.max_mib << 20, a.out)
+        worker(a.worker, a.min_mib << 20, a.max_mib << 20, a.device, a.out)
         return
     print(f"# loadavg at start: {open('/proc/loadavg').read().split()[:3]}, cpus: {os.cpu_count()}", flush=True)
     results = []
     for n in a.ranks:
         for backend in ("gloo", "devccl"):
-            res = launch(a.python, backend, n, a.max_mib, a.timeout)
+            res = launch(a.python, backend, n, a)
             print_nccl_table(res)
             results.append(res)
     print(f"\n# loadavg at end: {open('/proc/loadavg').read().split()[:3]}")

@@ -2,9 +2,12 @@
 //!
 //! Every collective goes through one method, [`PyCommunicator::collective`], which names the
 //! collective by string and takes buffer-protocol objects (numpy arrays, `bytearray`,
-//! `memoryview`, `array.array`). The `devccl` package wraps it with one typed method per
-//! collective that also accepts torch tensors. Blocking calls release the GIL for the whole
-//! collective; asynchronous calls return a [`PyWork`].
+//! `memoryview`, `array.array`) or CUDA memory (objects with `__cuda_array_interface__` and a
+//! `device`). The `devccl` package wraps it with one typed method per collective that also
+//! accepts torch tensors. Blocking calls on host memory release the GIL for the whole
+//! collective; asynchronous calls return a [`PyWork`]. Calls on CUDA memory are always
+//! stream-ordered, like NCCL's: ordered after the work queued on a CUDA stream, never
+//! blocking the host (see [`PyCommunicator::collective`]).
 
 use std::str::FromStr;
 use std::sync::RwLock;
@@ -15,9 +18,9 @@ use devccl_core::config::Config;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
-use crate::buffer::{self, Lifetime, Operands};
+use crate::buffer::{self, Lifetime, Operands, Place};
 use crate::errors::{Kind, err, to_py};
-use crate::work::PyWork;
+use crate::work::{Pending, PyWork};
 
 /// A devccl communicator: a group of ranks that run collectives together.
 ///
@@ -97,6 +100,48 @@ fn describe(
             ));
         }
     })
+}
+
+/// One operation of `p2p_batch` as Python passes it: (is_send, peer, tag, buffer, dtype).
+type P2pSpec<'py> = (bool, usize, u32, Bound<'py, PyAny>, Option<String>);
+
+/// How a call on CUDA memory was started.
+enum Started {
+    /// Stream-ordered (the result of `collective_on_stream` / `p2p_batch_on_stream`).
+    Stream(devccl::Result<devccl::StreamWork>),
+    /// Queued on the host: the device buffers hold no bytes, so nothing on a device needs
+    /// ordering.
+    Host(devccl::Work<()>),
+}
+
+/// Finish starting a call on CUDA memory ordered after `stream`: raise errors found before
+/// anything was queued; then either hold `stream` at once and return `result` (blocking
+/// semantics: the host does not wait, the stream does) or return a Work.
+fn stream_call(
+    py: Python<'_>,
+    started: Started,
+    stream: u64,
+    result: Py<PyAny>,
+    async_op: bool,
+) -> PyResult<Py<PyAny>> {
+    let pending = match started {
+        Started::Stream(r) => Pending::Stream(r.map_err(|e| to_py(py, e))?),
+        Started::Host(w) => Pending::Host(w),
+    };
+    let work = Bound::new(py, PyWork::new(pending, result.clone_ref(py), Some(stream)))?;
+    if work.get().is_completed() {
+        // Argument errors of the host form arrive as an already-failed work: raise them now.
+        work.get().outcome(py)?;
+    }
+    if async_op {
+        return Ok(work.into_any().unbind());
+    }
+    work.get().hold_stream(py, None)?;
+    Ok(result)
+}
+
+fn no_stream(py: Python<'_>) -> PyErr {
+    err(py, Kind::Usage, "stream= orders calls on CUDA memory after a CUDA stream; these buffers are in host memory")
 }
 
 impl PyCommunicator {
@@ -218,10 +263,21 @@ impl PyCommunicator {
     /// all_to_all and (on the root) reduce, and "no output" otherwise. `dtype` names the
     /// element type when the buffers' format does not (e.g. 'bf16' for a 2-byte view).
     ///
-    /// Blocking (default): returns the output object (or the in-place buffer, or None) once
-    /// the collective finished on this rank, with the GIL released meanwhile. With
-    /// `async_op=True`: returns a `Work` at once.
-    #[pyo3(signature = (kind, input=None, output=None, *, op="sum", root=0, peer=0, tag=0, send_counts=None, send_displs=None, recv_counts=None, recv_displs=None, dtype=None, async_op=false))]
+    /// Host memory, blocking (default): returns the output object (or the in-place buffer,
+    /// or None) once the collective finished on this rank, with the GIL released meanwhile.
+    /// With `async_op=True`: returns a `Work` at once.
+    ///
+    /// CUDA memory (objects with `__cuda_array_interface__` and a `device`; input and output
+    /// on one device): stream-ordered, like an NCCL call. The collective's device work waits
+    /// for everything queued on `stream` (a raw `CUstream`; default: the stream the array
+    /// interface names, else 0, the legacy default stream) before the call, and the call
+    /// never blocks the host. Blocking form: `stream` is held at once (work queued on it
+    /// afterwards waits for the collective) and the output object is returned. With
+    /// `async_op=True`: a `Work` whose `hold(stream)` does that later and whose `wait()`
+    /// blocks the host. Errors found before anything was queued raise at once; later errors
+    /// release held streams (the output is then undefined), poison the communicator (every
+    /// later call raises) and are raised by the Work's `wait()`.
+    #[pyo3(signature = (kind, input=None, output=None, *, op="sum", root=0, peer=0, tag=0, send_counts=None, send_displs=None, recv_counts=None, recv_displs=None, dtype=None, async_op=false, stream=None))]
     #[allow(clippy::too_many_arguments)]
     fn collective<'py>(
         &self,
@@ -239,6 +295,7 @@ impl PyCommunicator {
         recv_displs: Option<Vec<usize>>,
         dtype: Option<&str>,
         async_op: bool,
+        stream: Option<u64>,
     ) -> PyResult<Py<PyAny>> {
         let comm = self.handle(py)?;
         let c = describe(py, kind, op, root, peer, tag, send_counts, send_displs, recv_counts, recv_displs)?;
@@ -278,10 +335,25 @@ impl PyCommunicator {
                 (Operands::Separate(ei, eo), result, dt)
             }
         };
+        if let Place::Cuda { bytes, stream: named } = buffer::placement(py, &ops.exports())? {
+            let s = stream.or(named).unwrap_or(0);
+            let b = buffer::bind(py, ops, Lifetime::Work)?;
+            let (i, o) = (b.input, b.output);
+            let started = if bytes {
+                // Detached: the first call on a device opens it (driver, kernels).
+                Started::Stream(py.detach(|| comm.collective_on_stream(&c, dt, i, o, s)))
+            } else {
+                Started::Host(comm.collective_async(&c, dt, i, o))
+            };
+            return stream_call(py, started, s, result, async_op);
+        }
+        if stream.is_some() {
+            return Err(no_stream(py));
+        }
         if async_op {
             let b = buffer::bind(py, ops, Lifetime::Work)?;
             let w = comm.collective_async(&c, dt, b.input, b.output);
-            let work = Bound::new(py, PyWork::new(w, result))?;
+            let work = Bound::new(py, PyWork::new(Pending::Host(w), result, None))?;
             Ok(work.into_any().unbind())
         } else {
             let b = buffer::bind(py, ops, Lifetime::Call)?;
@@ -297,28 +369,49 @@ impl PyCommunicator {
     /// send/recv): they progress together, so two ranks that exchange large buffers cannot
     /// deadlock. `ops` is a list of `(is_send, peer, tag, buffer, dtype)` (`dtype` None unless
     /// the buffer's format does not name it, as for bf16); between a pair of ranks, messages
-    /// match in list order. Blocking by default; `async_op=True` returns a `Work`.
-    #[pyo3(signature = (ops, *, async_op=false))]
+    /// match in list order. Blocking by default; `async_op=True` returns a `Work`. Buffers
+    /// all in host memory, or all CUDA memory of one device: then the batch is
+    /// stream-ordered after `stream` as [`collective`](Self::collective) describes.
+    #[pyo3(signature = (ops, *, async_op=false, stream=None))]
     fn p2p_batch<'py>(
         &self,
         py: Python<'py>,
-        ops: Vec<(bool, usize, u32, Bound<'py, PyAny>, Option<String>)>,
+        ops: Vec<P2pSpec<'py>>,
         async_op: bool,
+        stream: Option<u64>,
     ) -> PyResult<Py<PyAny>> {
         let comm = self.handle(py)?;
-        let mut batch = Vec::with_capacity(ops.len());
+        let mut exported = Vec::with_capacity(ops.len());
         for (send, peer, tag, obj, dtype) in &ops {
             let want = dtype.as_deref().map(|d| parse_dtype(py, d)).transpose()?;
-            let e = buffer::export(obj, if *send { "send buffer" } else { "recv buffer" }, !*send)?;
-            let dt = e.dtype(py, "buffer", want)?;
+            let what = if *send { "send buffer" } else { "recv buffer" };
+            let e = buffer::export(obj, what, !*send)?;
+            let dt = e.dtype(py, what, want)?;
+            exported.push((*send, *peer, *tag, dt, e));
+        }
+        let place = buffer::placement(py, &exported.iter().map(|x| &x.4).collect::<Vec<_>>())?;
+        let mut batch = Vec::with_capacity(exported.len());
+        for (send, peer, tag, dtype, e) in exported {
             // Each buffer keeps its own export alive for as long as the work runs.
-            let operands = if *send { Operands::Separate(Some(e), None) } else { Operands::Separate(None, Some(e)) };
+            let operands = if send { Operands::Separate(Some(e), None) } else { Operands::Separate(None, Some(e)) };
             let b = buffer::bind(py, operands, Lifetime::Work)?;
-            let buf = if *send { b.input } else { b.output };
-            batch.push(devccl::P2pOp { send: *send, peer: *peer, tag: *tag, dtype: dt, buf });
+            let buf = if send { b.input } else { b.output };
+            batch.push(devccl::P2pOp { send, peer, tag, dtype, buf });
+        }
+        if let Place::Cuda { bytes, stream: named } = place {
+            let s = stream.or(named).unwrap_or(0);
+            let started = if bytes {
+                Started::Stream(py.detach(|| comm.p2p_batch_on_stream(batch, s)))
+            } else {
+                Started::Host(comm.p2p_batch_async(batch))
+            };
+            return stream_call(py, started, s, py.None(), async_op);
+        }
+        if stream.is_some() {
+            return Err(no_stream(py));
         }
         let w = comm.p2p_batch_async(batch);
-        let work = Bound::new(py, PyWork::new(w, py.None()))?;
+        let work = Bound::new(py, PyWork::new(Pending::Host(w), py.None(), None))?;
         if async_op {
             return Ok(work.into_any().unbind());
         }

@@ -8,7 +8,7 @@
 //! │   └── MismatchError                            ranks called different collectives/sizes/dtypes
 //! ├── DevcclTimeoutError                           no progress within DEVCCL_TIMEOUT
 //! ├── AbortedError                                 the communicator was aborted or poisoned
-//! ├── UnsupportedError                             not available here (e.g. CUDA tensors)
+//! ├── UnsupportedError                             not available here (e.g. CUDA memory without a driver)
 //! ├── DevcclSystemError                            an OS call failed
 //! └── InternalError                                a bug in devccl
 //! ```
@@ -81,7 +81,12 @@ fn create(py: Python<'_>) -> PyResult<Classes> {
         &[b],
         "The communicator was aborted (by any rank) or poisoned by an earlier failure; every later call raises this.",
     )?;
-    let unsupported = make(py, "UnsupportedError", &[b], "The request cannot be served here (e.g. CUDA tensors).")?;
+    let unsupported = make(
+        py,
+        "UnsupportedError",
+        &[b],
+        "The request cannot be served here (e.g. CUDA memory on a machine without a CUDA driver).",
+    )?;
     let system = make(py, "DevcclSystemError", &[b], "An operating-system call failed.")?;
     let internal = make(py, "InternalError", &[b], "A bug in devccl; please report it with the message.")?;
     Ok(Classes { base, usage, dtype, remote, mismatch, timeout, aborted, unsupported, system, internal })

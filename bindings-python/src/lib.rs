@@ -2,11 +2,12 @@
 //!
 //! - [`comm`]: `Communicator` (init from the launcher's environment or explicitly, every
 //!   collective through one descriptor method, abort, destroy).
-//! - [`work`]: `Work`, the handle of an asynchronous collective.
+//! - [`work`]: `Work`, the handle of an asynchronous or stream-ordered collective.
 //! - [`rendezvous`]: `RendezvousServer`, for hosting the rendezvous in-process (the torch
 //!   backend does, per process group).
 //! - [`errors`]: the exception hierarchy (`DevcclError` and subclasses).
-//! - [`buffer`]: buffer-protocol exports as devccl regions: the only `unsafe` code here.
+//! - [`buffer`]: buffer-protocol exports and CUDA array interfaces as devccl regions: the only
+//!   `unsafe` code here.
 //!
 //! Blocking calls release the GIL. The Python package `devccl` (python/devccl) adds typed
 //! per-collective methods, torch tensor support and the torch.distributed backend.

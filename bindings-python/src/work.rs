@@ -1,41 +1,77 @@
-//! `devccl._native.Work`: the handle of an asynchronous collective.
+//! `devccl._native.Work`: the handle of an asynchronous or stream-ordered collective.
 
-use std::sync::{Mutex, TryLockError};
+use std::sync::{RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyTimeoutError;
 use pyo3::prelude::*;
 
-use crate::errors::to_py;
+use crate::errors::{Kind, err, to_py};
 
 /// How long one detached wait lasts before the waiter re-attaches to let Python deliver
 /// signals (Ctrl-C) to the main thread.
 const SLICE: Duration = Duration::from_millis(200);
 
+/// A call in flight.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    /// Queued on devccl's progress thread (host memory, or device buffers without bytes).
+    Host(devccl::Work<()>),
+    /// Ordered after a CUDA stream ([`devccl::Communicator::collective_on_stream`]).
+    Stream(devccl::StreamWork),
+}
+
+impl Pending {
+    fn wait_timeout(&self, d: Duration) -> bool {
+        match self {
+            Pending::Host(w) => w.wait_timeout(d),
+            Pending::Stream(w) => w.wait_timeout(d),
+        }
+    }
+
+    fn test(&self) -> bool {
+        match self {
+            Pending::Host(w) => w.test(),
+            Pending::Stream(w) => w.test(),
+        }
+    }
+
+    fn wait(self) -> devccl::Result<()> {
+        match self {
+            Pending::Host(w) => w.wait(),
+            Pending::Stream(w) => w.wait(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum State {
-    Pending(devccl::Work<()>),
+    Pending(Pending),
     Finished(Option<PyErr>),
 }
 
 /// A collective in flight. `wait()` blocks (without the GIL) until it finished and returns
-/// its output buffer, or raises the collective's error; `is_completed()` never blocks.
-/// Dropping a Work does not cancel the collective: it still runs, in order, as every rank
-/// expects, and its buffers stay alive until it finished.
+/// its output buffer, or raises the collective's error; `is_completed()` never blocks;
+/// `hold(stream)` makes later work on a CUDA stream wait for a stream-ordered call without
+/// blocking the host. Dropping a Work does not cancel the collective: it still runs, in
+/// order, as every rank expects, and its buffers stay alive until it finished.
 #[derive(Debug)]
 #[pyclass(frozen, name = "Work", module = "devccl._native")]
 pub struct PyWork {
-    // A waiter holds the lock (detached) for at most one SLICE at a time, and wakes as soon as
-    // the work finishes; `is_completed` only tries the lock, so it never blocks (it reports
-    // False while another thread is inside a wait slice, i.e. until that thread has seen
-    // the completion, microseconds after it happened).
-    state: Mutex<State>,
+    // Waiters, `hold` and `is_completed` share the read side (a waiter holds it, detached,
+    // for at most one SLICE at a time and wakes as soon as the work finishes); only the
+    // Pending -> Finished transition, after the work finished, takes the write side. So
+    // `hold` never waits for a waiter, and `is_completed` (which only tries the lock) is
+    // False only during that transition, microseconds after completion.
+    state: RwLock<State>,
     result: Py<PyAny>,
+    /// The CUDA stream a stream-ordered call was ordered after (None for host calls).
+    stream: Option<u64>,
 }
 
 impl PyWork {
-    pub(crate) fn new(work: devccl::Work<()>, result: Py<PyAny>) -> PyWork {
-        PyWork { state: Mutex::new(State::Pending(work)), result }
+    pub(crate) fn new(work: Pending, result: Py<PyAny>, stream: Option<u64>) -> PyWork {
+        PyWork { state: RwLock::new(State::Pending(work)), result, stream }
     }
 
     /// Wait until finished or `deadline`; true when finished.
@@ -46,7 +82,7 @@ impl PyWork {
                 None => SLICE,
             };
             let done = py.detach(|| {
-                let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let g = self.state.read().unwrap_or_else(|e| e.into_inner());
                 match &*g {
                     State::Pending(w) => w.wait_timeout(step),
                     State::Finished(_) => true,
@@ -63,8 +99,10 @@ impl PyWork {
     }
 
     /// Record the outcome of a finished work (idempotent) and return it.
-    fn outcome(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn outcome(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        // Readers (waiters, hold) release the lock without needing the interpreter, so taking
+        // it attached cannot deadlock; once the work finished they hold it only briefly.
+        let mut g = self.state.write().unwrap_or_else(|e| e.into_inner());
         if let State::Pending(_) = &*g {
             let State::Pending(w) = std::mem::replace(&mut *g, State::Finished(None)) else {
                 unreachable!("checked just above")
@@ -77,6 +115,28 @@ impl PyWork {
             State::Finished(Some(e)) => Err(e.clone_ref(py)),
             _ => Ok(self.result.clone_ref(py)),
         }
+    }
+
+    /// Make `stream` (default: the call's) wait for a stream-ordered call.
+    pub(crate) fn hold_stream(&self, py: Python<'_>, stream: Option<u64>) -> PyResult<()> {
+        let Some(own) = self.stream else {
+            return Err(err(
+                py,
+                Kind::Usage,
+                "hold() orders a CUDA stream after a call on CUDA memory; this call ran on host memory (use wait())",
+            ));
+        };
+        let s = stream.unwrap_or(own);
+        let r = py.detach(|| {
+            let g = self.state.read().unwrap_or_else(|e| e.into_inner());
+            match &*g {
+                State::Pending(Pending::Stream(w)) => w.hold(s),
+                // Finished (device work included), or a call without device bytes: nothing
+                // on the device to wait for.
+                _ => Ok(()),
+            }
+        });
+        r.map_err(|e| to_py(py, e))
     }
 }
 
@@ -104,9 +164,24 @@ impl PyWork {
         self.outcome(py)
     }
 
+    /// Make work queued on the CUDA stream `stream` (a raw `CUstream` handle; default: the
+    /// stream the call was ordered after) from now on wait for this stream-ordered call,
+    /// without blocking the host. Idempotent, and fine before or after completion. Raises
+    /// InvalidUsageError for calls on host memory.
+    #[pyo3(signature = (stream=None))]
+    fn hold(&self, py: Python<'_>, stream: Option<u64>) -> PyResult<()> {
+        self.hold_stream(py, stream)
+    }
+
+    /// The CUDA stream a stream-ordered call was ordered after, or None for host calls.
+    #[getter]
+    fn stream(&self) -> Option<u64> {
+        self.stream
+    }
+
     /// True once the collective finished (successfully or not). Never blocks.
-    fn is_completed(&self) -> bool {
-        match self.state.try_lock() {
+    pub(crate) fn is_completed(&self) -> bool {
+        match self.state.try_read() {
             Ok(g) => match &*g {
                 State::Pending(w) => w.test(),
                 State::Finished(_) => true,

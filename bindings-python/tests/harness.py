@@ -45,6 +45,21 @@ class RankResult:
         return f"--- rank {self.rank} rc={self.rc}\nstdout:\n{self.out[-4000:]}\nstderr:\n{self.err[-6000:]}"
 
 
+def require_cuda() -> None:
+    """Skip the calling test, saying why, unless torch sees a CUDA device; with
+    DEVCCL_REQUIRE_CUDA=1 (set on GPU machines) fail instead, so a broken CUDA setup cannot
+    pass as skipped."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__})"
+    if os.environ.get("DEVCCL_REQUIRE_CUDA", "").strip() == "1":
+        pytest.fail(f"DEVCCL_REQUIRE_CUDA=1 but {why}")
+    pytest.skip(f"{why}; set DEVCCL_REQUIRE_CUDA=1 to make this a failure")
+
+
 class RunFailed(AssertionError):
     """A rank failed or the run timed out."""
 

@@ -26,8 +26,12 @@ DTYPES: dict[str, Any] = {
     "uint8": np.uint8,
     "int32": np.int32,
     "int64": np.int64,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
 }
 FLOATS = {"float32", "float64", "float16", "bf16"}
+#: Unsigned types whose small negative test values wrap to large ones (checks unsignedness).
+UNSIGNED = {"uint32", "uint64"}
 OPS = ["sum", "prod", "min", "max", "avg"]
 SIZES = [0, 1, 7, 1000]
 
@@ -54,8 +58,26 @@ def cast(v: np.ndarray, name: str) -> np.ndarray:
     return v.astype(np.int64).astype(DTYPES[name])
 
 
+def unsigned_ref(op: str, xs: list[np.ndarray], name: str) -> np.ndarray:
+    """devccl's wrapping unsigned arithmetic (core/src/op.rs): sum and prod modulo 2^bits,
+    avg = the wrapped sum divided by the rank count."""
+    dt = DTYPES[name]
+    s = np.stack([cast(x, name) for x in xs])
+    if op == "sum":
+        return s.sum(0, dtype=dt)
+    if op == "prod":
+        return s.prod(0, dtype=dt)
+    if op == "min":
+        return s.min(0)
+    if op == "max":
+        return s.max(0)
+    return s.sum(0, dtype=dt) // dt(len(xs))
+
+
 def reduce_ref(op: str, xs: list[np.ndarray], name: str) -> np.ndarray:
     """devccl's reduction semantics (core/src/op.rs) on exact small integers."""
+    if name in UNSIGNED:
+        return unsigned_ref(op, xs, name)
     s = np.stack(xs).astype(np.float64) if xs else np.zeros((1, 0))
     if op == "sum":
         r = s.sum(0)
@@ -235,6 +257,83 @@ def scenario_torch_tensors() -> dict[str, Any]:
     assert torch.equal(p.detach(), torch.full((3, 4), float(N)))
     comm.destroy()
     return {"checks": checks + 1}
+
+
+FP8 = ("float8_e4m3fn", "float8_e5m2")
+
+
+def fp8_values(rank: int, count: int, name: str) -> Any:
+    """Rank `rank`'s fp8 tensor: values in [-8, 8] rounded to the type, so sums and products
+    of two stay far from overflow."""
+    import torch
+
+    v = np.random.default_rng(100 + rank).uniform(-8, 8, count).astype(np.float32)
+    return torch.from_numpy(v).to(getattr(torch, name))
+
+
+def fp8_ref(op: str, xs: list[Any], name: str) -> Any:
+    """devccl's fp8 reduction: each step in f32, rounded once to the type (round to nearest
+    even), folded in rank order (the order does not matter for 2 ranks); avg divides the
+    rounded sum and rounds again."""
+    import torch
+
+    dt = getattr(torch, name)
+    f = {"sum": torch.add, "avg": torch.add, "prod": torch.mul, "min": torch.minimum, "max": torch.maximum}[op]
+    r = xs[0]
+    for x in xs[1:]:
+        r = f(r.float(), x.float()).to(dt)
+    return (r.float() / len(xs)).to(dt) if op == "avg" else r
+
+
+def raw(t: Any) -> bytes:
+    """A tensor's bytes (any dtype, CPU or CUDA)."""
+    import torch
+
+    if t.numel() == 0:
+        return b""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
+def scenario_new_dtypes() -> dict[str, Any]:
+    """uint32, uint64, float8_e4m3fn and float8_e5m2 on CPU torch tensors (and fp8 as a uint8
+    numpy array with dtype=): every reduction op against a local reference, plus the data
+    movement collectives."""
+    import torch
+
+    comm = devccl.init()
+    checks = 0
+    for name in ("uint32", "uint64", *FP8):
+        for count in (0, 1, 7, 1000):
+            bases = [base(r, count, "int8") for r in range(N)]  # small, negative ones wrap around
+            if name in FP8:
+                xs = [fp8_values(r, count, name) for r in range(N)]
+            else:
+                xs = [torch.from_numpy(cast(b, name)) for b in bases]
+            for op in OPS:
+                if name in FP8 and N > 2 and op not in ("min", "max"):
+                    continue  # rounding after every step: the result depends on the algorithm's order
+                want = fp8_ref(op, xs, name) if name in FP8 else torch.from_numpy(unsigned_ref(op, bases, name))
+                t = xs[RANK].clone()
+                assert comm.all_reduce(t, op) is t
+                assert raw(t) == raw(want), f"{name} {op} n={count}: {t[:6]} vs {want[:6]}"
+                out = torch.empty_like(t)
+                comm.all_reduce(xs[RANK], op, out=out, async_op=True).wait()
+                assert raw(out) == raw(want), f"{name} {op} async out="
+                checks += 2
+            out = torch.empty(count * N, dtype=xs[0].dtype)
+            comm.all_gather(out, xs[RANK])
+            assert raw(out) == b"".join(raw(x) for x in xs), f"all_gather {name}"
+            t = xs[RANK].clone()
+            comm.broadcast(t, N - 1)
+            assert raw(t) == raw(xs[N - 1]), f"broadcast {name}"
+            checks += 2
+        if name in FP8:  # the same data as a uint8 numpy array with dtype=
+            a = fp8_values(RANK, 64, name).view(torch.uint8).numpy().copy()
+            comm.all_reduce(a, "max", dtype=name)
+            assert a.tobytes() == raw(fp8_ref("max", [fp8_values(r, 64, name) for r in range(N)], name))
+            checks += 1
+    comm.destroy()
+    return {"checks": checks}
 
 
 def scenario_async_and_gil() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch.distributed import ReduceOp
 
 import devccl
 import devccl.torch  # noqa: F401  (registers the backend)
+from scenarios_native import FP8, base, cast, fp8_ref, fp8_values, raw, unsigned_ref
 from scenarios_torch_names import REQUIRED
 
 RANK = int(os.environ["RANK"])
@@ -22,6 +23,7 @@ N = int(os.environ["WORLD_SIZE"])
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.int64]
 OPS = [ReduceOp.SUM, ReduceOp.AVG, ReduceOp.PRODUCT, ReduceOp.MIN, ReduceOp.MAX]
+OP_NAMES = {ReduceOp.SUM: "sum", ReduceOp.AVG: "avg", ReduceOp.PRODUCT: "prod", ReduceOp.MIN: "min", ReduceOp.MAX: "max"}
 
 
 def values(rank: int, count: int, dt: torch.dtype, salt: int = 0) -> torch.Tensor:
@@ -61,6 +63,45 @@ def init() -> dist.ProcessGroup:
     assert type(pg).__name__ == "ProcessGroupDevccl", type(pg)
     assert pg.group_name, "the group must have a name (functional collectives need it)"
     return pg
+
+
+def new_dtype_checks(device: str = "cpu") -> int:
+    """uint32, uint64 and the float8 types through torch.distributed (every reduction op
+    against a local reference; all_gather_into_tensor, broadcast, reduce_scatter_tensor)."""
+    checks = 0
+    for name in ("uint32", "uint64", *FP8):
+        for count in (0, 1, 7, 1000):
+            bases = [base(r, count, "int8") for r in range(N)]
+            if name in FP8:
+                xs = [fp8_values(r, count, name) for r in range(N)]
+            else:
+                xs = [torch.from_numpy(cast(b, name)) for b in bases]
+            for op in OPS:
+                o = OP_NAMES[op]
+                if name in FP8 and N > 2 and o not in ("min", "max"):
+                    continue  # rounding after every step: the result depends on the algorithm's order
+                want = fp8_ref(o, xs, name) if name in FP8 else torch.from_numpy(unsigned_ref(o, bases, name))
+                t = xs[RANK].clone().to(device)
+                dist.all_reduce(t, op=op)
+                if raw(t) != raw(want):
+                    raise AssertionError(f"rank {RANK}: all_reduce {name} {o} n={count} on {device}: {t[:6]} vs {want[:6]}")
+                checks += 1
+            out = torch.empty(count * N, dtype=xs[0].dtype, device=device)
+            dist.all_gather_into_tensor(out, xs[RANK].to(device))
+            assert raw(out) == b"".join(raw(x) for x in xs), f"all_gather_into_tensor {name}"
+            t = xs[RANK].clone().to(device)
+            dist.broadcast(t, N - 1)
+            assert raw(t) == raw(xs[N - 1]), f"broadcast {name}"
+            checks += 2
+        full = [fp8_values(r, 4 * N, name) if name in FP8 else torch.from_numpy(cast(base(r, 4 * N, "int8"), name)) for r in range(N)]
+        out = torch.empty(4, dtype=full[0].dtype, device=device)
+        dist.reduce_scatter_tensor(out, full[RANK].to(device), op=ReduceOp.MAX)
+        want = fp8_ref("max", [f[4 * RANK : 4 * RANK + 4] for f in full], name) if name in FP8 else None
+        if want is None:
+            want = torch.from_numpy(unsigned_ref("max", [base(r, 4 * N, "int8")[4 * RANK : 4 * RANK + 4] for r in range(N)], name))
+        assert raw(out) == raw(want), f"reduce_scatter_tensor {name}"
+        checks += 1
+    return checks
 
 
 def scenario_torch_collectives() -> dict[str, Any]:
@@ -103,6 +144,7 @@ def scenario_torch_collectives() -> dict[str, Any]:
             dist.all_gather_into_tensor(o, xs[RANK])
             eq(o, torch.cat(xs), f"all_gather_into_tensor {dt}")
             checks += 3
+    checks += new_dtype_checks()
     # reduce_scatter with a list of inputs
     ins = [values(RANK, 6, torch.float32, j) for j in range(N)]
     out = torch.empty(6)

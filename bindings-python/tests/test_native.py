@@ -17,6 +17,12 @@ def test_torch_tensors_without_torch_distributed(n: int) -> None:
     run_ranks("torch_tensors", n, timeout=120)
 
 
+def test_new_dtypes_on_cpu_tensors() -> None:
+    """uint32, uint64, float8_e4m3fn, float8_e5m2: every reduction op vs a local reference."""
+    res = run_ranks("new_dtypes", 2, timeout=120)
+    assert all(r.report["checks"] > 150 for r in res)
+
+
 def test_async_work_and_gil_release() -> None:
     run_ranks("async_and_gil", 2, timeout=90)
 

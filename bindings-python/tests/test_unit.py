@@ -4,6 +4,8 @@ world-of-one communicator, the rendezvous server, and the stubs."""
 from __future__ import annotations
 
 import ast
+import ctypes
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,22 +60,173 @@ class _FakeDevice:
         return "cuda:0"
 
 
-def test_device_check_refuses_cuda_tensors_with_a_clear_message() -> None:
-    fake = SimpleNamespace(device=_FakeDevice())
-    with pytest.raises(devccl.UnsupportedError) as e:
-        _buffers.check_device(fake, "tensor")
-    msg = str(e.value)
-    assert "does not yet support CUDA tensors" in msg and "cuda:0" in msg and ".cpu()" in msg
+def test_device_check_accepts_cpu_and_cuda_refuses_other_devices() -> None:
+    _buffers.check_device(SimpleNamespace(device=_FakeDevice()), "tensor")
     _buffers.check_device(SimpleNamespace(device=SimpleNamespace(type="cpu")), "tensor")
+    with pytest.raises(devccl.UnsupportedError) as e:
+        _buffers.check_device(SimpleNamespace(device=SimpleNamespace(type="xpu")), "tensor")
+    assert "xpu tensors" in str(e.value) and ".cpu()" in str(e.value) and ".cuda()" in str(e.value)
 
 
 def test_device_check_on_a_real_non_cpu_tensor(comm: devccl.Communicator) -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(devccl.UnsupportedError, match=r"meta tensors .*\.cpu\(\)"):
         comm.all_reduce(torch.empty(4, device="meta"))
-    if torch.cuda.is_available():  # on a machine with a GPU: the real thing
-        with pytest.raises(devccl.UnsupportedError, match="does not yet support CUDA tensors"):
-            comm.all_reduce(torch.ones(4, device="cuda"))
+
+
+def _cuda_driver_present() -> bool:
+    """True when libcuda can be loaded: then fake device pointers must never reach devccl."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+class _FakeCudaArray:
+    """An object exposing CUDA memory the way cupy or numba do (__cuda_array_interface__ and a
+    device). Its pointer is made up: only use it where devccl fails before touching memory
+    (argument checks, or no CUDA driver), or with zero elements."""
+
+    def __init__(
+        self,
+        n: int,
+        typestr: str = "<f4",
+        *,
+        device: object = 0,
+        strides: tuple[int, ...] | None = None,
+        readonly: bool = False,
+        ptr: int = 0x7F00_0000_0000,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        if device is not None:
+            self.device = device
+        self.__cuda_array_interface__ = {
+            "shape": shape or (n,),
+            "typestr": typestr,
+            "data": (ptr if n else 0, readonly),
+            "strides": strides,
+            "version": 3,
+        }
+
+
+def test_cuda_memory_without_a_driver_is_unsupported(comm: devccl.Communicator) -> None:
+    if _cuda_driver_present():
+        pytest.skip("a CUDA driver is present here: the no-driver path cannot be exercised with fake pointers")
+    for call in (
+        lambda: comm.all_reduce(_FakeCudaArray(8)),
+        lambda: comm.native.collective("all_reduce", _FakeCudaArray(8), stream=7),
+        lambda: comm.all_gather(_FakeCudaArray(8), _FakeCudaArray(8, ptr=0x7F00_0001_0000), async_op=True),
+        lambda: comm.p2p_batch([(True, 0, 0, _FakeCudaArray(4))]),
+    ):
+        with pytest.raises(devccl.UnsupportedError, match="no CUDA driver"):
+            call()
+    assert comm.poisoned is None
+    comm.all_reduce(np.ones(2, np.float32))  # the communicator is still usable
+
+
+def test_cuda_memory_argument_errors_before_any_device_is_touched(comm: devccl.Communicator) -> None:
+    host = np.zeros(8, np.float32)
+    with pytest.raises(devccl.InvalidUsageError, match=r"host memory but output is CUDA memory on cuda:0.*\.cpu\(\)"):
+        comm.all_reduce(host, out=_FakeCudaArray(8))
+    with pytest.raises(devccl.InvalidUsageError, match="cuda:0 but output is CUDA memory on cuda:1"):
+        comm.all_gather(_FakeCudaArray(16, device=1), _FakeCudaArray(8))
+    with pytest.raises(devccl.InvalidUsageError, match="every buffer of a call must live on one device"):
+        comm.p2p_batch([(True, 0, 0, host), (False, 0, 0, _FakeCudaArray(8))])
+    with pytest.raises(devccl.InvalidUsageError, match="not C-contiguous"):
+        comm.all_reduce(_FakeCudaArray(12, shape=(3, 4), strides=(4, 12)))
+    with pytest.raises(devccl.InvalidUsageError, match="read-only"):
+        comm.all_reduce(_FakeCudaArray(8, readonly=True))
+    with pytest.raises(devccl.InvalidUsageError, match="which CUDA device"):
+        comm.all_reduce(_FakeCudaArray(8, device=None))
+    with pytest.raises(devccl.InvalidUsageError, match="which CUDA device"):
+        comm.all_reduce(_FakeCudaArray(8, device=SimpleNamespace(index=None)))
+    with pytest.raises(devccl.DTypeError, match="'<c8'"):
+        comm.all_reduce(_FakeCudaArray(8, "<c8"))
+    with pytest.raises(devccl.DTypeError, match="dtype=float was given"):
+        comm.all_reduce(_FakeCudaArray(8, "<i4"), dtype="f32")
+    bad = _FakeCudaArray(8)
+    bad.__cuda_array_interface__["mask"] = object()
+    with pytest.raises(devccl.InvalidUsageError, match="masked"):
+        comm.all_reduce(bad)
+    bad.__cuda_array_interface__ = [1, 2]
+    with pytest.raises(devccl.InvalidUsageError, match="not a dict"):
+        comm.all_reduce(bad)
+    with pytest.raises(devccl.InvalidUsageError, match="stream= orders calls on CUDA memory"):
+        comm.all_reduce(host, stream=5)
+    with pytest.raises(devccl.InvalidUsageError, match="stream= orders calls on CUDA memory"):
+        comm.p2p_batch([(True, 0, 0, host)], stream=5)
+    with pytest.raises(devccl.InvalidUsageError, match="host memory"):
+        comm.all_reduce(host, async_op=True).hold(3)
+    assert comm.poisoned is None
+
+
+def test_empty_cuda_buffers_need_no_device(comm: devccl.Communicator) -> None:
+    """Zero-length CUDA operands run as host calls (nothing to order on a device), so this
+    works with or without a driver; hold() then has nothing to wait for."""
+    e = _FakeCudaArray(0, device=SimpleNamespace(index=0))
+    assert comm.all_reduce(e) is e
+    out = _FakeCudaArray(0)
+    w = comm.all_gather(out, _FakeCudaArray(0), async_op=True, stream=11)
+    assert w.stream == 11
+    assert w.hold() is out  # orders nothing: there is no device work
+    assert w.wait() is out
+    assert w.is_completed() and w.is_success()
+    w.hold(12)  # after completion: nothing to do
+    assert comm.all_reduce(np.ones(1, np.float32), async_op=True).stream is None
+
+
+def test_new_dtypes_in_a_world_of_one(comm: devccl.Communicator) -> None:
+    for dt in (np.uint32, np.uint64):
+        a = np.array([1, 2**31 + 5, np.iinfo(dt).max], dt)
+        comm.all_reduce(a, "max")
+        assert list(a) == [1, 2**31 + 5, np.iinfo(dt).max]
+        out = np.zeros(3, dt)
+        comm.all_gather(out, a)
+        assert (out == a).all()
+    bits = np.array([0x38, 0x40, 0x7E], np.uint8)  # fp8 e4m3: 1.0, 2.0, 448.0
+    comm.all_reduce(bits, "sum", dtype="float8_e4m3fn")
+    assert list(bits) == [0x38, 0x40, 0x7E]
+    with pytest.raises(devccl.DTypeError, match="1-byte"):
+        comm.all_reduce(np.zeros(2, np.uint16), dtype="f8e5m2")
+    with pytest.raises(devccl.DTypeError, match="dtype=f8e4m3 was given"):
+        comm.all_reduce(np.zeros(2, np.float32).view(np.int32), dtype="f8e4m3")
+
+
+def test_new_dtypes_of_cpu_tensors(comm: devccl.Communicator) -> None:
+    torch = pytest.importorskip("torch")
+    for dt, name in (
+        (torch.uint32, "uint32"),
+        (torch.uint64, "uint64"),
+        (torch.float8_e4m3fn, "f8e4m3"),
+        (torch.float8_e5m2, "f8e5m2"),
+        (torch.bfloat16, "bf16"),
+        (torch.float32, "float32"),
+    ):
+        t = torch.arange(6, dtype=torch.float32).to(dt)
+        o = _buffers.as_buffer(t, "t")
+        assert o.dtype == name and o.device is None, (dt, o)
+        before = t.view(torch.uint8).clone()
+        assert comm.all_reduce(t, "max") is t
+        assert torch.equal(t.view(torch.uint8), before), dt
+        out = torch.empty(6, dtype=dt)
+        comm.all_gather(out, t)
+        assert torch.equal(out.view(torch.uint8), before), dt
+    with pytest.raises(devccl.DTypeError, match="float8_e4m3fn"):
+        comm.all_reduce(torch.zeros(2, dtype=torch.int16))
+
+
+def test_mixed_devices_are_refused_by_name() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(devccl.InvalidUsageError, match="input is on cpu but output is on meta"):
+        _buffers.as_buffers(torch.zeros(2), "input", torch.empty(2, device="meta"), "output")
+    import devccl.torch as dt
+
+    with pytest.raises(devccl.InvalidUsageError, match="tensors on cpu and cuda:0.*one device"):
+        dt._call_device([torch.zeros(2), SimpleNamespace(device=torch.device("cuda", 0))], "allreduce")  # type: ignore[list-item]
+    assert dt._call_device([torch.zeros(2)]) is None
+    cuda_like = SimpleNamespace(device=torch.device("cuda", 1))
+    assert dt._call_device([cuda_like, cuda_like]) == torch.device("cuda", 1)  # type: ignore[list-item]
 
 
 def test_world_of_one(comm: devccl.Communicator) -> None:
@@ -243,3 +396,148 @@ def test_rank0_rendezvous_failure_is_published_to_the_other_ranks(monkeypatch: p
         dt._connect(store, 0, 2, None)
     with pytest.raises(devccl.RemoteError, match="rank 0 of this process group could not start.*no route"):
         dt._connect(store, 1, 2, None)
+
+
+class _FakeStream:
+    """Stands for a torch.cuda.Stream in the simulated CUDA test."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cuda_stream = 0x1000 + len(name)
+        self.waited: list[object] = []
+
+    def wait_event(self, ev: object) -> None:
+        self.waited.append(ev)
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.recorded_on: _FakeStream | None = None
+        self.synced = False
+
+    def record(self, s: _FakeStream) -> None:
+        self.recorded_on = s
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+
+def test_torch_backend_cuda_stream_logic_simulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend's CUDA path without a GPU: CPU tensors are declared CUDA, torch's stream
+    API is replaced by recorders and devccl's stream-ordered calls by host calls whose hold()
+    is logged. Checks which stream each call is ordered after and when streams are held:
+    blocking calls hold the current stream at once, async Works in wait() (the then-current
+    stream), copy-out steps run on the side stream after holding it, completion waits for
+    them, C++ callers get a Work that blocks until done. The GPU tests check the real thing."""
+    torch = pytest.importorskip("torch")
+    import contextlib
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import devccl.torch as dt
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    log: list[tuple[object, ...]] = []
+    default, other = _FakeStream("default"), _FakeStream("other")
+    cur = [default]
+
+    @contextlib.contextmanager
+    def stream_ctx(s: _FakeStream) -> Iterator[None]:
+        prev, cur[0] = cur[0], s
+        try:
+            yield
+        finally:
+            cur[0] = prev
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: cur[0])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(("record", s.name)))
+    monkeypatch.setattr(dt, "_call_device", lambda tensors, what="": torch.device("cuda", 0) if tensors else None)
+    real_unflatten = dt._unflatten_into
+
+    def unflatten(flat: object, tensors: object) -> None:
+        log.append(("post", cur[0].name))
+        real_unflatten(flat, tensors)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dt, "_unflatten_into", unflatten)
+
+    class Held:
+        def __init__(self, w: devccl.Work) -> None:
+            self.w = w
+
+        def hold(self, s: int) -> None:
+            log.append(("hold", s))
+
+        def wait(self, timeout: float | None = None) -> object:
+            return self.w.wait(timeout)
+
+    class Comm:
+        def __init__(self, real: devccl.Communicator) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> object:
+            method = getattr(self.real, name)
+
+            def call(*a: object, stream: int | None = None, **kw: object) -> object:
+                if name == "barrier" or stream is None:
+                    return method(*a, **kw)
+                log.append((name, stream))
+                return Held(method(*a, **kw))
+
+            return call
+
+    pg = dt.ProcessGroupDevccl(dist.HashStore(), 0, 1, timedelta(seconds=20))
+    pg._comm = Comm(pg._comm)  # type: ignore[assignment]
+    side = pg._side_stream(torch.device("cuda", 0))
+    try:
+        sync = dist.AllreduceOptions()
+        sync.asyncOp = False
+        t = torch.ones(4)
+        w = pg.allreduce([t], sync)
+        assert log == [("all_reduce", default.cuda_stream), ("hold", default.cuda_stream)], log
+        log.clear()
+        with stream_ctx(other):
+            w.wait()  # c10d waits on blocking calls too: holds the current stream, never blocks
+        assert log == [("hold", other.cuda_stream)], log
+        log.clear()
+        # async from Python's dist.*: nothing held at launch; wait() holds the then-current stream
+        monkeypatch.setattr(dt, "_called_from_c10d_python", lambda: True)
+        a = dist.AllreduceOptions()
+        a.asyncOp = True
+        w = pg.allreduce([torch.ones(4)], a)
+        assert log == [("all_reduce", default.cuda_stream)], log
+        log.clear()
+        with stream_ctx(other):
+            w.wait()
+        assert log == [("hold", other.cuda_stream)], log
+        assert w.get_future().wait()[0].tolist() == [1.0] * 4
+        deadline = time.monotonic() + 20
+        while not w.is_completed():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        log.clear()
+        # a list output: the copy-out runs on the side stream after holding it; waits use its event
+        outs = [torch.zeros(3)]
+        w = pg.allgather([outs], [torch.full((3,), 5.0)], a)
+        assert log[0] == ("all_gather", default.cuda_stream), log
+        assert log[1] == ("hold", side.cuda_stream) and log[2] == ("post", "side"), log
+        assert {e for e in log[3:]} <= {("record", "side")} and len(log) > 3, log
+        assert w.get_future().wait()[0][0].tolist() == [5.0] * 3
+        event = w._cuda.event
+        assert isinstance(event, _FakeEvent) and event.recorded_on is side and event.synced
+        log.clear()
+        with stream_ctx(other):
+            w.wait()
+        assert log == [] and other.waited[-1] is event
+        # a C++ caller (DDP's reducer): its Work blocks until the collective finished
+        monkeypatch.setattr(dt, "_called_from_c10d_python", lambda: False)
+        log.clear()
+        t = torch.full((2,), 3.0)
+        cw = pg.allreduce([t], a)
+        assert log == [("all_reduce", default.cuda_stream)], log
+        assert cw.wait() and cw.get_future().value()[0].tolist() == [3.0, 3.0]
+    finally:
+        pg.shutdown()

@@ -1,7 +1,8 @@
 """One rank of a multi-process test: ``python worker.py SCENARIO REPORT_PATH [ARGS...]``.
 
 Scenarios live in ``scenarios_native.py`` (devccl.Communicator on numpy arrays and torch
-tensors) and ``scenarios_torch.py`` (the torch.distributed backend). A scenario raises to
+tensors), ``scenarios_torch.py`` (the torch.distributed backend) and ``scenarios_cuda.py``
+(both on CUDA tensors; GPU only). A scenario raises to
 fail; what it returns (a JSON-able dict) is written to REPORT_PATH for the test to check
 across ranks.
 """
@@ -23,6 +24,10 @@ def main() -> int:
         import scenarios_torch
 
         fn = getattr(scenarios_torch, f"scenario_{name}", None)
+    if fn is None:
+        import scenarios_cuda
+
+        fn = getattr(scenarios_cuda, f"scenario_{name}", None)
     if fn is None:
         print(f"unknown scenario {name}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ CollectiveKind = Literal[
 ]
 
 def dtypes() -> list[str]:
-    """The element types devccl supports (float32 float64 float16 bfloat16 int8 uint8 int32 int64)."""
+    """The element types devccl supports (float32 float64 float16 bfloat16 int8 uint8 int32
+    int64 uint32 uint64 float8_e4m3fn float8_e5m2)."""
 
 def reduce_ops() -> list[str]:
     """The reduction operators (sum prod min max avg)."""
@@ -51,7 +52,7 @@ class AbortedError(DevcclError):
     """The communicator was aborted (by any rank) or poisoned by an earlier failure."""
 
 class UnsupportedError(DevcclError):
-    """The request cannot be served here (e.g. CUDA tensors)."""
+    """The request cannot be served here (e.g. CUDA memory on a machine without a CUDA driver)."""
 
 class DevcclSystemError(DevcclError):
     """An operating-system call failed."""
@@ -61,12 +62,21 @@ class InternalError(DevcclError):
 
 @final
 class Work:
-    """An asynchronous collective."""
+    """An asynchronous or stream-ordered collective."""
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block (GIL released) until finished; return the output buffer or raise the
         collective's error. With ``timeout`` seconds, raise the built-in TimeoutError if it
         has not finished by then (the work keeps running)."""
+
+    def hold(self, stream: int | None = None) -> None:
+        """Calls on CUDA memory: make work queued on ``stream`` (a raw CUstream; default: the
+        stream the call was ordered after) from now on wait for the call, without blocking
+        the host. Raises InvalidUsageError for calls on host memory."""
+
+    @property
+    def stream(self) -> int | None:
+        """The CUstream a call on CUDA memory was ordered after; None for host calls."""
 
     def is_completed(self) -> bool:
         """True once finished (successfully or not). Never blocks."""
@@ -122,15 +132,25 @@ class Communicator:
         recv_displs: list[int] | None = None,
         dtype: str | None = None,
         async_op: bool = False,
+        stream: int | None = None,
     ) -> Any:
-        """Run one collective on buffer-protocol objects. Blocking: returns the output object
-        (or the in-place buffer, or None). ``async_op=True``: returns a :class:`Work`."""
+        """Run one collective on buffer-protocol objects (host memory) or objects with
+        ``__cuda_array_interface__`` and a ``device`` (CUDA memory, all on one device).
+        Blocking: returns the output object (or the in-place buffer, or None); on CUDA memory
+        without blocking the host, after holding ``stream``. ``async_op=True``: returns a
+        :class:`Work`. CUDA calls are ordered after ``stream`` (default: the stream the array
+        interface names, else 0)."""
 
     def p2p_batch(
-        self, ops: list[tuple[bool, int, int, Any, str | None]], *, async_op: bool = False
+        self,
+        ops: list[tuple[bool, int, int, Any, str | None]],
+        *,
+        async_op: bool = False,
+        stream: int | None = None,
     ) -> Any:
         """Several sends (is_send=True) and receives, as one operation; returns a Work when
-        async_op, else None."""
+        async_op, else None. Buffers all in host memory or all CUDA memory of one device
+        (then stream-ordered as :meth:`collective`)."""
         ...
     def abort(self, reason: str = "aborted from Python") -> None:
         """Fail the collective in progress on every rank; later calls raise AbortedError."""

@@ -21,10 +21,22 @@ future resolves to the tensors or fails with devccl's message (C++ keeps no Pyth
 Served by devccl (every call is counted in ``ProcessGroupDevccl.calls``): allreduce,
 allreduce_coalesced, broadcast, reduce, allgather, allgather_coalesced, _allgather_base,
 allgather_into_tensor_coalesced, reduce_scatter, _reduce_scatter_base,
-reduce_scatter_tensor_coalesced, gather, scatter, alltoall, alltoall_base, send, recv, barrier.
-Reductions: SUM, AVG, PRODUCT, MIN, MAX. Refused with a clear error: PREMUL_SUM and the
-bitwise ops (BAND, BOR, BXOR), ``recv`` from any source, CUDA tensors (devccl does not move
-device memory yet), non-contiguous tensors, unsupported dtypes.
+reduce_scatter_tensor_coalesced, gather, scatter, alltoall, alltoall_base, send, recv, barrier,
+on CPU and CUDA tensors. Reductions: SUM, AVG, PRODUCT, MIN, MAX. Refused with a clear error:
+PREMUL_SUM and the bitwise ops (BAND, BOR, BXOR), ``recv`` from any source, tensors of other
+devices (meta, ...), a call mixing CPU and CUDA tensors, non-contiguous tensors, unsupported
+dtypes.
+
+CUDA tensors follow ProcessGroupNCCL's stream semantics (not yet verified on a GPU): a
+collective is ordered after the work queued on the current stream of the tensors' device and
+never blocks the host. ``async_op=False`` makes the current stream wait for it at once;
+``async_op=True`` returns a Work whose ``wait()`` makes the then-current stream wait (so
+``work.wait()`` then ``torch.cuda.synchronize()`` sees the result), while ``is_completed()`` and
+``get_future()`` (which resolves with the tensors) follow the collective's completion. Copy-out
+steps (unflattening coalesced or list outputs) run on a side stream of the group, ordered
+after the collective, and the waits above include them. C++ callers (DDP's reducer,
+functional collectives) get a Work whose ``wait()`` blocks the host until the collective and
+its copy-out finished.
 
 Timeouts: the group's ``timeout`` becomes devccl's no-progress timeout (DEVCCL_TIMEOUT) and
 init timeout (DEVCCL_INIT_TIMEOUT) unless those variables are set.
@@ -51,7 +63,7 @@ from torch.distributed import ReduceOp
 
 from . import Communicator, DevcclTimeoutError, InvalidUsageError, RemoteError, RendezvousServer, UnsupportedError
 from . import Work as DevcclWork
-from ._buffers import check_tensor, tensor_dtype
+from ._buffers import check_device, check_tensor, tensor_dtype
 
 __all__ = ["BACKEND", "ProcessGroupDevccl", "TESTED_TORCH_VERSIONS", "reduce_op_name"]
 
@@ -234,6 +246,53 @@ class _FutureSink:
         self._source.set_result(error if error is not None else self._result)
 
 
+class _CudaCall:
+    """The devccl calls of one operation on CUDA tensors, and how streams wait for them.
+
+    The calls are ordered after the launching stream. A copy-out step (``post``) runs on the
+    group's side stream for the device, which first holds on the calls; an event recorded
+    after it then stands for the whole operation. ``hold(stream)`` makes later work on
+    ``stream`` wait for the operation without blocking the host; ``finish()`` blocks the host
+    until it finished (the completer's part).
+    """
+
+    __slots__ = ("device", "event", "works")
+
+    def __init__(self, device: torch.device, works: list[DevcclWork]) -> None:
+        self.device = device
+        self.works = works
+        self.event: torch.cuda.Event | None = None
+
+    def post_on(self, side: torch.cuda.Stream, post: Callable[[], None], used: Sequence[torch.Tensor]) -> None:
+        """Run ``post`` (torch copies) on ``side`` after the calls, stream-ordered. ``used``
+        (outputs and temporaries it touches) are recorded on ``side`` so the caching
+        allocator does not hand their memory out before the copies ran."""
+        for w in self.works:
+            w.hold(side.cuda_stream)
+        with torch.cuda.stream(side):
+            post()
+            event = torch.cuda.Event()
+            event.record(side)
+        for t in used:
+            t.record_stream(side)
+        self.event = event
+
+    def hold(self, stream: torch.cuda.Stream) -> None:
+        if self.event is not None:
+            stream.wait_event(self.event)
+        else:
+            for w in self.works:
+                w.hold(stream.cuda_stream)
+
+    def hold_current(self) -> None:
+        self.hold(torch.cuda.current_stream(self.device))
+
+    def finish(self) -> None:
+        """Block the host until the copy-out step ran (the calls were waited on already)."""
+        if self.event is not None:
+            self.event.synchronize()
+
+
 class _Work(dist.Work):
     """The c10d Work of one devccl call made from Python (``dist.*`` functions).
 
@@ -241,9 +300,12 @@ class _Work(dist.Work):
     a Work built with ``_create_work_from_future``, whose ``wait()`` ignores errors.
     ``get_future()`` resolves to the call's tensors, or fails with the error. The process
     group's completer holds it until it finished.
+
+    On CUDA tensors (``device`` set) ``wait()`` never blocks the host: it makes the current
+    stream wait for the call (NCCL's semantics), and raises only an error already known.
     """
 
-    def __init__(self, result: Any, done: bool = False) -> None:
+    def __init__(self, result: Any, done: bool = False, device: torch.device | None = None) -> None:
         super().__init__()
         self._result = result
         self._error: BaseException | None = None
@@ -251,6 +313,8 @@ class _Work(dist.Work):
         self._lock = threading.Lock()
         self._source: torch.futures.Future | None = None
         self._fut: torch.futures.Future | None = None
+        self._device = device
+        self._cuda: _CudaCall | None = None
         if done:
             self._done.set()
 
@@ -263,6 +327,12 @@ class _Work(dist.Work):
             src.set_result(error if error is not None else self._result)
 
     def wait(self, timeout: timedelta | None = None) -> bool:
+        if self._device is not None:
+            if self._cuda is not None:
+                self._cuda.hold_current()
+            if self._done.is_set() and self._error is not None:
+                raise self._error
+            return True
         secs = timeout.total_seconds() if isinstance(timeout, timedelta) and timeout.total_seconds() > 0 else None
         if not self._done.wait(secs):
             raise DevcclTimeoutError(f"devccl work did not finish within {secs} s (it keeps running)")
@@ -359,8 +429,8 @@ class _FinishAll:
 class _P2pWork(_Work):
     """The Work of a send or receive: waiting on it first starts the batch it belongs to."""
 
-    def __init__(self, result: Any, batcher: _P2pBatcher) -> None:
-        super().__init__(result)
+    def __init__(self, result: Any, batcher: _P2pBatcher, device: torch.device | None) -> None:
+        super().__init__(result, device=device)
         self._batcher = batcher
 
     def wait(self, timeout: timedelta | None = None) -> bool:
@@ -373,7 +443,9 @@ class _P2pBatcher:
     another) run as one devccl ``p2p_batch``, so two ranks that exchange large tensors cannot
     deadlock the way separate calls, executed in issue order, would. A batch starts when its
     first Work is waited on, when the process group issues anything else, or 1 ms after its
-    first operation, whichever comes first."""
+    first operation, whichever comes first. Operations on CUDA tensors are ordered after the
+    stream current when they were issued: an operation on another device or stream than the
+    batch's starts a new batch."""
 
     DELAY = 0.001
 
@@ -382,16 +454,22 @@ class _P2pBatcher:
         self._lock = threading.Lock()
         self._ops: list[tuple[bool, int, int, torch.Tensor]] = []
         self._targets: list[_Work | _FutureSink] = []
+        self._key: tuple[torch.device | None, int | None] = (None, None)
         self._timer: threading.Timer | None = None
 
     def add(self, send: bool, tensor: torch.Tensor, peer: int, tag: int, result: Any) -> dist.Work:
+        device = _call_device([tensor])
+        stream = torch.cuda.current_stream(device).cuda_stream if device is not None else None
         if _called_from_c10d_python():
-            target: _Work | _FutureSink = _P2pWork(result, self)
+            target: _Work | _FutureSink = _P2pWork(result, self, device)
             work: dist.Work = target  # type: ignore[assignment]
         else:
             target = _FutureSink(result)
             work = target.work()
         with self._lock:
+            if self._ops and self._key != (device, stream):
+                self._flush_locked()
+            self._key = (device, stream)
             self._ops.append((send, peer, tag, tensor))
             self._targets.append(target)
             if self._timer is None:
@@ -402,20 +480,29 @@ class _P2pBatcher:
 
     def flush(self) -> None:
         with self._lock:
-            ops, self._ops = self._ops, []
-            targets, self._targets = self._targets, []
-            timer, self._timer = self._timer, None
-            if timer is not None:
-                timer.cancel()
-            if not ops:
-                return
-            # Under the lock, so batches reach devccl in the order they were formed.
-            try:
-                native = self._pg._comm.p2p_batch(ops, async_op=True)
-            except BaseException as e:  # noqa: BLE001 - every failure goes to the waiters
-                _FinishAll(targets)._finish(e)
-                return
-            self._pg._completer.put([native], _FinishAll(targets), None)
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        # Under the lock, so batches reach devccl in the order they were formed.
+        ops, self._ops = self._ops, []
+        targets, self._targets = self._targets, []
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        if not ops:
+            return
+        device, stream = self._key
+        try:
+            native = self._pg._comm.p2p_batch(ops, async_op=True, stream=stream)
+        except BaseException as e:  # noqa: BLE001 - every failure goes to the waiters
+            _FinishAll(targets)._finish(e)
+            return
+        if device is not None:
+            call = _CudaCall(device, [native])
+            for t in targets:
+                if isinstance(t, _Work):
+                    t._cuda = call
+        self._pg._completer.put([native], _FinishAll(targets), None)
 
 
 def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
@@ -439,7 +526,27 @@ def _check_all(tensors: Sequence[torch.Tensor], what: str) -> None:
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated (on their device; on CUDA, on the current stream, which the
+    collective is ordered after)."""
     return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+
+
+def _call_device(tensors: Sequence[torch.Tensor], what: str = "call") -> torch.device | None:
+    """The CUDA device all of a call's tensors live on, or None when they are CPU tensors.
+    A call mixing devices is refused (devccl never copies between them); tensors of other
+    devices get check_device's UnsupportedError."""
+    first: torch.Tensor | None = None
+    for i, t in enumerate(tensors):
+        if t.device.type not in ("cpu", "cuda"):
+            check_device(t, f"{what} tensor {i}")
+        if first is None:
+            first = t
+        elif t.device != first.device:
+            raise InvalidUsageError(
+                f"devccl {what}: tensors on {first.device} and {t.device}; every tensor of a call must be on one "
+                f"device (devccl never copies between host and device memory): move them with .cpu() or .cuda()"
+            )
+    return first.device if first is not None and first.device.type == "cuda" else None
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
@@ -465,6 +572,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         self._server, self._comm = _connect(store, rank, size, timeout)
         self._completer = _Completer(f"devccl-torch-{self._comm.comm_id[:8]}")
         self._p2p = _P2pBatcher(self)
+        self._side: dict[int | None, torch.cuda.Stream] = {}
 
     # -- identity (overridable through the C++ trampoline since torch 2.6) ---------------------
 
@@ -494,23 +602,33 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         self,
         what: str,
         async_op: bool,
-        calls: Sequence[Callable[[bool], Any]],
+        calls: Sequence[Callable[[dict[str, Any]], Any]],
         result: Any,
         post: Callable[[], None] | None = None,
+        tensors: Sequence[torch.Tensor] = (),
+        temps: Sequence[torch.Tensor] = (),
     ) -> dist.Work:
-        """Run ``calls`` (each issues one devccl collective, blocking or async) and return a
-        Work that completes with ``result`` after ``post`` ran.
+        """Run ``calls`` (each issues one devccl collective with the keyword arguments it is
+        given: ``async_op``, and ``stream`` on CUDA) and return a Work that completes with
+        ``result`` after ``post`` (the copy-out step) ran. ``tensors`` are every tensor the
+        call reads or writes (they decide the device); ``temps`` the temporaries ``post``
+        reads.
 
-        Blocking calls (``async_op=False``: only Python's ``dist.*`` asks for them) run inline
-        and raise devccl's exception directly. Asynchronous calls from Python's ``dist.*``
-        get a :class:`_Work` (its ``wait()`` raises devccl's exception); calls from C++ get a
-        pure C++ Work (see :class:`_FutureSink`)."""
+        CPU tensors: blocking calls (``async_op=False``: only Python's ``dist.*`` asks for
+        them) run inline and raise devccl's exception directly. Asynchronous calls from
+        Python's ``dist.*`` get a :class:`_Work` (its ``wait()`` raises devccl's exception);
+        calls from C++ get a pure C++ Work (see :class:`_FutureSink`). CUDA tensors: see
+        :meth:`_launch_cuda`."""
         self.calls[what] += 1
         # Sends and receives issued before this call go first (calls run in issue order).
         self._p2p.flush()
+        from_python = _called_from_c10d_python()
+        device = _call_device(tensors, what)
+        if device is not None:
+            return self._launch_cuda(device, from_python, async_op, calls, result, post, [*tensors, *temps])
         if async_op:
-            works = [c(True) for c in calls]
-            if _called_from_c10d_python():
+            works = [c({"async_op": True}) for c in calls]
+            if from_python:
                 work = _Work(result)
                 self._completer.put(works, work, post)
                 return work
@@ -518,10 +636,49 @@ class ProcessGroupDevccl(dist.ProcessGroup):
             self._completer.put(works, sink, post)
             return sink.work()
         for c in calls:
-            c(False)
+            c({"async_op": False})
         if post is not None:
             post()
         return _Work(result, done=True)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The group's stream for copy-out steps on ``device`` (made on first use)."""
+        s = self._side.get(device.index)
+        if s is None:
+            s = self._side[device.index] = torch.cuda.Stream(device=device)
+        return s
+
+    def _launch_cuda(
+        self,
+        device: torch.device,
+        from_python: bool,
+        async_op: bool,
+        calls: Sequence[Callable[[dict[str, Any]], Any]],
+        result: Any,
+        post: Callable[[], None] | None,
+        used: Sequence[torch.Tensor],
+    ) -> dist.Work:
+        """Issue ``calls`` on CUDA tensors, ordered after the current stream, never blocking
+        the host (ProcessGroupNCCL's semantics). ``post`` runs on the group's side stream
+        after them. Blocking calls hold the current stream at once; the Work of
+        asynchronous calls from Python holds the then-current stream in ``wait()``. The
+        completer finishes the Work (``is_completed``, futures) once the calls and ``post``
+        finished; C++ callers wait for that (their Work blocks the host)."""
+        stream = torch.cuda.current_stream(device)
+        works = [c({"async_op": True, "stream": stream.cuda_stream}) for c in calls]
+        call = _CudaCall(device, works)
+        if post is not None:
+            call.post_on(self._side_stream(device), post, used)
+        if not async_op:
+            call.hold(stream)
+        if from_python or not async_op:
+            work = _Work(result, device=device)
+            work._cuda = call
+            self._completer.put(works, work, call.finish)
+            return work
+        sink = _FutureSink(result)
+        self._completer.put(works, sink, call.finish)
+        return sink.work()
 
     @staticmethod
     def _async(opts: Any) -> bool:
@@ -537,10 +694,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         name = reduce_op_name(op)
         t = _one(tensors, "allreduce")
         return self._launch(
-            "allreduce",
-            self._async(opts),
-            [lambda a: self._comm.all_reduce(t, name, async_op=a)],
-            tensors,
+            "allreduce", self._async(opts), [lambda kw: self._comm.all_reduce(t, name, **kw)], tensors, tensors=[t]
         )
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -549,13 +703,16 @@ class ProcessGroupDevccl(dist.ProcessGroup):
             return self._launch("allreduce_coalesced", False, [], tensors)
         _check_all(tensors, "tensors")
         _same_dtype(tensors, "allreduce_coalesced")
+        _call_device(tensors, "allreduce_coalesced")
         flat = _flat(tensors)
         return self._launch(
             "allreduce_coalesced",
             self._async(opts),
-            [lambda a: self._comm.all_reduce(flat, name, async_op=a)],
+            [lambda kw: self._comm.all_reduce(flat, name, **kw)],
             tensors,
             lambda: _unflatten_into(flat, tensors),
+            tensors=tensors,
+            temps=[flat],
         )
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -564,7 +721,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
             raise InvalidUsageError(f"devccl broadcast: rootTensor must be 0, got {opts.rootTensor}")
         t = _one(tensors, "broadcast")
         return self._launch(
-            "broadcast", self._async(opts), [lambda a: self._comm.broadcast(t, root, async_op=a)], tensors
+            "broadcast", self._async(opts), [lambda kw: self._comm.broadcast(t, root, **kw)], tensors, tensors=[t]
         )
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -572,22 +729,24 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         t = _one(tensors, "reduce")
         return self._launch(
-            "reduce", self._async(opts), [lambda a: self._comm.reduce(t, root, name, async_op=a)], tensors
+            "reduce", self._async(opts), [lambda kw: self._comm.reduce(t, root, name, **kw)], tensors, tensors=[t]
         )
 
     def _gather_list(self, what: str, outs: list[torch.Tensor], inp: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
-        """A packed buffer for an all_gather into a list, and the copy-out step."""
+        """A packed buffer for an all_gather into a list (on the input's device), and the
+        copy-out step."""
         n = self.size()
         if len(outs) != n:
             raise InvalidUsageError(f"devccl {what}: expected {n} output tensors, got {len(outs)}")
         _check_all(outs, "output_tensors")
+        _call_device([inp, *outs], what)
         for i, o in enumerate(outs):
             if o.numel() != inp.numel() or o.dtype != inp.dtype:
                 raise InvalidUsageError(
                     f"devccl {what}: output_tensors[{i}] has {o.numel()} {o.dtype} elements, the input "
                     f"{inp.numel()} {inp.dtype}"
                 )
-        flat = torch.empty(n * inp.numel(), dtype=inp.dtype)
+        flat = torch.empty(n * inp.numel(), dtype=inp.dtype, device=inp.device)
         return flat, lambda: _unflatten_into(flat, outs)
 
     def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -597,9 +756,11 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         return self._launch(
             "allgather",
             self._async(opts),
-            [lambda a: self._comm.all_gather(flat, inp, async_op=a)],
+            [lambda kw: self._comm.all_gather(flat, inp, **kw)],
             output_tensors,
             post,
+            tensors=[inp, *outs],
+            temps=[flat],
         )
 
     def allgather_coalesced(
@@ -609,21 +770,29 @@ class ProcessGroupDevccl(dist.ProcessGroup):
             raise InvalidUsageError(
                 f"devccl allgather_coalesced: {len(output_lists)} output lists for {len(input_list)} inputs"
             )
-        calls, posts = [], []
+        calls, posts, flats = [], [], []
         for outs, inp in zip(output_lists, input_list, strict=True):
             flat, post = self._gather_list("allgather_coalesced", outs, inp)
-            calls.append(lambda a, flat=flat, inp=inp: self._comm.all_gather(flat, inp, async_op=a))
+            calls.append(lambda kw, flat=flat, inp=inp: self._comm.all_gather(flat, inp, **kw))
             posts.append(post)
+            flats.append(flat)
 
         def post_all() -> None:
             for p in posts:
                 p()
 
-        return self._launch("allgather_coalesced", self._async(opts), calls, output_lists, post_all)
+        tensors = [*input_list, *(o for outs in output_lists for o in outs)]
+        return self._launch(
+            "allgather_coalesced", self._async(opts), calls, output_lists, post_all, tensors=tensors, temps=flats
+        )
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self._launch(
-            "_allgather_base", self._async(opts), [lambda a: self._comm.all_gather(output, input, async_op=a)], [output]
+            "_allgather_base",
+            self._async(opts),
+            [lambda kw: self._comm.all_gather(output, input, **kw)],
+            [output],
+            tensors=[input, output],
         )
 
     def allgather_into_tensor_coalesced(
@@ -631,10 +800,10 @@ class ProcessGroupDevccl(dist.ProcessGroup):
     ) -> dist.Work:
         if len(outputs) != len(inputs):
             raise InvalidUsageError(f"devccl allgather_into_tensor_coalesced: {len(outputs)} outputs for {len(inputs)} inputs")
-        calls = [
-            lambda a, o=o, i=i: self._comm.all_gather(o, i, async_op=a) for o, i in zip(outputs, inputs, strict=True)
-        ]
-        return self._launch("allgather_into_tensor_coalesced", self._async(opts), calls, outputs)
+        calls = [lambda kw, o=o, i=i: self._comm.all_gather(o, i, **kw) for o, i in zip(outputs, inputs, strict=True)]
+        return self._launch(
+            "allgather_into_tensor_coalesced", self._async(opts), calls, outputs, tensors=[*inputs, *outputs]
+        )
 
     def reduce_scatter(
         self, output_tensors: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
@@ -646,6 +815,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         if len(ins) != n:
             raise InvalidUsageError(f"devccl reduce_scatter: expected {n} input tensors, got {len(ins)}")
         _check_all(ins, "input_list")
+        _call_device([out, *ins], "reduce_scatter")
         for i, t in enumerate(ins):
             if t.numel() != out.numel() or t.dtype != out.dtype:
                 raise InvalidUsageError(
@@ -656,8 +826,9 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         return self._launch(
             "reduce_scatter",
             self._async(opts),
-            [lambda a: self._comm.reduce_scatter(out, flat, name, async_op=a)],
+            [lambda kw: self._comm.reduce_scatter(out, flat, name, **kw)],
             output_tensors,
+            tensors=[out, *ins],
         )
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
@@ -665,8 +836,9 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         return self._launch(
             "_reduce_scatter_base",
             self._async(opts),
-            [lambda a: self._comm.reduce_scatter(output, input, name, async_op=a)],
+            [lambda kw: self._comm.reduce_scatter(output, input, name, **kw)],
             [output],
+            tensors=[input, output],
         )
 
     def reduce_scatter_tensor_coalesced(
@@ -676,38 +848,46 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         if len(outputs) != len(inputs):
             raise InvalidUsageError(f"devccl reduce_scatter_tensor_coalesced: {len(outputs)} outputs for {len(inputs)} inputs")
         calls = [
-            lambda a, o=o, i=i: self._comm.reduce_scatter(o, i, name, async_op=a)
+            lambda kw, o=o, i=i: self._comm.reduce_scatter(o, i, name, **kw)
             for o, i in zip(outputs, inputs, strict=True)
         ]
-        return self._launch("reduce_scatter_tensor_coalesced", self._async(opts), calls, outputs)
+        return self._launch(
+            "reduce_scatter_tensor_coalesced", self._async(opts), calls, outputs, tensors=[*inputs, *outputs]
+        )
 
     def gather(self, output_lists: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         root = opts.rootRank if opts is not None else 0
         inp = _one(input_tensors, "gather")
         if self.rank() == root:
-            flat, post = self._gather_list("gather", _one(output_lists, "gather"), inp)
+            outs = _one(output_lists, "gather")
+            flat, post = self._gather_list("gather", outs, inp)
+            temps = [flat]
         else:
             if output_lists and any(output_lists):
                 raise InvalidUsageError("devccl gather: only the root passes output tensors")
-            flat, post = None, None
+            flat, post, outs, temps = None, None, [], []
         return self._launch(
             "gather",
             self._async(opts),
-            [lambda a: self._comm.gather(inp, flat, root, async_op=a)],
+            [lambda kw: self._comm.gather(inp, flat, root, **kw)],
             output_lists,
             post,
+            tensors=[inp, *outs],
+            temps=temps,
         )
 
     def scatter(self, output_tensors: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None) -> dist.Work:
         root = opts.rootRank if opts is not None else 0
         out = _one(output_tensors, "scatter")
         flat = None
+        ins: list[torch.Tensor] = []
         if self.rank() == root:
             ins = _one(input_lists, "scatter")
             n = self.size()
             if len(ins) != n:
                 raise InvalidUsageError(f"devccl scatter: expected {n} input tensors on the root, got {len(ins)}")
             _check_all(ins, "input_list")
+            _call_device([out, *ins], "scatter")
             for i, t in enumerate(ins):
                 if t.numel() != out.numel() or t.dtype != out.dtype:
                     raise InvalidUsageError(
@@ -718,7 +898,11 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         elif input_lists and any(input_lists):
             raise InvalidUsageError("devccl scatter: only the root passes input tensors")
         return self._launch(
-            "scatter", self._async(opts), [lambda a: self._comm.scatter(out, flat, root, async_op=a)], output_tensors
+            "scatter",
+            self._async(opts),
+            [lambda kw: self._comm.scatter(out, flat, root, **kw)],
+            output_tensors,
+            tensors=[out, *ins],
         )
 
     @staticmethod
@@ -746,12 +930,12 @@ class ProcessGroupDevccl(dist.ProcessGroup):
     ) -> dist.Work:
         n = self.size()
         if not output_split_sizes and not input_split_sizes and output.numel() == input.numel():
-            call = lambda a: self._comm.all_to_all(output, input, async_op=a)  # noqa: E731
+            call = lambda kw: self._comm.all_to_all(output, input, **kw)  # noqa: E731
         else:
             oc = self._split_counts(output, output_split_sizes, n, "output")
             ic = self._split_counts(input, input_split_sizes, n, "input")
-            call = lambda a: self._comm.all_to_all_v(output, input, oc, ic, async_op=a)  # noqa: E731
-        return self._launch("alltoall_base", self._async(opts), [call], [output])
+            call = lambda kw: self._comm.all_to_all_v(output, input, oc, ic, **kw)  # noqa: E731
+        return self._launch("alltoall_base", self._async(opts), [call], [output], tensors=[input, output])
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         n = self.size()
@@ -762,16 +946,19 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         _check_all(input_tensors, "input_tensors")
         _check_all(output_tensors, "output_tensors")
         dt = _same_dtype([*input_tensors, *output_tensors], "alltoall")
+        device = _call_device([*input_tensors, *output_tensors], "alltoall")
         flat_in = _flat(input_tensors)
-        flat_out = torch.empty(sum(t.numel() for t in output_tensors), dtype=dt)
+        flat_out = torch.empty(sum(t.numel() for t in output_tensors), dtype=dt, device=device or "cpu")
         ic = [t.numel() for t in input_tensors]
         oc = [t.numel() for t in output_tensors]
         return self._launch(
             "alltoall",
             self._async(opts),
-            [lambda a: self._comm.all_to_all_v(flat_out, flat_in, oc, ic, async_op=a)],
+            [lambda kw: self._comm.all_to_all_v(flat_out, flat_in, oc, ic, **kw)],
             output_tensors,
             lambda: _unflatten_into(flat_out, output_tensors),
+            tensors=[*input_tensors, *output_tensors],
+            temps=[flat_out],
         )
 
     @staticmethod
@@ -805,7 +992,9 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         raise UnsupportedError("devccl does not support recv from any source; pass src=")
 
     def barrier(self, opts: Any = None) -> dist.Work:
-        return self._launch("barrier", self._async(opts), [lambda a: self._comm.barrier(async_op=a)], [])
+        """A host-side barrier (no CUDA stream involved), in issue order with the group's
+        other calls."""
+        return self._launch("barrier", self._async(opts), [lambda kw: self._comm.barrier(**kw)], [])
 
     # -- lifecycle ------------------------------------------------------------------------------
 
