@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 log() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
+log "system packages (lavapipe: the Vulkan device the device-buffer tests run on)"
+./scripts/setup_system.sh
+# The Vulkan tests must not skip in CI: lavapipe was just installed.
+export DEVCCL_REQUIRE_VULKAN=${DEVCCL_REQUIRE_VULKAN:-1}
+# Nor the CUDA kernels' NVRTC compile check: NVRTC comes with the venv's CUDA wheels below.
+export DEVCCL_REQUIRE_NVRTC=${DEVCCL_REQUIRE_NVRTC:-1}
+
 log "python environment (torch 2.11.0, numpy, pytest, maturin): needed by the bindings crate and its tests"
 ./scripts/setup_python.sh
 export DEVCCL_VENV=${DEVCCL_VENV:-$(pwd)/.venv}
