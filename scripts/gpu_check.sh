@@ -11,7 +11,7 @@
 # What `run` does, each step bounded by its own timeout, all output kept:
 #  1. nvidia-smi, driver and NVRTC as devccl sees them;
 #  2. the CUDA backend's tests (conformance vs the host, edge values, stream ordering, gates,
-#     leaks) with DEVCCL_REQUIRE_CUDA=1, so nothing skips;
+#     leaks) and the Rust API on cudarc slices, with DEVCCL_REQUIRE_CUDA=1, so nothing skips;
 #  3. every collective × dtype × op × count on CUDA buffers vs host buffers, 2 and 4 processes
 #     sharing the GPU, and a peer killed during staged CUDA collectives;
 #  4. the device_train example on the GPU;
@@ -23,22 +23,28 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.dev/gpu
 
+# test_binary PACKAGE TEST: build that integration test (release) and print its path.
+test_binary() {
+    cargo test --release --locked -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2"
+}
+
 prepare() {
     set -e
     mkdir -p "$STAGE"
     cargo build --release --locked -p devccl-cli --bins
     cargo build --release --locked -p devccl --example device_train
     cargo build --release --locked -p devccl-device --example cuda_bench
-    local test_bin
-    test_bin=$(cargo test --release --locked -p devccl-device --test cuda --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["executable"])')
     cp target/release/devccl target/release/devccl-devcheck target/release/examples/device_train \
         target/release/examples/cuda_bench "$STAGE/"
-    cp "$test_bin" "$STAGE/cuda-tests"
+    cp "$(test_binary devccl-device cuda)" "$STAGE/cuda-tests"
+    cp "$(test_binary devccl tcp_threads)" "$STAGE/api-tests"
+    # Line tables make these ~50 MB each; the device tool carries 64 MiB in all.
+    strip "$STAGE"/devccl "$STAGE"/devccl-devcheck "$STAGE"/device_train "$STAGE"/cuda_bench "$STAGE"/*-tests
     ./scripts/setup_python.sh
     rm -f "$STAGE"/*.whl
     (cd bindings-python && ../.venv/bin/maturin build --release --locked --quiet --out "../$STAGE")
@@ -65,6 +71,7 @@ run() {
     local bin=$STAGE
     step env 30 sh -c 'date -u; nvidia-smi; uname -a; python3 --version; ldconfig -p | grep -E "libcuda.so|libnvrtc.so"'
     step cuda_tests 150 "$bin/cuda-tests" --test-threads=1
+    step api_tests 60 "$bin/api-tests" cudarc --nocapture
     step matrix_2 120 env DEVCHECK_DEVICE=cuda DEVCHECK_COUNTS=0,1,7919,1048583 \
         "$bin/devccl" launch -n 2 -- "$bin/devccl-devcheck"
     step matrix_4 120 env DEVCHECK_DEVICE=cuda DEVCHECK_COUNTS=0,1,7919,262147 \

@@ -180,3 +180,71 @@ impl Communicator {
         self.collective(&Collective::Recv { peer, tag }, T::DTYPE, empty, buf.region_slice())
     }
 }
+
+/// cudarc interop: a `CudaSlice` as a [`DeviceBuffer`] (owned, for asynchronous and
+/// stream-ordered calls) or borrowed for the duration of a blocking call.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use devccl_device::cuda::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+    use devccl_device::cuda::{into_slice, raw_stream_of, region_owning, with_slice, with_slice_mut};
+
+    use super::*;
+    use crate::api::StreamWork;
+
+    impl<T: Element + DeviceRepr + 'static> DeviceBuffer<T> {
+        /// Take ownership of a cudarc slice (in a device's primary context, e.g. from
+        /// `CudaContext::new`): the host waits once for its stream's queued work.
+        pub fn from_cuda(s: CudaSlice<T>) -> Result<DeviceBuffer<T>> {
+            DeviceBuffer::from_region(region_owning(s)?)
+        }
+
+        /// The slice back, once no collective still uses the buffer (else the buffer back).
+        pub fn into_cuda(self) -> std::result::Result<CudaSlice<T>, DeviceBuffer<T>> {
+            let device = self.device.clone();
+            into_slice(self.region).map_err(|region| DeviceBuffer { region, device, _t: PhantomData })
+        }
+    }
+
+    impl Communicator {
+        /// A blocking collective on cudarc slices (not the same slice twice; see
+        /// [`Communicator::collective_cuda_in_place`]).
+        pub fn collective_cuda<T: Element + DeviceRepr>(
+            &self,
+            c: &Collective,
+            input: &CudaSlice<T>,
+            output: &mut CudaSlice<T>,
+        ) -> Result<()> {
+            with_slice(input, |i| with_slice_mut(output, |o| self.collective(c, T::DTYPE, i.full(), o.full())))??
+        }
+
+        /// A blocking in-place collective on a cudarc slice.
+        pub fn collective_cuda_in_place<T: Element + DeviceRepr>(
+            &self,
+            c: &Collective,
+            buf: &mut CudaSlice<T>,
+        ) -> Result<()> {
+            with_slice_mut(buf, |r| self.collective(c, T::DTYPE, r.full(), r.full()))?
+        }
+
+        /// All-reduce a cudarc slice in place (blocking).
+        pub fn all_reduce_cuda<T: Element + DeviceRepr>(&self, buf: &mut CudaSlice<T>, op: ReduceOp) -> Result<()> {
+            self.collective_cuda_in_place(&Collective::AllReduce { op }, buf)
+        }
+
+        /// A stream-ordered collective on device buffers (see
+        /// [`Communicator::collective_on_stream`]): ordered after `stream`'s queued work;
+        /// `stream` is held until it finished, like an NCCL call on that stream.
+        pub fn collective_on_cuda_stream<T: Element>(
+            &self,
+            c: &Collective,
+            input: &DeviceBuffer<T>,
+            output: &DeviceBuffer<T>,
+            stream: &CudaStream,
+        ) -> Result<StreamWork> {
+            let raw = raw_stream_of(stream);
+            let w = self.collective_on_stream(c, T::DTYPE, input.region_slice(), output.region_slice(), raw)?;
+            w.hold(raw)?;
+            Ok(w)
+        }
+    }
+}

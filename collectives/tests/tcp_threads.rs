@@ -224,3 +224,72 @@ fn p2p_batch_exchanges_large_messages_both_ways_without_deadlock() {
         assert_eq!((a0, a1, b0, b1), (prev, prev, 10.0 + next, 10.0 + next), "rank {r}");
     }
 }
+
+/// The device for the device-buffer tests, or why there is none (the test then skips, unless
+/// `require` names a variable set to 1).
+fn device_or_skip(id: &str, require: &str) -> Option<devccl::DeviceId> {
+    let id: devccl::DeviceId = id.parse().unwrap();
+    match devccl_device::open(id) {
+        Ok(_) => Some(id),
+        Err(e) => {
+            assert!(std::env::var(require).as_deref() != Ok("1"), "{require}=1 but {id} is unavailable: {e}");
+            println!("skipped: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn device_buffers_through_the_typed_api() {
+    let Some(dev) = device_or_skip("vulkan", "DEVCCL_REQUIRE_VULKAN") else { return };
+    with_ranks(2, |c| {
+        use devccl::DeviceBuffer;
+        let r = c.rank() as f32;
+        let buf = DeviceBuffer::from_slice(dev, &[r + 1.0, 10.0 * (r + 1.0), -r]).unwrap();
+        c.all_reduce_device(&buf, ReduceOp::Sum).unwrap();
+        assert_eq!(buf.to_vec().unwrap(), vec![3.0, 30.0, -1.0]);
+        c.all_reduce_device_async(&buf, ReduceOp::Max).wait().unwrap();
+        assert_eq!(buf.to_vec().unwrap(), vec![3.0, 30.0, -1.0]);
+        let b = DeviceBuffer::from_slice(dev, &[r; 4]).unwrap();
+        c.broadcast_device(&b, 1).unwrap();
+        assert_eq!(b.to_vec().unwrap(), vec![1.0; 4]);
+        let all = DeviceBuffer::<f32>::alloc(dev, 6).unwrap();
+        c.all_gather_device(&buf, &all).unwrap();
+        assert_eq!(all.to_vec().unwrap(), vec![3.0, 30.0, -1.0, 3.0, 30.0, -1.0]);
+        let part = DeviceBuffer::<f32>::alloc(dev, 3).unwrap();
+        c.reduce_scatter_device(&all, &part, ReduceOp::Sum).unwrap();
+        assert_eq!(part.to_vec().unwrap(), vec![6.0, 60.0, -2.0]);
+        let msg = DeviceBuffer::from_slice(dev, &[7i64 + c.rank() as i64; 5]).unwrap();
+        if c.rank() == 0 {
+            c.send_device(&msg, 1, 3).unwrap();
+        } else {
+            c.recv_device(&msg, 0, 3).unwrap();
+            assert_eq!(msg.to_vec().unwrap(), vec![7; 5]);
+        }
+        // A device buffer and a host buffer cannot meet in one call.
+        let host = devccl_core::memory::Region::alloc(24);
+        let err = c.collective(&devccl::Collective::AllGather, devccl::DType::F32, part.region_slice(), host.full());
+        assert!(matches!(err, Err(Error::InvalidUsage(ref m)) if m.contains("different devices")), "{err:?}");
+    });
+}
+
+#[test]
+fn cudarc_slices_blocking_owned_and_stream_ordered() {
+    let Some(_) = device_or_skip("cuda", "DEVCCL_REQUIRE_CUDA") else { return };
+    use devccl_device::cuda::cudarc::driver::CudaContext;
+    with_ranks(2, |c| {
+        let ctx = CudaContext::new(0).unwrap();
+        let stream = ctx.default_stream();
+        let r = c.rank() as f32;
+        let mut s = stream.clone_htod(&vec![r + 1.0; 1000]).unwrap();
+        c.all_reduce_cuda(&mut s, ReduceOp::Sum).unwrap();
+        assert_eq!(stream.clone_dtoh(&s).unwrap(), vec![3.0; 1000]);
+        let buf = devccl::DeviceBuffer::from_cuda(s).unwrap();
+        let w = c
+            .collective_on_cuda_stream(&devccl::Collective::AllReduce { op: ReduceOp::Avg }, &buf, &buf, &stream)
+            .unwrap();
+        w.wait().unwrap();
+        let s = buf.into_cuda().unwrap();
+        assert_eq!(stream.clone_dtoh(&s).unwrap(), vec![3.0; 1000]);
+    });
+}

@@ -58,6 +58,30 @@ pub fn with_slice_mut<T: DeviceRepr, R>(s: &mut CudaSlice<T>, f: impl FnOnce(&Re
     scoped(&dev, &stream, ptr, len, true, f)
 }
 
+/// A writable region that owns a cudarc slice (for asynchronous and stream-ordered
+/// collectives, whose memory must outlive the call: the region keeps the slice alive until
+/// its last clone is gone). The slice must live in a device's primary context; the host waits
+/// once for the work its stream had queued. Take the slice back with [`into_slice`].
+pub fn region_owning<T: DeviceRepr + 'static>(mut s: CudaSlice<T>) -> Result<Region> {
+    let stream = s.stream().clone();
+    let dev = device_of(s.context())?;
+    let len = s.num_bytes();
+    let ptr = {
+        let (ptr, _record) = s.device_ptr_mut(&stream);
+        ptr
+    };
+    stream.synchronize().map_err(|e| dev.shared.ctx.err("cuStreamSynchronize", e))?;
+    // SAFETY: the region owns the slice (its keeper), so the allocation lives as long as any
+    // clone of the region; nobody else can reach the slice while the region has it.
+    Ok(unsafe { region_from_device_ptr(dev.ordinal(), ptr, len, true, Some(Box::new(s))) })
+}
+
+/// The slice given to [`region_owning`], once no other clone of the region exists (no
+/// collective still uses it); otherwise the region comes back.
+pub fn into_slice<T: DeviceRepr + 'static>(r: Region) -> std::result::Result<CudaSlice<T>, Region> {
+    r.into_keeper::<CudaSlice<T>>()
+}
+
 /// The devccl device whose primary context `ctx` is.
 fn device_of(ctx: &CudaContext) -> Result<std::sync::Arc<CudaDevice>> {
     if !ctx.is_primary() {

@@ -65,7 +65,7 @@ pub use cudarc;
 #[cfg(feature = "cuda")]
 pub use device::CudaDevice;
 #[cfg(feature = "cuda")]
-pub use interop::{raw_stream_of, region_from_device_ptr, with_slice, with_slice_mut};
+pub use interop::{into_slice, raw_stream_of, region_from_device_ptr, region_owning, with_slice, with_slice_mut};
 #[cfg(feature = "cuda")]
 pub use memory::{CudaMemView, CudaStagingView};
 #[cfg(feature = "cuda")]
