@@ -111,7 +111,7 @@ enum Started {
     Stream(devccl::Result<devccl::StreamWork>),
     /// Queued on the host: the device buffers hold no bytes, so nothing on a device needs
     /// ordering.
-    Host(devccl::Work<()>),
+    Host(Pending),
 }
 
 /// Finish starting a call on CUDA memory ordered after `stream`: raise errors found before
@@ -126,7 +126,7 @@ fn stream_call(
 ) -> PyResult<Py<PyAny>> {
     let pending = match started {
         Started::Stream(r) => Pending::Stream(r.map_err(|e| to_py(py, e))?),
-        Started::Host(w) => Pending::Host(w),
+        Started::Host(p) => p,
     };
     let work = Bound::new(py, PyWork::new(pending, result.clone_ref(py), Some(stream)))?;
     if work.get().is_completed() {
@@ -343,7 +343,7 @@ impl PyCommunicator {
                 // Detached: the first call on a device opens it (driver, kernels).
                 Started::Stream(py.detach(|| comm.collective_on_stream(&c, dt, i, o, s)))
             } else {
-                Started::Host(comm.collective_async(&c, dt, i, o))
+                Started::Host(Pending::Host(comm.collective_async(&c, dt, i, o)))
             };
             return stream_call(py, started, s, result, async_op);
         }
@@ -403,7 +403,7 @@ impl PyCommunicator {
             let started = if bytes {
                 Started::Stream(py.detach(|| comm.p2p_batch_on_stream(batch, s)))
             } else {
-                Started::Host(comm.p2p_batch_async(batch))
+                Started::Host(Pending::Host(comm.p2p_batch_async(batch)))
             };
             return stream_call(py, started, s, py.None(), async_op);
         }
@@ -417,6 +417,73 @@ impl PyCommunicator {
         }
         work.borrow().wait(py, None)?;
         Ok(py.None())
+    }
+
+    /// Receive into `buf` from whichever rank sends first (MPI_ANY_SOURCE; torch's `recv`
+    /// without `src`). The message taken is the first found whose sender's next
+    /// point-to-point message to this rank (in that pair's usual order) has `tag`; a rank
+    /// whose next message is something else does not match, and is not skipped over. The
+    /// receive then works as `collective("recv", ...)` from that rank: the sender's size
+    /// and dtype must match `buf`. Runs in issue order with the other calls; waiting is
+    /// bounded by the communicator's timeout (DevcclTimeoutError naming the tag and ranks).
+    /// `buf` must be writable, C-contiguous and not empty; `dtype` as for `collective`.
+    ///
+    /// Host memory, blocking (default): returns the source rank (an int), with the GIL
+    /// released meanwhile. `async_op=True`: returns a `Work` at once; its `wait()` returns
+    /// `buf`, and its `source` property is the source rank once it finished (None before).
+    ///
+    /// CUDA memory: ordered after `stream` like `collective`. Blocking form: holds `stream`,
+    /// then waits on the host (GIL released) until the message arrived, since the source is
+    /// only known then, and returns the source rank. `async_op=True`: a `Work` as above
+    /// (`hold(stream)` orders a stream after it without blocking).
+    #[pyo3(signature = (buf, tag=0, *, dtype=None, async_op=false, stream=None))]
+    fn recv_any<'py>(
+        &self,
+        py: Python<'py>,
+        buf: Bound<'py, PyAny>,
+        tag: u32,
+        dtype: Option<&str>,
+        async_op: bool,
+        stream: Option<u64>,
+    ) -> PyResult<Py<PyAny>> {
+        let comm = self.handle(py)?;
+        let want = dtype.map(|d| parse_dtype(py, d)).transpose()?;
+        let e = buffer::export(&buf, "buffer", true)?;
+        let dt = e.dtype(py, "buffer", want)?;
+        let place = buffer::placement(py, &[&e])?;
+        let ops = Operands::Separate(None, Some(e));
+        if let Place::Cuda { bytes, stream: named } = place {
+            let s = stream.or(named).unwrap_or(0);
+            let o = buffer::bind(py, ops, Lifetime::Work)?.output;
+            let started = if bytes {
+                Started::Stream(py.detach(|| comm.recv_any_on_stream(dt, o, tag, s)))
+            } else {
+                Started::Host(Pending::HostAny(comm.recv_any_async(dt, o, tag)))
+            };
+            let work = stream_call(py, started, s, buf.unbind(), true)?;
+            if async_op {
+                return Ok(work);
+            }
+            let w = work.bind(py).cast::<PyWork>()?.get();
+            w.hold_stream(py, None)?;
+            w.wait(py, None)?;
+            return Ok(w.source_rank(py).into_pyobject(py)?.into_any().unbind());
+        }
+        if stream.is_some() {
+            return Err(no_stream(py));
+        }
+        if async_op {
+            let o = buffer::bind(py, ops, Lifetime::Work)?.output;
+            let w = comm.recv_any_async(dt, o, tag);
+            let work = Bound::new(py, PyWork::new(Pending::HostAny(w), buf.unbind(), None))?;
+            return Ok(work.into_any().unbind());
+        }
+        let b = buffer::bind(py, ops, Lifetime::Call)?;
+        let (o, guard) = (b.output, b.guard);
+        let r = py.detach(move || comm.recv_any(dt, o, tag));
+        drop(guard);
+        let src = r.map_err(|e| to_py(py, e))?;
+        Ok(src.into_pyobject(py)?.into_any().unbind())
     }
 
     /// Abort: fail the collective in progress on every rank (through the rendezvous and the

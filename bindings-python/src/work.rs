@@ -1,6 +1,6 @@
 //! `devccl._native.Work`: the handle of an asynchronous or stream-ordered collective.
 
-use std::sync::{RwLock, TryLockError};
+use std::sync::{OnceLock, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyTimeoutError;
@@ -17,6 +17,8 @@ const SLICE: Duration = Duration::from_millis(200);
 pub(crate) enum Pending {
     /// Queued on devccl's progress thread (host memory, or device buffers without bytes).
     Host(devccl::Work<()>),
+    /// A receive from any rank queued on the progress thread: finishes with the source.
+    HostAny(devccl::Work<usize>),
     /// Ordered after a CUDA stream ([`devccl::Communicator::collective_on_stream`]).
     Stream(devccl::StreamWork),
 }
@@ -25,6 +27,7 @@ impl Pending {
     fn wait_timeout(&self, d: Duration) -> bool {
         match self {
             Pending::Host(w) => w.wait_timeout(d),
+            Pending::HostAny(w) => w.wait_timeout(d),
             Pending::Stream(w) => w.wait_timeout(d),
         }
     }
@@ -32,14 +35,21 @@ impl Pending {
     fn test(&self) -> bool {
         match self {
             Pending::Host(w) => w.test(),
+            Pending::HostAny(w) => w.test(),
             Pending::Stream(w) => w.test(),
         }
     }
 
-    fn wait(self) -> devccl::Result<()> {
+    /// Wait for the outcome: for a receive from any rank, the source.
+    fn wait(self) -> devccl::Result<Option<usize>> {
         match self {
-            Pending::Host(w) => w.wait(),
-            Pending::Stream(w) => w.wait(),
+            Pending::Host(w) => w.wait().map(|()| None),
+            Pending::HostAny(w) => w.wait().map(Some),
+            Pending::Stream(w) => {
+                while !w.wait_timeout(SLICE) {}
+                let source = w.source();
+                w.wait().map(|()| source)
+            }
         }
     }
 }
@@ -67,11 +77,23 @@ pub struct PyWork {
     result: Py<PyAny>,
     /// The CUDA stream a stream-ordered call was ordered after (None for host calls).
     stream: Option<u64>,
+    /// The source rank of a receive from any rank, once it finished successfully.
+    source: OnceLock<usize>,
 }
 
 impl PyWork {
     pub(crate) fn new(work: Pending, result: Py<PyAny>, stream: Option<u64>) -> PyWork {
-        PyWork { state: RwLock::new(State::Pending(work)), result, stream }
+        PyWork { state: RwLock::new(State::Pending(work)), result, stream, source: OnceLock::new() }
+    }
+
+    /// The source rank of a finished receive from any rank (None while running, after a
+    /// failure, and for every other call).
+    pub(crate) fn source_rank(&self, py: Python<'_>) -> Option<usize> {
+        if self.is_completed() {
+            // Records the outcome (and with it the source); a failure leaves None.
+            let _ = self.outcome(py);
+        }
+        self.source.get().copied()
     }
 
     /// Wait until finished or `deadline`; true when finished.
@@ -109,6 +131,9 @@ impl PyWork {
             };
             // Finished already (the caller waited), so this returns at once.
             let r = py.detach(move || w.wait());
+            if let Ok(Some(src)) = r {
+                let _ = self.source.set(src);
+            }
             *g = State::Finished(r.err().map(|e| to_py(py, e)));
         }
         match &*g {
@@ -177,6 +202,14 @@ impl PyWork {
     #[getter]
     fn stream(&self) -> Option<u64> {
         self.stream
+    }
+
+    /// For a receive from any rank (`Communicator.recv_any(..., async_op=True)`): the rank
+    /// the message came from, once the receive finished successfully. None while it runs,
+    /// after it failed (`wait()` raises the error), and for every other call. Never blocks.
+    #[getter]
+    fn source(&self, py: Python<'_>) -> Option<usize> {
+        self.source_rank(py)
     }
 
     /// True once the collective finished (successfully or not). Never blocks.

@@ -6,6 +6,8 @@
 //! only the peers can see (they called something else, or with other sizes) is caught by the
 //! frame headers during the call and fails every rank with a mismatch error.
 
+use std::sync::{Arc, OnceLock};
+
 use devccl_core::memory::{Region, RegionSlice};
 use devccl_core::wire::CollKind;
 use devccl_core::{DType, Element, Error, ReduceOp, Result};
@@ -426,7 +428,7 @@ impl Communicator {
         }));
         let opened = gate.clone();
         job.after = Some(Box::new(move |_| opened.open()));
-        Ok(StreamWork { work: self.submit_job(job), gate })
+        Ok(StreamWork { work: self.submit_job(job), gate, source: None })
     }
 
     /// The job for a validated call, with the device pre-copy (if any) as its before hook.
@@ -612,6 +614,91 @@ impl Communicator {
         self.collective_into(&Collective::Recv { peer, tag }, &[], buf)
     }
 
+    /// Receive into `output` from whichever rank sends first (like `MPI_ANY_SOURCE`, or
+    /// torch's `recv` without `src`); returns the source rank. The message taken is the first
+    /// found whose sender's next point-to-point message to this rank (in that pair's usual
+    /// order) carries `tag`; a rank whose next message is something else does not match
+    /// (nothing is skipped), and other ready messages stay queued for later receives. The
+    /// receive then proceeds as [`Communicator::recv`] from that rank: its size and dtype
+    /// must match the send. Runs in issue order with the communicator's other calls; the
+    /// wait is bounded by the communicator's timeout (`Error::Timeout` naming the tag and the
+    /// ranks), and ends at once on abort or when a sender failed. `output` may be host or
+    /// device memory; it must not be empty (an empty send sends no message to match).
+    pub fn recv_any(&self, dtype: DType, output: RegionSlice, tag: u32) -> Result<usize> {
+        let (job, source) = self.recv_any_job(dtype, output, tag)?;
+        self.engine().check_alive()?;
+        self.engine().run_blocking(job)?;
+        chosen(&source)
+    }
+
+    /// Typed [`Communicator::recv_any`] into a slice; returns the source rank.
+    pub fn recv_any_into<T: Element>(&self, buf: &mut [T], tag: u32) -> Result<usize> {
+        Region::scoped(bytemuck::cast_slice_mut(buf), |o| self.recv_any(T::DTYPE, o.full(), tag))
+    }
+
+    /// Asynchronous [`Communicator::recv_any`]: queued in issue order; `wait` returns the
+    /// source rank. The region stays alive until the work finished.
+    pub fn recv_any_async(&self, dtype: DType, output: RegionSlice, tag: u32) -> Work<usize> {
+        match self.recv_any_job(dtype, output, tag) {
+            Ok((job, source)) => self.submit_job(job).map(move |()| chosen(&source)),
+            Err(e) => Work::failed(e),
+        }
+    }
+
+    /// Stream-ordered [`Communicator::recv_any`] on CUDA memory (see
+    /// [`Communicator::collective_on_stream`]); [`StreamWork::source`] names the source once
+    /// the call finished.
+    pub fn recv_any_on_stream(&self, dtype: DType, output: RegionSlice, tag: u32, stream: u64) -> Result<StreamWork> {
+        let device = crate::comm::device_of(&[&output])?;
+        let (point, gate) = (device.queue_point(stream)?, device.queue_gate()?);
+        let (job, source) = self.recv_any_job(dtype, output, tag)?;
+        let mut sw = self.stream_ordered(job, point, gate)?;
+        sw.source = Some(source);
+        Ok(sw)
+    }
+
+    /// The job of a receive from any rank: validated now, its schedule built once the job
+    /// runs and the source is known.
+    fn recv_any_job(
+        &self,
+        dtype: DType,
+        output: RegionSlice,
+        tag: u32,
+    ) -> Result<(crate::work::Job, Arc<OnceLock<usize>>)> {
+        let n = self.world_size();
+        let count = elems("recv_any output", &output, dtype)?;
+        need(n > 1, || format!("recv_any: no other rank to receive from in a {n}-rank communicator"))?;
+        need(count > 0, || {
+            "recv_any: the buffer is empty (an empty send sends no message, so there is nothing to match)".into()
+        })?;
+        need(output.region.writable(), || "recv_any: the output is read-only".into())?;
+        let device = crate::comm::device_of(&[&output])?;
+        let dev = device.id();
+        let (bytes, chunk, lower) = (output.len(), self.config().chunk.unwrap_or(512 << 10), self.lowering());
+        let build = Box::new(move |peer: usize| {
+            let mut b = Builder::new();
+            algo::p2p::recv(&mut b, peer, bytes, chunk);
+            lower(b.build(), dev)
+        });
+        let info = crate::exec::CallInfo {
+            coll: CollKind::SendRecv,
+            dtype,
+            op: None,
+            root: None,
+            count: count as u64,
+            seq: devccl_core::Seq(0), // assigned when it runs
+            algo: algo::Algo::Direct as u8,
+            tag,
+        };
+        let empty = Region::alloc(0).full();
+        let mut bindings = crate::exec::Bindings::host(empty, output, Vec::new());
+        bindings.device = device;
+        let mut job = crate::work::Job::new(Builder::new().build(), vec![info], bindings);
+        let source = Arc::new(OnceLock::new());
+        job.any = Some(crate::work::AnySource { build, source: source.clone() });
+        Ok((job, source))
+    }
+
     /// Block until every rank has called `barrier`.
     pub fn barrier(&self) -> Result<()> {
         self.collective_into::<u8>(&Collective::Barrier, &[], &mut [])
@@ -691,6 +778,11 @@ impl Communicator {
     }
 }
 
+/// The source an any-source receive chose (set when it finished successfully).
+fn chosen(source: &OnceLock<usize>) -> Result<usize> {
+    source.get().copied().ok_or_else(|| Error::Internal("recv_any finished without a source".into()))
+}
+
 /// A private host copy of `s` (in-place forms of collectives whose algorithms read the input
 /// after the output has been written).
 fn copy_of(s: &RegionSlice, timeout: std::time::Duration) -> Result<RegionSlice> {
@@ -705,6 +797,8 @@ fn copy_of(s: &RegionSlice, timeout: std::time::Duration) -> Result<RegionSlice>
 pub struct StreamWork {
     work: Work<()>,
     gate: std::sync::Arc<dyn devccl_core::device::QueueGate>,
+    /// The source of a receive from any rank ([`Communicator::recv_any_on_stream`]).
+    source: Option<Arc<OnceLock<usize>>>,
 }
 
 impl StreamWork {
@@ -727,5 +821,12 @@ impl StreamWork {
     /// Wait at most `timeout`; true when finished.
     pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
         self.work.wait_timeout(timeout)
+    }
+
+    /// For a receive from any rank ([`Communicator::recv_any_on_stream`]): the source rank,
+    /// once the call finished successfully; `None` before, after a failure, and for every
+    /// other call.
+    pub fn source(&self) -> Option<usize> {
+        self.source.as_ref().and_then(|s| s.get().copied())
     }
 }

@@ -226,6 +226,20 @@ pub(crate) fn device_of(slices: &[&RegionSlice]) -> Result<Arc<dyn devccl_core::
     }
 }
 
+/// Stage a schedule on device memory for the peers whose connections cannot reach it
+/// (`reach`, per peer); host schedules are returned unchanged.
+fn lower_with(
+    sched: crate::schedule::Schedule,
+    device: DeviceId,
+    reach: &[bool],
+    slots: usize,
+) -> crate::schedule::Schedule {
+    if device.is_host() {
+        return sched;
+    }
+    crate::lower::stage(sched, |p| !reach.get(p.idx()).copied().unwrap_or(false), slots)
+}
+
 /// The transport pair (a < b) uses: the first kind in `a`'s published preference order that
 /// `b` also offers. Both ranks compute the same answer from the peer table.
 fn pair_kind(table: &PeerTable, a: usize, b: usize) -> Option<TransportKind> {
@@ -685,11 +699,16 @@ impl Communicator {
     /// Rewrite a schedule on device memory for the peers whose connections cannot reach it
     /// (see [`crate::lower`]); host schedules are returned unchanged.
     pub(crate) fn lower_for(&self, sched: crate::schedule::Schedule, device: DeviceId) -> crate::schedule::Schedule {
-        if device.is_host() {
-            return sched;
-        }
-        let reach = &self.inner.device_reach;
-        crate::lower::stage(sched, |p| !reach.get(p.idx()).copied().unwrap_or(false), self.inner.config.staging_slots)
+        lower_with(sched, device, &self.inner.device_reach, self.inner.config.staging_slots)
+    }
+
+    /// [`Communicator::lower_for`] as a function that outlives this handle, for schedules
+    /// built later on the progress thread (a receive from any rank, once its source is known).
+    pub(crate) fn lowering(
+        &self,
+    ) -> impl Fn(crate::schedule::Schedule, DeviceId) -> crate::schedule::Schedule + Send + 'static {
+        let (reach, slots) = (self.inner.device_reach.clone(), self.inner.config.staging_slots);
+        move |sched, device| lower_with(sched, device, &reach, slots)
     }
 
     pub(crate) fn job(

@@ -179,6 +179,12 @@ impl Communicator {
         let empty = Region::alloc(0).full();
         self.collective(&Collective::Recv { peer, tag }, T::DTYPE, empty, buf.region_slice())
     }
+
+    /// Receive into a device buffer from whichever rank sends first (see
+    /// [`Communicator::recv_any`]); returns the source rank.
+    pub fn recv_any_device<T: Element>(&self, buf: &DeviceBuffer<T>, tag: u32) -> Result<usize> {
+        self.recv_any(T::DTYPE, buf.region_slice(), tag)
+    }
 }
 
 /// cudarc interop: a `CudaSlice` as a [`DeviceBuffer`] (owned, for asynchronous and

@@ -20,7 +20,7 @@ use devccl_core::device::{Device, Pending, ReduceArgs, Scattered};
 use devccl_core::memory::{DeviceId, Region, RegionSlice};
 use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
 use devccl_core::transport::{
-    Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
+    Completion, Connection, Interest, PayloadSink, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
 };
 use devccl_core::wire::{CollKind, FrameHeader, FrameType};
 use devccl_core::{DType, Error, Rank, ReduceOp, Result, Seq};
@@ -214,6 +214,39 @@ impl AbortSignal {
     }
 }
 
+/// A peer, as an any-source receive sees it.
+#[derive(Debug)]
+enum Candidate {
+    /// Nothing from it yet: it may still send the message.
+    Open,
+    /// Its next message is something else (per-pair order: it cannot match in this call).
+    Blocked(FrameHeader),
+    /// Its connection closed between messages.
+    Closed(Error),
+}
+
+impl Candidate {
+    /// Why the peers that cannot match do not, for messages (`; rank 2's next message is
+    /// ...; rank 3 closed ...`).
+    fn notes(cand: &[Option<Candidate>]) -> String {
+        cand.iter()
+            .enumerate()
+            .filter_map(|(p, c)| match c {
+                Some(Candidate::Blocked(h)) => {
+                    Some(format!("; rank {p}'s next message is {} (no match)", h.describe()))
+                }
+                Some(Candidate::Closed(e)) => Some(format!("; {e}")),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// How an any-source receive names itself in messages: `recv_any(float, count=4, tag=7)`.
+fn any_source_name(call: &CallInfo) -> String {
+    format!("recv_any({}, count={}, tag={})", call.dtype, call.count, call.tag)
+}
+
 /// Messages up to this size make a call "small" for [`Spin::budget_small`].
 const SMALL_MESSAGE: usize = 64 << 10;
 
@@ -251,6 +284,9 @@ pub struct Executor {
     seq: u64,
     p2p_tx: Vec<u64>,
     p2p_rx: Vec<u64>,
+    /// Where the next any-source receive starts looking (after the last source), so ready
+    /// senders take turns.
+    any_next: usize,
 }
 
 #[derive(Default)]
@@ -315,6 +351,7 @@ impl Executor {
             seq: 0,
             p2p_tx: vec![0; world],
             p2p_rx: vec![0; world],
+            any_next: 0,
         }
     }
 
@@ -357,6 +394,149 @@ impl Executor {
                 self.fail_all(call.seq, &format!("rank {} failed in {}: {e}", self.rank, call.describe()));
                 Err(e)
             }
+        }
+    }
+
+    /// Choose the source of a receive from any rank (`call`: its dtype, count and tag; the
+    /// sequence number is not known yet): the first peer whose next incoming message is the
+    /// point-to-point message this rank expects next from it (its sequence number) and
+    /// carries `call.tag`. Nothing is consumed: the caller then runs an ordinary receive
+    /// from that peer, which checks size and dtype as usual.
+    ///
+    /// Per-pair order holds: a peer whose next message is something else (another tag, a
+    /// collective) cannot match in this call. Waits, sleeping in `poll(2)` on the peers'
+    /// connections, until a message matches, bounded by the communicator's timeout, and
+    /// wakes on the abort signal. A peer that aborted or sent garbage fails the receive as
+    /// a receive from it would; a peer whose connection closed between messages (it exited)
+    /// is no longer a candidate. When no candidate is left (each closed, or blocked by a
+    /// message that does not match), the receive fails at once. Fatal errors take the usual
+    /// path (every peer is told); a transport without [`Connection::peek`] fails with
+    /// `Unsupported` and leaves the communicator usable.
+    pub fn match_any_source(&mut self, call: &CallInfo) -> Result<Rank> {
+        match self.match_any_inner(call) {
+            Ok(p) => Ok(p),
+            Err(e) if !e.is_fatal() => Err(e),
+            Err(e) => {
+                for c in self.conns.iter_mut().flatten() {
+                    c.cancel();
+                }
+                let e = self.prefer_abort(e);
+                self.fail_all(call.seq, &format!("rank {} failed in {}: {e}", self.rank, any_source_name(call)));
+                Err(e)
+            }
+        }
+    }
+
+    fn match_any_inner(&mut self, call: &CallInfo) -> Result<Rank> {
+        let world = self.world;
+        let started = Instant::now();
+        let mut cand: Vec<Option<Candidate>> =
+            (0..world).map(|p| self.conns[p].as_ref().map(|_| Candidate::Open)).collect();
+        if cand.iter().all(Option::is_none) {
+            return Err(Error::usage(format!("{}: no other rank to receive from", any_source_name(call))));
+        }
+        let start = self.any_next;
+        loop {
+            if let Some(e) = self.abort.error() {
+                return Err(e);
+            }
+            for i in 0..world {
+                let p = (start + i) % world;
+                if !matches!(cand[p], Some(Candidate::Open)) {
+                    continue;
+                }
+                let conn = self.conns[p].as_mut().expect("a candidate has a connection");
+                match conn.peek()? {
+                    Peeked::Nothing => {}
+                    Peeked::Frame(h)
+                        if h.frame == FrameType::Data
+                            && h.coll == CollKind::SendRecv
+                            && h.seq == Seq(self.p2p_rx[p])
+                            && h.tag == call.tag =>
+                    {
+                        self.any_next = (p + 1) % world;
+                        return Ok(Rank::from(p));
+                    }
+                    Peeked::Frame(h) => cand[p] = Some(Candidate::Blocked(h)),
+                    Peeked::Closed(e) => cand[p] = Some(Candidate::Closed(e)),
+                }
+            }
+            let open: Vec<usize> = (0..world).filter(|&p| matches!(cand[p], Some(Candidate::Open))).collect();
+            if open.is_empty() {
+                return Err(self.no_source_error(call, cand));
+            }
+            let idle = started.elapsed();
+            if idle >= self.timeout {
+                let ranks = open.iter().map(|p| format!("rank {p}")).collect::<Vec<_>>().join(", ");
+                return Err(Error::Timeout {
+                    what: format!(
+                        "rank {} in {}: no message with tag {} arrived from any of {ranks}{}",
+                        self.rank,
+                        any_source_name(call),
+                        call.tag,
+                        Candidate::notes(&cand)
+                    ),
+                    after: self.timeout,
+                });
+            }
+            if idle < self.spin.budget_small {
+                if self.spin.yield_cpu {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            let mut fds = Vec::with_capacity(open.len() + 1);
+            fds.push((self.abort.bell.as_fd(), Interest::Read));
+            let mut blind = false;
+            for &p in &open {
+                let before = fds.len();
+                self.conns[p].as_ref().expect("checked").peek_fds(&mut fds);
+                blind |= fds.len() == before;
+            }
+            // A connection without descriptors is peeked again after a short nap.
+            let nap = if blind { Duration::from_millis(1) } else { Duration::from_millis(200) };
+            wait_ready(&fds, (self.timeout - idle).min(nap))?;
+        }
+    }
+
+    /// The error of an any-source receive that no peer can serve any more.
+    fn no_source_error(&self, call: &CallInfo, mut cand: Vec<Option<Candidate>>) -> Error {
+        let blocked: Vec<(usize, FrameHeader)> = cand
+            .iter()
+            .enumerate()
+            .filter_map(|(p, c)| match c {
+                Some(Candidate::Blocked(h)) => Some((p, *h)),
+                _ => None,
+            })
+            .collect();
+        let closed = cand.iter().filter(|c| matches!(c, Some(Candidate::Closed(_)))).count();
+        match blocked.as_slice() {
+            // One peer left, and it called something else: the usual mismatch.
+            [(p, h)] if closed == 0 => Error::Mismatch {
+                local_rank: self.rank,
+                peer: Rank::from(*p),
+                local: any_source_name(call),
+                remote: h.describe(),
+            },
+            // Every peer closed: what a receive from the first would say.
+            [] => cand
+                .iter_mut()
+                .find_map(|c| match c.take() {
+                    Some(Candidate::Closed(e)) => Some(e),
+                    _ => None,
+                })
+                .unwrap_or_else(|| Error::Internal("any-source receive without candidates".into())),
+            [(p, _), ..] => Error::Remote {
+                peer: Some(Rank::from(*p)),
+                message: format!(
+                    "rank {} in {} can receive from no rank{}",
+                    self.rank,
+                    any_source_name(call),
+                    Candidate::notes(&cand)
+                ),
+            },
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use devccl_core::wire::CollKind;
@@ -142,6 +142,16 @@ pub(crate) type BeforeHook = Box<dyn FnOnce() -> Result<()> + Send>;
 /// caller's stream never waits forever).
 pub(crate) type AfterHook = Box<dyn FnOnce(&Result<()>) + Send>;
 
+/// The rest of a receive from any rank, settled when its job runs: the source is chosen
+/// then (in issue order with everything else, holding the executor), and only then is the
+/// schedule built.
+pub(crate) struct AnySource {
+    /// The schedule of the receive from a given peer.
+    pub(crate) build: Box<dyn FnOnce(usize) -> Schedule + Send>,
+    /// The chosen source, once chosen (read by the caller's work handle).
+    pub(crate) source: Arc<OnceLock<usize>>,
+}
+
 /// One queued collective.
 pub(crate) struct Job {
     pub(crate) sched: Schedule,
@@ -151,11 +161,13 @@ pub(crate) struct Job {
     pub(crate) done: Arc<Completion>,
     pub(crate) before: Option<BeforeHook>,
     pub(crate) after: Option<AfterHook>,
+    /// A receive from any rank: `sched` is empty until the source is known.
+    pub(crate) any: Option<AnySource>,
 }
 
 impl Job {
     pub(crate) fn new(sched: Schedule, calls: Vec<CallInfo>, bindings: Bindings) -> Job {
-        Job { sched, calls, bindings, done: Arc::new(Completion::default()), before: None, after: None }
+        Job { sched, calls, bindings, done: Arc::new(Completion::default()), before: None, after: None, any: None }
     }
 
     /// Fail without running (the after hook still runs).
@@ -229,21 +241,18 @@ impl Engine {
 
     fn run_job(&self, job: Job) {
         let started = Instant::now();
-        let Job { sched, mut calls, bindings, done, before, after } = job;
+        let Job { sched, mut calls, bindings, done, before, after, any } = job;
         let r = self.check_alive().and_then(|()| before.map_or(Ok(()), |f| f())).and_then(|()| {
             let mut exec = lock(&self.exec);
-            for (k, info) in calls.iter_mut().enumerate() {
-                info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&sched, k) } else { exec.next_seq() };
-            }
-            tracing::debug!(rank = exec.rank.0, call = %calls[0].describe(), calls = calls.len(), steps = sched.len(), "collective");
-            let r = exec.run(&sched, &calls, &bindings);
+            let r = Engine::execute(&mut exec, sched, &mut calls, &bindings, any);
             if let Err(e) = &r
-                && e.is_fatal() {
-                    self.poison_with(&e.to_string());
-                    if let Some(f) = lock(&self.on_fatal).take() {
-                        f(e);
-                    }
+                && e.is_fatal()
+            {
+                self.poison_with(&e.to_string());
+                if let Some(f) = lock(&self.on_fatal).take() {
+                    f(e);
                 }
+            }
             r
         });
         // Release the buffers before announcing completion: the waiter takes them back.
@@ -252,6 +261,31 @@ impl Engine {
             f(&r);
         }
         done.set_timed(r, started);
+    }
+
+    /// Run one job's calls on the executor; an any-source receive first chooses its source.
+    fn execute(
+        exec: &mut Executor,
+        mut sched: Schedule,
+        calls: &mut [CallInfo],
+        bindings: &Bindings,
+        any: Option<AnySource>,
+    ) -> Result<()> {
+        let mut chosen = None;
+        if let Some(any) = any {
+            let src = exec.match_any_source(&calls[0])?.idx();
+            sched = (any.build)(src);
+            chosen = Some((any.source, src));
+        }
+        for (k, info) in calls.iter_mut().enumerate() {
+            info.seq = if info.coll == CollKind::SendRecv { exec.next_p2p_seq(&sched, k) } else { exec.next_seq() };
+        }
+        tracing::debug!(rank = exec.rank.0, call = %calls[0].describe(), calls = calls.len(), steps = sched.len(), "collective");
+        exec.run(&sched, calls, bindings)?;
+        if let Some((slot, src)) = chosen {
+            let _ = slot.set(src);
+        }
+        Ok(())
     }
 
     /// Run `job` now on this thread if the queue is idle, else queue it and wait; in both

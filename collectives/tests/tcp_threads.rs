@@ -1,6 +1,7 @@
 //! Communicators over real TCP and a real rendezvous, ranks as threads of this process:
 //! split, abort while a collective is stuck, several communicators used concurrently,
-//! destroy with work outstanding, every collective through the typed API.
+//! destroy with work outstanding, every collective through the typed API, receives from any
+//! rank over TCP and shared memory.
 
 use std::time::{Duration, Instant};
 
@@ -23,11 +24,16 @@ fn cfg() -> Config {
 
 /// Start `n` ranks as threads; each runs `f` on its communicator.
 fn with_ranks<R: Send>(n: usize, f: impl Fn(Communicator) -> R + Sync) -> Vec<R> {
+    with_ranks_on(cfg(), n, f)
+}
+
+/// [`with_ranks`] with other settings (transports, timeout).
+fn with_ranks_on<R: Send>(config: Config, n: usize, f: impl Fn(Communicator) -> R + Sync) -> Vec<R> {
     let port = free_port();
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..n)
             .map(|rank| {
-                let f = &f;
+                let (f, config) = (&f, config.clone());
                 s.spawn(move || {
                     let comm = Communicator::init_with(InitOptions {
                         rank,
@@ -36,7 +42,7 @@ fn with_ranks<R: Send>(n: usize, f: impl Fn(Communicator) -> R + Sync) -> Vec<R>
                         rendezvous: format!("127.0.0.1:{port}"),
                         host_rendezvous: rank == 0,
                         group: "world".into(),
-                        config: cfg(),
+                        config,
                     })
                     .expect("init");
                     f(comm)
@@ -292,4 +298,123 @@ fn cudarc_slices_blocking_owned_and_stream_ordered() {
         let s = buf.into_cuda().unwrap();
         assert_eq!(stream.clone_dtoh(&s).unwrap(), vec![3.0; 1000]);
     });
+}
+
+/// Ranks 1..n send to rank 0, which receives from any rank: three blocking receives of a
+/// small message, then three asynchronous ones queued at once of a large one (several
+/// frames, over both TCP lanes; larger than nothing in particular on shared memory).
+fn recv_any_from_racing_senders(transport: TransportKind) {
+    const BIG: usize = 300_000;
+    let config = Config { transports: vec![transport], ..cfg() };
+    let out = with_ranks_on(config, 4, |c| {
+        let r = c.rank();
+        if r != 0 {
+            c.send(&[r as u32; 5], 0, 3).unwrap();
+            c.send(&vec![r as f32 + 0.5; BIG], 0, 4).unwrap();
+            c.barrier().unwrap();
+            return Vec::new();
+        }
+        let mut sources = Vec::new();
+        for _ in 0..3 {
+            let mut buf = [0u32; 5];
+            let src = c.recv_any_into(&mut buf, 3).unwrap();
+            assert_eq!(buf, [src as u32; 5], "the payload of rank {src}");
+            sources.push(src);
+        }
+        let works: Vec<_> = (0..3)
+            .map(|_| {
+                let out = devccl_core::memory::Region::from_vec(vec![0f32; BIG]);
+                (c.recv_any_async(devccl::DType::F32, out.full(), 4), out)
+            })
+            .collect();
+        for (w, out) in works {
+            let src = w.wait().unwrap();
+            assert!(out.into_vec::<f32>().unwrap().iter().all(|&x| x == src as f32 + 0.5), "from rank {src}");
+            sources.push(src);
+        }
+        c.barrier().unwrap();
+        sources
+    });
+    let (mut small, mut big) = (out[0][..3].to_vec(), out[0][3..].to_vec());
+    small.sort_unstable();
+    big.sort_unstable();
+    assert_eq!((small, big), (vec![1, 2, 3], vec![1, 2, 3]), "{transport}: {:?}", out[0]);
+}
+
+#[test]
+fn recv_any_from_racing_senders_over_tcp_and_shm() {
+    for transport in [TransportKind::Tcp, TransportKind::Shm] {
+        recv_any_from_racing_senders(transport);
+    }
+}
+
+#[test]
+fn recv_any_times_out_when_nobody_sends_and_fails_at_once_when_the_peer_exits() {
+    let timeout = Duration::from_millis(1500);
+    let done = std::sync::Barrier::new(4);
+    for transport in [TransportKind::Tcp, TransportKind::Shm] {
+        let config = Config { transports: vec![transport], timeout, ..cfg() };
+        let out = with_ranks_on(config, 4, |c| {
+            if c.rank() == 0 {
+                let t = Instant::now();
+                let e = c.recv_any_into(&mut [0i64; 2], 11).unwrap_err();
+                let took = t.elapsed();
+                done.wait(); // the others stay connected until rank 0 gave up
+                return Some((took, e));
+            }
+            done.wait();
+            None
+        });
+        let (took, e) = out[0].as_ref().unwrap();
+        assert!(matches!(e, Error::Timeout { .. }), "{transport}: {e}");
+        let m = e.to_string();
+        assert!(m.contains("no message with tag 11 arrived from any of rank 1, rank 2, rank 3"), "{transport}: {m}");
+        assert!(*took >= timeout && *took < timeout + Duration::from_secs(2), "{transport}: {took:?}");
+    }
+    // The only peer exits without sending: the receive fails promptly, naming it.
+    for transport in [TransportKind::Tcp, TransportKind::Shm] {
+        let config = Config { transports: vec![transport], ..cfg() };
+        let out = with_ranks_on(config, 2, |c| {
+            if c.rank() == 1 {
+                return None; // drops the communicator: its connections close
+            }
+            let t = Instant::now();
+            let e = c.recv_any_into(&mut [0u8; 4], 0).unwrap_err();
+            Some((t.elapsed(), e))
+        });
+        let (took, e) = out[0].as_ref().unwrap();
+        let m = e.to_string();
+        assert!(matches!(e, Error::Remote { .. }) && m.contains("rank 1 closed"), "{transport}: {m}");
+        assert!(*took < Duration::from_secs(5), "{transport}: {took:?} (timeout is 10 s)");
+    }
+}
+
+#[test]
+fn recv_any_into_device_buffers() {
+    let Some(dev) = device_or_skip("vulkan", "DEVCCL_REQUIRE_VULKAN") else { return };
+    let out = with_ranks(3, |c| {
+        use devccl::DeviceBuffer;
+        let r = c.rank();
+        if r != 0 {
+            let host = vec![r as i32 * 10; 1000];
+            // One sender sends from device memory, the other from host memory.
+            if r == 1 {
+                c.send_device(&DeviceBuffer::from_slice(dev, &host).unwrap(), 0, 6).unwrap();
+            } else {
+                c.send(&host, 0, 6).unwrap();
+            }
+            return Vec::new();
+        }
+        let buf = DeviceBuffer::<i32>::alloc(dev, 1000).unwrap();
+        (0..2)
+            .map(|_| {
+                let src = c.recv_any_device(&buf, 6).unwrap();
+                assert_eq!(buf.to_vec().unwrap(), vec![src as i32 * 10; 1000]);
+                src
+            })
+            .collect()
+    });
+    let mut s = out[0].clone();
+    s.sort_unstable();
+    assert_eq!(s, vec![1, 2]);
 }

@@ -191,6 +191,19 @@ pub enum Completion {
     },
 }
 
+/// What [`Connection::peek`] found on the incoming side of a connection.
+#[derive(Debug)]
+pub enum Peeked {
+    /// The header of the next incoming frame, which stays unconsumed: the next receive
+    /// posted on the connection gets this frame.
+    Frame(FrameHeader),
+    /// Nothing (whole) there yet.
+    Nothing,
+    /// The peer closed its end at a frame boundary (its process exited): nothing more will
+    /// arrive. The error is what a receive would report.
+    Closed(Error),
+}
+
 /// What to wait for on a file descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interest {
@@ -266,6 +279,28 @@ pub trait Connection: Send + fmt::Debug {
     fn irecv_sink(&mut self, expect: FrameHeader, sink: Box<dyn PayloadSink>) -> Result<Option<ReqId>> {
         let _ = (expect, sink);
         Err(Error::Unsupported { reason: format!("{} connections do not take payload sinks", self.kind()) })
+    }
+    /// Non-blocking: the header of the next incoming frame, without consuming it (the next
+    /// posted receive matches that frame as usual). Reads what is already available without
+    /// blocking. Only valid while no posted receive could claim that frame (TCP: none on the
+    /// lane the next message arrives on; other transports: none at all), else
+    /// [`Error::Internal`]. An abort frame from the peer, garbage, or a stream cut inside a
+    /// frame is the error a receive would return, and is remembered like one. Used by
+    /// receives from any source, which look at every peer's next message before choosing.
+    fn peek(&mut self) -> Result<Peeked> {
+        Err(Error::Unsupported {
+            reason: format!(
+                "{} connections cannot look at an incoming message without receiving it, which a receive from \
+                 any source needs",
+                self.kind()
+            ),
+        })
+    }
+    /// Descriptors to wait on (for `poll`) after [`Connection::peek`] found nothing: they
+    /// become ready when the next frame (or the peer's abort or close) may have arrived.
+    /// The default names none (a caller then naps briefly between peeks).
+    fn peek_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
+        let _ = out;
     }
     /// Non-blocking: make progress and report whether `req` finished.
     fn test(&mut self, req: ReqId) -> Result<Option<Completion>>;

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use devccl_core::conn_state::{ConnState, RecvTarget, check_frame_len};
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
-    Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
+    Completion, Connection, Interest, PayloadSink, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
 };
 use devccl_core::wire::{FrameHeader, FrameType, HEADER_LEN, MAX_ABORT_REASON};
 use devccl_core::{Error, Rank, Result, Seq};
@@ -373,45 +373,9 @@ impl ShmConnection {
             match slot.phase {
                 RecvPhase::Header => {
                     let expect = slot.expect;
-                    let mut avail = self.peer_tail - self.head;
-                    if avail < HEADER_LEN as u64 {
-                        avail = self.refresh_peer_tail()?;
-                        if avail < HEADER_LEN as u64 {
-                            return Ok(());
-                        }
-                    }
-                    // Decoded from a private copy: the checks below and the use of the
-                    // header afterwards see the same bytes, whatever the ring holds later.
-                    let mut raw = [0u8; HEADER_LEN];
-                    self.map.read(self.rx_ring, self.head, &mut raw);
-                    let got = FrameHeader::decode(&raw).map_err(|e| {
-                        let why = match e {
-                            Error::Remote { message, .. } => message,
-                            other => other.to_string(),
-                        };
-                        Error::remote(
-                            self.peer,
-                            format!("garbage in the shared ring from rank {} [shm {}]: {why}", self.peer, self.who()),
-                        )
-                    })?;
-                    if got.frame == FrameType::Abort {
-                        let total = (HEADER_LEN + got.len as usize) as u64;
-                        if total > self.ring {
-                            return Err(
-                                self.corrupt(format!("abort frame of {total} bytes in a ring of {}", self.ring))
-                            );
-                        }
-                        if avail < total {
-                            avail = self.refresh_peer_tail()?;
-                            if avail < total {
-                                return Ok(());
-                            }
-                        }
-                        let mut reason = vec![0u8; got.len as usize];
-                        self.map.read(self.rx_ring, self.head + HEADER_LEN as u64, &mut reason);
-                        self.head += total;
-                        return Err(self.aborted(&reason));
-                    }
+                    let Some(got) = self.next_header()? else {
+                        return Ok(());
+                    };
                     expect.check(&got, self.me, self.peer)?;
                     self.head += HEADER_LEN as u64;
                     self.recvq[0].phase = RecvPhase::Payload { got: 0 };
@@ -455,6 +419,50 @@ impl ShmConnection {
             }
         }
         Ok(())
+    }
+
+    /// The header of the next frame in the incoming ring, left unconsumed, once it was
+    /// published whole; `Ok(None)` until then. An abort frame is consumed and returned as
+    /// the peer's error, garbage as a remote error.
+    fn next_header(&mut self) -> Result<Option<FrameHeader>> {
+        let mut avail = self.peer_tail - self.head;
+        if avail < HEADER_LEN as u64 {
+            avail = self.refresh_peer_tail()?;
+            if avail < HEADER_LEN as u64 {
+                return Ok(None);
+            }
+        }
+        // Decoded from a private copy: the checks and the use of the header afterwards see
+        // the same bytes, whatever the ring holds later.
+        let mut raw = [0u8; HEADER_LEN];
+        self.map.read(self.rx_ring, self.head, &mut raw);
+        let got = FrameHeader::decode(&raw).map_err(|e| {
+            let why = match e {
+                Error::Remote { message, .. } => message,
+                other => other.to_string(),
+            };
+            Error::remote(
+                self.peer,
+                format!("garbage in the shared ring from rank {} [shm {}]: {why}", self.peer, self.who()),
+            )
+        })?;
+        if got.frame == FrameType::Abort {
+            let total = (HEADER_LEN + got.len as usize) as u64;
+            if total > self.ring {
+                return Err(self.corrupt(format!("abort frame of {total} bytes in a ring of {}", self.ring)));
+            }
+            if avail < total {
+                avail = self.refresh_peer_tail()?;
+                if avail < total {
+                    return Ok(None);
+                }
+            }
+            let mut reason = vec![0u8; got.len as usize];
+            self.map.read(self.rx_ring, self.head + HEADER_LEN as u64, &mut reason);
+            self.head += total;
+            return Err(self.aborted(&reason));
+        }
+        Ok(Some(got))
     }
 
     /// The producer tail at which a receiver about to sleep wants its doorbell rung: a
@@ -503,27 +511,71 @@ impl ShmConnection {
         rung
     }
 
+    /// Name the doorbell and the socket to sleep on, and announce the sleep: for the next
+    /// frame's header or the rest of the current payload (`rx`), for room in the outgoing
+    /// ring (`tx`).
+    fn arm<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>, rx: bool, tx: bool) {
+        out.push((self.bell.as_fd(), Interest::Read));
+        // Readable on an abort frame and on end of stream (the peer died).
+        out.push((self.sock.as_fd(), Interest::Read));
+        // Announce the sleep, then look again: whatever the peer publishes after our look
+        // sees the announcement and rings (see the module docs).
+        let mut armed = self.armed.get();
+        let mut ready = self.flowed.replace(false);
+        if rx {
+            let at = self.rx_wake_at();
+            self.map.consumer_wake_at(self.rx_ring).store(at, SeqCst);
+            ready |= self.map.tail(self.rx_ring).load(SeqCst) >= at;
+            armed |= ARMED_RX;
+        }
+        if tx {
+            // Not actually blocked (space left since the last look): no reason to sleep.
+            ready |= self.tail - self.peer_head < self.ring;
+            let at = self.tx_wake_at();
+            self.map.producer_wake_at(self.tx_ring).store(at, SeqCst);
+            ready |= self.map.head(self.tx_ring).load(SeqCst) >= at;
+            armed |= ARMED_TX;
+        }
+        if ready {
+            // Something moved between the caller's last `test` and now: make its `poll`
+            // return at once.
+            ring_bell(&self.bell);
+            armed |= ARMED_SELF_RUNG;
+        }
+        self.armed.set(armed);
+    }
+
     /// Look at the socket without blocking: end of stream is the peer's death, bytes are an
     /// abort frame that did not fit the ring.
     fn check_socket(&mut self) -> Result<()> {
+        match self.socket_closed()? {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Like [`ShmConnection::check_socket`], but a clean end of stream (the peer exited
+    /// without leaving an abort frame) comes back as `Ok(Some(closed error))`.
+    fn socket_closed(&mut self) -> Result<Option<Error>> {
         let mut buf = [0u8; 1024];
         loop {
             match recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => {
                     // An abort sent just before exiting explains the exit better.
                     self.parse_ctl()?;
-                    let detail =
-                        if self.ctl.is_empty() { "end of stream" } else { "end of stream inside an abort frame" };
-                    return Err(self.closed_error(detail));
+                    if !self.ctl.is_empty() {
+                        return Err(self.closed_error("end of stream inside an abort frame"));
+                    }
+                    return Ok(Some(self.closed_error("end of stream")));
                 }
                 Ok(n) => {
                     self.ctl.extend_from_slice(&buf[..n]);
                     self.parse_ctl()?;
                 }
-                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(None),
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e @ (nix::errno::Errno::ECONNRESET | nix::errno::Errno::EPIPE)) => {
-                    return Err(self.closed_error(&e.to_string()));
+                    return Ok(Some(self.closed_error(&e.to_string())));
                 }
                 Err(e) => {
                     return Err(Error::system(
@@ -689,37 +741,45 @@ impl Connection for ShmConnection {
     fn wait_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
         let rx = !self.recvq.is_empty();
         let tx = !self.sendq.is_empty() && self.tx_in_sync;
-        if !rx && !tx {
-            return;
+        if rx || tx {
+            self.arm(out, rx, tx);
         }
-        out.push((self.bell.as_fd(), Interest::Read));
-        // Readable on an abort frame and on end of stream (the peer died).
-        out.push((self.sock.as_fd(), Interest::Read));
-        // Announce the sleep, then look again: whatever the peer publishes after our look
-        // sees the announcement and rings (see the module docs).
-        let mut armed = self.armed.get();
-        let mut ready = self.flowed.replace(false);
-        if rx {
-            let at = self.rx_wake_at();
-            self.map.consumer_wake_at(self.rx_ring).store(at, SeqCst);
-            ready |= self.map.tail(self.rx_ring).load(SeqCst) >= at;
-            armed |= ARMED_RX;
+    }
+
+    fn peek(&mut self) -> Result<Peeked> {
+        self.st.check(self.peer)?;
+        if !self.recvq.is_empty() {
+            return Err(Error::Internal(format!(
+                "peek on the shm connection from rank {} with receives posted",
+                self.peer
+            )));
         }
-        if tx {
-            // Not actually blocked (space left since the last look): no reason to sleep.
-            ready |= self.tail - self.peer_head < self.ring;
-            let at = self.tx_wake_at();
-            self.map.producer_wake_at(self.tx_ring).store(at, SeqCst);
-            ready |= self.map.head(self.tx_ring).load(SeqCst) >= at;
-            armed |= ARMED_TX;
+        let armed = self.armed.replace(0);
+        if armed != 0 {
+            self.disarm(armed);
         }
-        if ready {
-            // Something moved between the caller's last `test` and now: make its `poll`
-            // return at once.
-            ring_bell(&self.bell);
-            armed |= ARMED_SELF_RUNG;
+        let r = match self.next_header() {
+            Ok(Some(h)) => Ok(Peeked::Frame(h)),
+            Ok(None) => match self.socket_closed() {
+                Ok(None) => Ok(Peeked::Nothing),
+                // The peer exited: what it published before is in the ring by now.
+                Ok(Some(closed)) => match self.next_header() {
+                    Ok(Some(h)) => Ok(Peeked::Frame(h)),
+                    Ok(None) => Ok(Peeked::Closed(closed)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &r {
+            self.st.fail(e);
         }
-        self.armed.set(armed);
+        r
+    }
+
+    fn peek_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
+        self.arm(out, true, false);
     }
 
     fn send_abort(&mut self, seq: Seq, reason: &str) {

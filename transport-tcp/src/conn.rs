@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use devccl_core::conn_state::{ConnState, RecvTarget, check_frame_len};
 use devccl_core::memory::RegionSlice;
 use devccl_core::transport::{
-    Completion, Connection, Interest, PayloadSink, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
+    Completion, Connection, Interest, PayloadSink, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, TransportKind,
     wait_ready,
 };
 use devccl_core::wire::{FrameHeader, FrameType, HEADER_LEN, MAX_ABORT_REASON};
@@ -67,7 +67,7 @@ impl SendSlot {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum RecvPhase {
     /// Waiting for the 56-byte header (nothing of this frame consumed yet).
     Header,
@@ -97,6 +97,8 @@ struct Lane {
     tx_in_sync: bool,
     /// False once a partially read frame was abandoned: the stream can no longer be parsed.
     rx_in_sync: bool,
+    /// The peer closed (or reset) this socket: nothing more arrives beyond the buffer.
+    eof: bool,
 }
 
 impl Lane {
@@ -153,6 +155,7 @@ impl TcpConnection {
                 rend: 0,
                 tx_in_sync: true,
                 rx_in_sync: true,
+                eof: false,
             });
         }
         if lanes.is_empty() {
@@ -175,9 +178,7 @@ impl TcpConnection {
     fn io_error(&self, lane: usize, doing: &str, e: io::Error) -> Error {
         use io::ErrorKind as K;
         match e.kind() {
-            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::NotConnected | K::UnexpectedEof => {
-                self.closed_error(lane, &format!("{doing}: {e}"))
-            }
+            k if closed_kind(k) => self.closed_error(lane, &format!("{doing}: {e}")),
             K::TimedOut | K::HostUnreachable | K::NetworkUnreachable => Error::remote(
                 self.peer,
                 format!("rank {} ({}) is unreachable (lane {lane}, {doing}): {e}", self.peer, self.remote),
@@ -266,6 +267,7 @@ impl TcpConnection {
             let mut sock: &Socket = &lane.sock;
             match sock.read(&mut lane.rbuf[lane.rend..]) {
                 Ok(0) => {
+                    lane.eof = true;
                     let mid = lane.buffered() > 0
                         || matches!(lane.recvq.front().map(|s| &s.phase), Some(RecvPhase::Payload { .. }));
                     let detail = if mid { "end of stream in the middle of a frame" } else { "end of stream" };
@@ -277,61 +279,81 @@ impl TcpConnection {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io_error(l, "receiving from", e)),
+                Err(e) => {
+                    lane.eof |= closed_kind(e.kind());
+                    return Err(self.io_error(l, "receiving from", e));
+                }
             }
+        }
+    }
+
+    /// The header of the next frame on lane `l`, left unconsumed, once it is buffered
+    /// (reading what the socket has without blocking); `Ok(None)` until then. An abort frame
+    /// is consumed and returned as the peer's error, garbage as a remote error.
+    fn next_header(&mut self, l: usize) -> Result<Option<FrameHeader>> {
+        loop {
+            let lane = &self.lanes[l];
+            if lane.buffered() < HEADER_LEN {
+                if !self.fill(l)? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let raw = &lane.rbuf[lane.rstart..lane.rstart + HEADER_LEN];
+            let got = match FrameHeader::decode(raw) {
+                Ok(h) => h,
+                Err(e) => {
+                    let why = match e {
+                        Error::Remote { message, .. } => message,
+                        other => other.to_string(),
+                    };
+                    return Err(Error::remote(
+                        self.peer,
+                        format!(
+                            "garbage on the data connection from rank {} ({}, lane {l}): {why}",
+                            self.peer, self.remote
+                        ),
+                    ));
+                }
+            };
+            if got.frame == FrameType::Abort {
+                let len = got.len as usize;
+                if lane.buffered() < HEADER_LEN + len {
+                    if !self.fill(l)? {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                let lane = &mut self.lanes[l];
+                let at = lane.rstart + HEADER_LEN;
+                let reason = String::from_utf8_lossy(&lane.rbuf[at..at + len]).into_owned();
+                lane.rstart = at + len;
+                return Err(Error::remote(self.peer, format!("rank {} aborted: {reason}", self.peer)));
+            }
+            return Ok(Some(got));
         }
     }
 
     /// Complete as many receives of lane `l` as the data at hand allows.
     fn progress_recv_lane(&mut self, l: usize) -> Result<()> {
         loop {
-            let lane = &mut self.lanes[l];
-            let Some(slot) = lane.recvq.front_mut() else {
+            let Some(phase) = self.lanes[l].recvq.front().map(|s| s.phase) else {
                 return Ok(());
             };
-            match slot.phase {
+            match phase {
                 RecvPhase::Header => {
-                    if (lane.rend - lane.rstart) < HEADER_LEN {
-                        if !self.fill(l)? {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    let raw = &lane.rbuf[lane.rstart..lane.rstart + HEADER_LEN];
-                    let got = match FrameHeader::decode(raw) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            let why = match e {
-                                Error::Remote { message, .. } => message,
-                                other => other.to_string(),
-                            };
-                            return Err(Error::remote(
-                                self.peer,
-                                format!(
-                                    "garbage on the data connection from rank {} ({}, lane {l}): {why}",
-                                    self.peer, self.remote
-                                ),
-                            ));
-                        }
+                    let Some(got) = self.next_header(l)? else {
+                        return Ok(());
                     };
-                    if got.frame == FrameType::Abort {
-                        let len = got.len as usize;
-                        if (lane.rend - lane.rstart) < HEADER_LEN + len {
-                            if !self.fill(l)? {
-                                return Ok(());
-                            }
-                            continue;
-                        }
-                        let at = lane.rstart + HEADER_LEN;
-                        let reason = String::from_utf8_lossy(&lane.rbuf[at..at + len]).into_owned();
-                        lane.rstart = at + len;
-                        return Err(Error::remote(self.peer, format!("rank {} aborted: {reason}", self.peer)));
-                    }
+                    let lane = &mut self.lanes[l];
+                    let slot = lane.recvq.front_mut().expect("front");
                     slot.expect.check(&got, self.me, self.peer)?;
                     lane.rstart += HEADER_LEN;
                     slot.phase = RecvPhase::Payload { got: 0 };
                 }
                 RecvPhase::Payload { got } => {
+                    let lane = &mut self.lanes[l];
+                    let slot = lane.recvq.front_mut().expect("front");
                     let need = slot.target.len() - got;
                     if need == 0 {
                         let slot = lane.recvq.pop_front().expect("front");
@@ -418,6 +440,12 @@ impl TcpConnection {
         }
         sent == total
     }
+}
+
+/// Socket errors that mean the peer closed (or reset) the connection.
+fn closed_kind(k: io::ErrorKind) -> bool {
+    use io::ErrorKind as K;
+    matches!(k, K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::NotConnected | K::UnexpectedEof)
 }
 
 /// Wait until `sock` is writable or `deadline` passes; false on timeout.
@@ -529,6 +557,33 @@ impl Connection for TcpConnection {
             };
             out.push((lane.sock.as_fd(), interest));
         }
+    }
+
+    fn peek(&mut self) -> Result<Peeked> {
+        self.st.check(self.peer)?;
+        // The next message arrives on the lane the next receive would be posted on.
+        let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
+        if !self.lanes[l].recvq.is_empty() {
+            return Err(Error::Internal(format!(
+                "peek on the connection from rank {} while a receive is posted on lane {l}",
+                self.peer
+            )));
+        }
+        match self.next_header(l) {
+            Ok(Some(h)) => Ok(Peeked::Frame(h)),
+            Ok(None) => Ok(Peeked::Nothing),
+            // Closed between frames: the peer exited; a later receive finds the same end.
+            Err(e) if self.lanes[l].eof && self.lanes[l].buffered() == 0 => Ok(Peeked::Closed(e)),
+            Err(e) => {
+                self.st.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn peek_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
+        let l = (self.posted[RECV as usize] % self.lanes.len() as u64) as usize;
+        out.push((self.lanes[l].sock.as_fd(), Interest::Read));
     }
 
     fn send_abort(&mut self, seq: Seq, reason: &str) {

@@ -78,6 +78,12 @@ class Work:
     def stream(self) -> int | None:
         """The CUstream a call on CUDA memory was ordered after; None for host calls."""
 
+    @property
+    def source(self) -> int | None:
+        """For :meth:`Communicator.recv_any` with ``async_op=True``: the rank the message came
+        from, once the receive finished successfully. None while it runs, after it failed
+        (``wait()`` raises the error), and for every other call. Never blocks."""
+
     def is_completed(self) -> bool:
         """True once finished (successfully or not). Never blocks."""
 
@@ -152,6 +158,27 @@ class Communicator:
         async_op, else None. Buffers all in host memory or all CUDA memory of one device
         (then stream-ordered as :meth:`collective`)."""
         ...
+    def recv_any(
+        self,
+        buf: Any,
+        tag: int = 0,
+        *,
+        dtype: str | None = None,
+        async_op: bool = False,
+        stream: int | None = None,
+    ) -> Any:
+        """Receive into ``buf`` (writable, C-contiguous, not empty; host or CUDA memory) from
+        whichever rank sends first: the first rank whose next point-to-point message to this
+        one has ``tag`` (a rank whose next message is something else does not match and is
+        not skipped over); then as ``collective("recv", ...)`` from it (size and dtype must
+        match the send). In issue order with the other calls; bounded by the communicator's
+        timeout (DevcclTimeoutError naming the tag and the ranks).
+
+        Blocking: returns the source rank (int); on CUDA memory it holds ``stream`` and waits
+        on the host until the message arrived. ``async_op=True``: returns a :class:`Work`
+        whose ``wait()`` returns ``buf`` and whose ``source`` is the source rank once
+        finished."""
+
     def abort(self, reason: str = "aborted from Python") -> None:
         """Fail the collective in progress on every rank; later calls raise AbortedError."""
 

@@ -8,7 +8,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::{Region, RegionSlice};
 use crate::op::ReduceOp;
-use crate::transport::{Completion, Connection, RecvRequest, ReqId, SendRequest, wait_ready};
+use crate::transport::{Completion, Connection, Peeked, RecvRequest, ReqId, SendRequest, wait_ready};
 use crate::types::{Rank, Seq};
 use crate::wire::{CollKind, FrameHeader, FrameType};
 
@@ -191,14 +191,161 @@ pub fn cancel_forgets(pair: Pair) -> Result<()> {
     check(b.test(r)?.is_none(), "cancelled request does not complete")
 }
 
+/// The sending side of a peek check: its sends, tested until they complete.
+struct Sender<'a> {
+    conn: &'a mut Box<dyn Connection>,
+    pending: Vec<ReqId>,
+}
+
+impl Sender<'_> {
+    /// Test every pending send once (a transport may need that to move a large frame).
+    fn pump(&mut self) -> Result<()> {
+        let mut left = Vec::new();
+        for &id in &self.pending {
+            if self.conn.test(id)?.is_none() {
+                left.push(id);
+            }
+        }
+        self.pending = left;
+        Ok(())
+    }
+}
+
+/// Peek on `c` until it finds a frame, an error or the peer's close (sleeping on
+/// `peek_fds`), pumping the peer's sends meanwhile; times out after `limit`.
+fn peek_until(c: &mut Box<dyn Connection>, tx: &mut Option<Sender<'_>>, limit: Duration) -> Result<Peeked> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(t) = tx.as_mut() {
+            t.pump()?;
+        }
+        match c.peek()? {
+            Peeked::Nothing => {}
+            other => return Ok(other),
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout { what: "conformance: peek".into(), after: limit });
+        }
+        let mut fds = Vec::new();
+        c.peek_fds(&mut fds);
+        if let Some(t) = tx.as_ref() {
+            t.conn.wait_fds(&mut fds);
+        }
+        wait_ready(&fds, Duration::from_millis(5))?;
+    }
+}
+
+/// Receive the frame `expect` on `c` into a fresh buffer, pumping the peer's sends.
+fn recv_pumping(c: &mut Box<dyn Connection>, tx: &mut Sender<'_>, expect: FrameHeader) -> Result<Vec<u8>> {
+    let dst = Region::alloc(expect.len as usize);
+    let r = c.irecv(RecvRequest { expect, dst: dst.full() })?.ok_or_else(|| Error::Internal("irecv refused".into()))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tx.pump()?;
+        if c.test(r)?.is_some() {
+            return dst.full().to_vec();
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: "conformance: receive after peek".into(),
+                after: Duration::from_secs(60),
+            });
+        }
+        let mut fds = Vec::new();
+        c.wait_fds(&mut fds);
+        tx.conn.wait_fds(&mut fds);
+        wait_ready(&fds, Duration::from_millis(5))?;
+    }
+}
+
+/// `peek` shows the next incoming frame's header without consuming it: again and again,
+/// and the next receive then gets that very frame, payload intact; frames of every size,
+/// one after another (on TCP, over the lanes in turn); nothing on an idle connection.
+pub fn peek_leaves_frames(pair: Pair) -> Result<()> {
+    let (mut a, mut b) = pair;
+    check(matches!(b.peek()?, Peeked::Nothing), "peek on an idle connection finds nothing")?;
+    let sizes = [100usize, 0, 1 << 20, 3, 65_537];
+    let srcs: Vec<Region> =
+        sizes.iter().enumerate().map(|(i, &n)| Region::from_vec(pattern(40 + i as u64, n))).collect();
+    let heads: Vec<FrameHeader> =
+        (0..sizes.len()).map(|i| FrameHeader { tag: 10 + i as u32, ..header(8, i as u32, sizes[i]) }).collect();
+    let mut pending = Vec::new();
+    for i in 0..sizes.len() {
+        pending.push(post_send(&mut a, heads[i], srcs[i].full())?);
+    }
+    let mut tx = Some(Sender { conn: &mut a, pending });
+    for i in 0..sizes.len() {
+        match peek_until(&mut b, &mut tx, Duration::from_secs(30))? {
+            Peeked::Frame(h) => check(h == heads[i], "peek shows the next frame's header")?,
+            other => return Err(Error::Internal(format!("conformance: peek found {other:?}, not frame {i}"))),
+        }
+        match b.peek()? {
+            Peeked::Frame(h) => check(h == heads[i], "a second peek shows the same header")?,
+            other => return Err(Error::Internal(format!("conformance: second peek found {other:?}"))),
+        }
+        let got = recv_pumping(&mut b, tx.as_mut().expect("sender"), heads[i])?;
+        check(got == pattern(40 + i as u64, sizes[i]), "the receive after a peek gets the peeked frame intact")?;
+    }
+    check(matches!(b.peek()?, Peeked::Nothing), "nothing left after the last frame")
+}
+
+/// An abort frame is what `peek` reports as the peer's error (and a receive afterwards
+/// fails too).
+pub fn peek_sees_abort(pair: Pair) -> Result<()> {
+    let (mut a, mut b) = pair;
+    a.send_abort(Seq(3), "rank 0 gave up on rank 5");
+    match peek_until(&mut b, &mut None, Duration::from_secs(30)) {
+        Err(Error::Remote { peer: Some(Rank(0)), message }) if message.contains("gave up on rank 5") => {}
+        other => return Err(Error::Internal(format!("conformance: expected the abort from peek, got {other:?}"))),
+    }
+    let dst = Region::alloc(16);
+    match b.irecv(RecvRequest { expect: header(3, 0, 16), dst: dst.full() }) {
+        Err(_) => Ok(()),
+        Ok(None) => Err(Error::Internal("conformance: irecv refused".into())),
+        Ok(Some(r)) => match drive(&mut [&mut b], &[(0, r)], Duration::from_secs(10)) {
+            Err(Error::Remote { .. } | Error::Aborted { .. }) => Ok(()),
+            other => Err(Error::Internal(format!("conformance: a receive after the abort gave {other:?}"))),
+        },
+    }
+}
+
+/// A frame sent before the peer's connection went away is still peeked and received;
+/// then `peek` reports the close promptly, naming the peer.
+pub fn peek_sees_close(pair: Pair) -> Result<()> {
+    let (mut a, mut b) = pair;
+    let h = header(9, 0, 64);
+    let src = Region::from_vec(pattern(9, 64));
+    let s = post_send(&mut a, h, src.full())?;
+    drive(&mut [&mut a], &[(0, s)], Duration::from_secs(30))?;
+    drop(a);
+    match peek_until(&mut b, &mut None, Duration::from_secs(10))? {
+        Peeked::Frame(got) => check(got == h, "the frame sent before the close")?,
+        other => return Err(Error::Internal(format!("conformance: expected the last frame, got {other:?}"))),
+    }
+    let dst = Region::alloc(64);
+    let r = b.irecv(RecvRequest { expect: h, dst: dst.full() })?.expect("room for one recv");
+    drive(&mut [&mut b], &[(0, r)], Duration::from_secs(10))?;
+    check(dst.full().to_vec()? == pattern(9, 64), "payload before the close intact")?;
+    let t = Instant::now();
+    match peek_until(&mut b, &mut None, Duration::from_secs(10))? {
+        Peeked::Closed(Error::Remote { peer: Some(Rank(0)), .. }) => {
+            check(t.elapsed() < Duration::from_secs(5), "prompt")
+        }
+        other => Err(Error::Internal(format!("conformance: expected the close, got {other:?}"))),
+    }
+}
+
 /// Run every check; each gets a fresh pair from `make`.
 pub fn run_all(make: &dyn Fn() -> Pair) -> Result<()> {
-    let checks: [(&str, fn(Pair) -> Result<()>); 5] = [
+    let checks: [(&str, fn(Pair) -> Result<()>); 8] = [
         ("ordered_payloads", ordered_payloads),
         ("mismatch_detected", mismatch_detected),
         ("abort_reaches_peer", abort_reaches_peer),
         ("peer_drop_detected", peer_drop_detected),
         ("cancel_forgets", cancel_forgets),
+        ("peek_leaves_frames", peek_leaves_frames),
+        ("peek_sees_abort", peek_sees_abort),
+        ("peek_sees_close", peek_sees_close),
     ];
     for (name, f) in checks {
         f(make()).map_err(|e| Error::Internal(format!("conformance check {name} failed: {e}")))?;

@@ -13,8 +13,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::conn_state::{RecvTarget, check_frame_len};
 use crate::error::{Error, Result};
 use crate::transport::{
-    CommContext, Completion, Connection, Endpoint, Interest, LinkProperties, PayloadSink, RecvLayout, RecvRequest,
-    ReqId, SendRequest, Transport, TransportKind,
+    CommContext, Completion, Connection, Endpoint, Interest, LinkProperties, PayloadSink, Peeked, RecvLayout,
+    RecvRequest, ReqId, SendRequest, Transport, TransportKind,
 };
 use crate::types::{Rank, Seq};
 use crate::wire::{FrameHeader, FrameType};
@@ -167,26 +167,30 @@ impl MemConn {
         ReqId(self.next)
     }
 
+    fn closed_error(&self) -> Error {
+        Error::remote(
+            self.peer,
+            format!("rank {} closed its connection to rank {} (process exited or failed)", self.peer, self.me),
+        )
+    }
+
+    fn aborted(&self, frame: &Frame) -> Error {
+        Error::remote(self.peer, format!("rank {} aborted: {}", self.peer, String::from_utf8_lossy(&frame.payload)))
+    }
+
     fn progress_recvs(&mut self) -> Result<()> {
         let _ = self.rx.bell.read();
         while let Some((id, expect, _)) = self.recvs.front() {
+            // Closed is read before the queue: a frame pushed before the close is seen.
+            let closed = self.rx.closed.load(Ordering::SeqCst);
             let Some(frame) = self.rx.frames.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
-                if self.rx.closed.load(Ordering::SeqCst) {
-                    return Err(Error::remote(
-                        self.peer,
-                        format!(
-                            "rank {} closed its connection to rank {} (process exited or failed)",
-                            self.peer, self.me
-                        ),
-                    ));
+                if closed {
+                    return Err(self.closed_error());
                 }
                 return Ok(());
             };
             if frame.header.frame == FrameType::Abort {
-                return Err(Error::remote(
-                    self.peer,
-                    format!("rank {} aborted: {}", self.peer, String::from_utf8_lossy(&frame.payload)),
-                ));
+                return Err(self.aborted(&frame));
             }
             expect.check(&frame.header, self.me, self.peer)?;
             let id = *id;
@@ -271,6 +275,29 @@ impl Connection for MemConn {
         if !self.recvs.is_empty() {
             out.push((self.rx.bell.as_fd(), Interest::Read));
         }
+    }
+
+    fn peek(&mut self) -> Result<Peeked> {
+        if !self.recvs.is_empty() {
+            return Err(Error::Internal(format!(
+                "peek on the connection from rank {} with receives posted",
+                self.peer
+            )));
+        }
+        // Drain the doorbell first: a frame pushed after this read rings it again.
+        let _ = self.rx.bell.read();
+        let closed = self.rx.closed.load(Ordering::SeqCst);
+        let q = self.rx.frames.lock().unwrap_or_else(|e| e.into_inner());
+        match q.front() {
+            Some(f) if f.header.frame == FrameType::Abort => Err(self.aborted(f)),
+            Some(f) => Ok(Peeked::Frame(f.header)),
+            None if closed => Ok(Peeked::Closed(self.closed_error())),
+            None => Ok(Peeked::Nothing),
+        }
+    }
+
+    fn peek_fds<'a>(&'a self, out: &mut Vec<(BorrowedFd<'a>, Interest)>) {
+        out.push((self.rx.bell.as_fd(), Interest::Read));
     }
 
     fn send_abort(&mut self, seq: Seq, reason: &str) {
