@@ -349,9 +349,10 @@ def other_entry_points(d: torch.device) -> list[torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         dist.all_reduce_coalesced([a, b])
-        lists = [[torch.empty(2, device=d) for _ in range(N)]]
-        dist.all_gather_coalesced(lists, [torch.full((2,), float(RANK), device=d)])
-    res += [a, b, *lists[0]]
+        # torch's nesting: one list per rank, each holding one tensor per input
+        lists = [[torch.empty(2, device=d), torch.empty(3, device=d)] for _ in range(N)]
+        dist.all_gather_coalesced(lists, [torch.full((2,), float(RANK), device=d), torch.full((3,), RANK + 0.5, device=d)])
+    res += [a, b, *(t for per_rank in lists for t in per_rank)]
     outs = [torch.empty(N * 2, device=d), torch.empty(N * 3, device=d)]
     with dist._coalescing_manager(async_ops=True) as cm:
         dist.all_gather_into_tensor(outs[0], torch.full((2,), float(RANK), device=d))

@@ -208,10 +208,12 @@ def scenario_torch_collectives() -> dict[str, Any]:
     eq(rs[1], torch.full((1,), float(N)), "coalesced reduce_scatter 1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        lists = [[torch.empty(2) for _ in range(N)]]
-        dist.all_gather_coalesced(lists, [torch.full((2,), float(RANK))])
+        # torch's nesting: one list per rank, each holding one tensor per input
+        lists = [[torch.empty(2), torch.empty(3, dtype=torch.float32)] for _ in range(N)]
+        dist.all_gather_coalesced(lists, [torch.full((2,), float(RANK)), torch.full((3,), RANK + 0.5)])
     for r in range(N):
-        eq(lists[0][r], torch.full((2,), float(r)), "all_gather_coalesced")
+        eq(lists[r][0], torch.full((2,), float(r)), "all_gather_coalesced")
+        eq(lists[r][1], torch.full((3,), r + 0.5), "all_gather_coalesced")
     # objects (pickled through all_gather / broadcast)
     objs = [None] * N
     dist.all_gather_object(objs, {"rank": RANK})
@@ -311,6 +313,7 @@ def scenario_torch_bad_inputs() -> dict[str, str]:
     g = dist.new_group()
     m["sizes"] = _expect(devccl.RemoteError, dist.all_reduce, torch.ones(4 + RANK), group=g)
     m["after_failure"] = _expect(devccl.AbortedError, dist.all_reduce, torch.ones(4), group=g)
+    m["after_failure_dist"] = _expect(dist.DistBackendError, dist.all_reduce, torch.ones(4), group=g)
     g = dist.new_group()
     m["dtypes"] = _expect(devccl.RemoteError, dist.all_reduce, torch.ones(4, dtype=torch.float32 if RANK == 0 else torch.float64), group=g)
     # The asynchronous path reports the same error through the work object.

@@ -32,9 +32,13 @@ def test_bad_inputs_raise_on_every_rank() -> None:
         assert "collective mismatch" in m["sizes"] and "count=" in m["sizes"]
         assert "collective mismatch" in m["dtypes"]
         assert "collective mismatch" in m["async_sizes"] or "aborted" in m["async_sizes"], m["async_sizes"]
-        assert m["after_failure"].startswith("AbortedError")
-        assert m["after_abort"].startswith("AbortedError") and "abort" in m["after_abort"]
-        assert m["after_abort_2"].startswith("AbortedError")
+        # failures while a call ran: devccl's class and torch's DistBackendError, with a
+        # torch-shaped prefix (test_torch_parity checks them against Gloo)
+        assert m["after_failure"].startswith("DistAbortedError: [devccl rank ") and "communicator aborted" in m["after_failure"]
+        assert m["after_failure_dist"].startswith("DistAbortedError")
+        assert m["sizes"].startswith(("DistMismatchError: [devccl rank ", "DistRemoteError: [devccl rank ")), m["sizes"]
+        assert m["after_abort"].startswith("DistAbortedError") and "abort" in m["after_abort"]
+        assert m["after_abort_2"].startswith("DistAbortedError")
 
 
 def test_init_that_cannot_complete_times_out() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import ctypes
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -361,6 +362,48 @@ def test_reduce_op_mapping() -> None:
     assert torch.__version__.split("+")[0] in __import__("devccl.torch").torch.TESTED_TORCH_VERSIONS
 
 
+def test_torch_errors_are_devccl_and_dist_backend_errors() -> None:
+    """Failures while a collective ran reach torch users as classes that are devccl's own and
+    torch.distributed.DistBackendError (a RuntimeError), with a torch-shaped message prefix
+    (" Timed out " / " closed ", which torch's tests and users match) before devccl's text;
+    argument errors stay as they are."""
+    pytest.importorskip("torch")
+    import re
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import devccl.torch as dt
+
+    torch_re = re.compile(r" (Timed out|closed|timeout) ")
+    cases = [
+        (devccl.DevcclTimeoutError("timed out after 2s: rank 0 in all_reduce"), dt.DistTimeoutError, "Timed out waiting for allreduce to complete"),
+        (devccl.RemoteError("remote error from rank 1: rank 1 closed its connection (process exited?)"), dt.DistRemoteError, "Connection closed by peer during allreduce"),
+        (devccl.MismatchError("collective mismatch: rank 0 called x but rank 1 called y"), dt.DistMismatchError, "allreduce failed"),
+        (devccl.AbortedError("communicator aborted: timed out after 2s: x"), dt.DistAbortedError, "allreduce failed: the group was aborted after an earlier timeout"),
+        (devccl.AbortedError("communicator aborted: torch ProcessGroup.abort()"), dt.DistAbortedError, "allreduce failed"),
+        (devccl.DevcclSystemError("system error: x"), dt.DistSystemError, "allreduce failed"),
+        (devccl.InternalError("internal error: x"), dt.DistInternalError, "allreduce failed"),
+        (devccl.DevcclError("x"), dt.DevcclBackendError, "allreduce failed"),
+    ]
+    for e, cls, head in cases:
+        out = dt._dist_error(e, "allreduce", 3)
+        assert type(out) is cls, (e, out)
+        assert isinstance(out, type(e)) and isinstance(out, dist.DistBackendError) and isinstance(out, RuntimeError)
+        assert str(out).startswith(f"[devccl rank 3] {head}") and str(out).endswith(str(e)), str(out)
+        assert dt._dist_error(out, "allreduce", 3) is out
+    assert issubclass(dt.DistMismatchError, dt.DistRemoteError)
+    assert torch_re.search(str(dt._dist_error(cases[0][0], "allreduce", 0)))
+    assert torch_re.search(str(dt._dist_error(cases[1][0], "allreduce", 0)))
+    assert torch_re.search(str(dt._dist_error(cases[3][0], "allreduce", 0)))
+    for e in (devccl.InvalidUsageError("x"), devccl.DTypeError("x"), devccl.UnsupportedError("x"), ValueError("x")):
+        assert dt._dist_error(e, "allreduce", 0) is e
+    # Work.wait(timeout) on a call that has not finished
+    w = dt._Work(None)
+    with pytest.raises(dt.DistTimeoutError, match=r"^\[devccl\] Timed out waiting 0.05 s"):
+        w.wait(timedelta(seconds=0.05))
+
+
 def test_stub_matches_the_module() -> None:
     stub = Path(_native.__file__).with_name("_native.pyi")
     if not stub.exists():
@@ -485,7 +528,11 @@ def test_torch_backend_cuda_stream_logic_simulated(monkeypatch: pytest.MonkeyPat
                 if name == "barrier" or stream is None:
                     return method(*a, **kw)
                 log.append((name, stream))
-                return Held(method(*a, **kw))
+                work = method(*a, **kw)
+                # On a GPU the copy-out step waits for the call on the side stream; here it runs
+                # at launch, so the (host) call must have finished by then.
+                work.wait()
+                return Held(work)
 
             return call
 
@@ -532,6 +579,22 @@ def test_torch_backend_cuda_stream_logic_simulated(monkeypatch: pytest.MonkeyPat
         with stream_ctx(other):
             w.wait()
         assert log == [] and other.waited[-1] is event
+        # allgather_coalesced (torch's nesting: a list per rank): one all-gather ordered after
+        # the current stream, the copy-out on the side stream after holding it
+        log.clear()
+        lists = [[torch.zeros(2), torch.zeros(1)]]
+        w = pg.allgather_coalesced(lists, [torch.full((2,), 4.0), torch.full((1,), 6.0)], a)
+        assert log[:2] == [("all_gather", default.cuda_stream), ("hold", side.cuda_stream)], log
+        assert {e for e in log[2:]} == {("record", "side")}, log
+        w.get_future().wait()
+        assert lists[0][0].tolist() == [4.0, 4.0] and lists[0][1].tolist() == [6.0]
+        # a sparse COO all-reduce runs blocking calls on the current stream: the same code
+        # serves CUDA tensors; its Work is complete on return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            sp = torch.sparse_coo_tensor([[1, 1]], [1.0, 2.0], (3,), check_invariants=False)
+        w = pg.allreduce([sp], a)
+        assert w.is_completed() and sp.is_coalesced() and sp.to_dense().tolist() == [0.0, 3.0, 0.0]
         # a C++ caller (DDP's reducer): its Work blocks until the collective finished
         monkeypatch.setattr(dt, "_called_from_c10d_python", lambda: False)
         log.clear()

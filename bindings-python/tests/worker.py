@@ -1,10 +1,12 @@
 """One rank of a multi-process test: ``python worker.py SCENARIO REPORT_PATH [ARGS...]``.
 
 Scenarios live in ``scenarios_native.py`` (devccl.Communicator on numpy arrays and torch
-tensors), ``scenarios_torch.py`` (the torch.distributed backend) and ``scenarios_cuda.py``
-(both on CUDA tensors; GPU only). A scenario raises to
-fail; what it returns (a JSON-able dict) is written to REPORT_PATH for the test to check
-across ranks.
+tensors), ``scenarios_torch.py`` (the torch.distributed backend), ``scenarios_parity.py``
+(the same calls on Gloo and devccl) and ``scenarios_cuda.py`` (both on CUDA tensors; GPU
+only). A scenario raises to fail; what it returns (a JSON-able dict) is written to
+REPORT_PATH for the test to check across ranks. A result with ``"_hard_exit": True`` makes
+the worker leave with ``os._exit(0)`` right after writing the report (no interpreter
+teardown: Gloo can abort there, after the work is done).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def main() -> int:
 
         fn = getattr(scenarios_torch, f"scenario_{name}", None)
     if fn is None:
+        import scenarios_parity
+
+        fn = getattr(scenarios_parity, f"scenario_{name}", None)
+    if fn is None:
         import scenarios_cuda
 
         fn = getattr(scenarios_cuda, f"scenario_{name}", None)
@@ -38,11 +44,15 @@ def main() -> int:
         traceback.print_exc()
         print(f"rank {rank}: scenario {name} failed", file=sys.stderr)
         return 1
+    hard_exit = bool(result.pop("_hard_exit", False))
     tmp = report_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
     os.replace(tmp, report_path)
     print(f"rank {rank}: scenario {name} OK", flush=True)
+    if hard_exit:
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -137,6 +137,13 @@ class Work:
         """The raw CUstream a call on CUDA memory was ordered after; None for host memory."""
         return self._native.stream
 
+    @property
+    def source(self) -> int | None:
+        """For :meth:`Communicator.recv_any`: the rank the message came from, once the
+        receive finished successfully; None while it runs, after a failure, and for every
+        other call. Never blocks."""
+        return self._native.source
+
     def is_completed(self) -> bool:
         """True once the collective finished, successfully or not. Never blocks."""
         return self._native.is_completed()
@@ -451,6 +458,32 @@ class Communicator:
         """Receive from ``peer`` into ``tensor``."""
         b = as_buffer(tensor, "tensor")
         return self._run("recv", None, b, dtype, tensor, async_op, stream, peer=peer, tag=tag)
+
+    def recv_any(
+        self,
+        tensor: Any,
+        tag: int = 0,
+        *,
+        dtype: str | None = None,
+        async_op: bool = False,
+        stream: Any = None,
+    ) -> Any:
+        """Receive into ``tensor`` from whichever rank sends first (MPI_ANY_SOURCE, torch's
+        ``recv`` without ``src``). A rank matches when its next point-to-point message to
+        this rank has ``tag``; the sender's size and dtype must match ``tensor``, which must
+        not be empty. Blocking: returns the source rank. ``async_op=True``: returns a
+        :class:`Work` whose ``wait()`` returns ``tensor`` and whose ``source`` is the source
+        rank once it finished.
+
+        Like every call it runs in issue order: calls issued after it on this communicator
+        start only once its message arrived. On CUDA memory it is ordered after ``stream``;
+        the blocking form also waits on the host, since the source is only known then."""
+        b = as_buffer(tensor, "tensor")
+        s = resolve_stream(stream, [b])
+        dt = dtype or b.dtype
+        if async_op:
+            return Work(self._comm.recv_any(b.buf, tag, dtype=dt, async_op=True, stream=s), tensor, device=b.device)
+        return self._comm.recv_any(b.buf, tag, dtype=dt, stream=s)
 
     def p2p_batch(
         self, ops: Sequence[tuple[bool, int, int, Any]], *, async_op: bool = False, stream: Any = None

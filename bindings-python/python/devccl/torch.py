@@ -21,11 +21,29 @@ future resolves to the tensors or fails with devccl's message (C++ keeps no Pyth
 Served by devccl (every call is counted in ``ProcessGroupDevccl.calls``): allreduce,
 allreduce_coalesced, broadcast, reduce, allgather, allgather_coalesced, _allgather_base,
 allgather_into_tensor_coalesced, reduce_scatter, _reduce_scatter_base,
-reduce_scatter_tensor_coalesced, gather, scatter, alltoall, alltoall_base, send, recv, barrier,
-on CPU and CUDA tensors. Reductions: SUM, AVG, PRODUCT, MIN, MAX. Refused with a clear error:
-PREMUL_SUM and the bitwise ops (BAND, BOR, BXOR), ``recv`` from any source, tensors of other
-devices (meta, ...), a call mixing CPU and CUDA tensors, non-contiguous tensors, unsupported
-dtypes.
+reduce_scatter_tensor_coalesced, gather, scatter, alltoall, alltoall_base, send, recv,
+recv_anysource, barrier, on CPU and CUDA tensors. Reductions: SUM, AVG, PRODUCT, MIN, MAX.
+Refused with a clear error: PREMUL_SUM and the bitwise ops (BAND, BOR, BXOR), tensors of
+other devices (meta, ...), a call mixing CPU and CUDA tensors, non-contiguous tensors,
+unsupported dtypes, sparse tensors other than COO in ``allreduce`` with SUM.
+
+- ``allgather_coalesced`` takes torch's nesting (one output list per rank, each holding one
+  tensor per input), checked as Gloo checks it; it gathers the inputs' bytes, so every dtype
+  and non-contiguous tensors work.
+- ``allreduce`` of a sparse COO tensor (``dist.all_reduce``, DDP's sparse gradients): SUM only,
+  as Gloo; indices and values are all-gathered and added up in Gloo's order (bit-identical
+  results), in place, coalesced. It completes before returning, also when asked for
+  asynchronously.
+- ``recv_anysource`` (``dist.recv``/``dist.irecv`` without ``src``): the Work's
+  ``_source_rank()`` is the sender. Sends and receives issued before it start first; like
+  every devccl call it runs in issue order, so calls issued after it on the group wait until
+  its message arrived (unlike Gloo, where a later send may complete first).
+
+Errors: a failure while a call runs is raised as a class that is devccl's own and
+``torch.distributed.DistBackendError`` (:class:`DistTimeoutError`, :class:`DistRemoteError`,
+...; see :func:`_dist_error`), with a message in torch's shape (``[devccl rank 0] Timed out
+waiting for allreduce to complete: <devccl's message>``, ``... Connection closed by peer
+...``). Gloo raises a plain ``RuntimeError`` for these, which they are too.
 
 CUDA tensors follow ProcessGroupNCCL's stream semantics (not yet verified on a GPU): a
 collective is ordered after the work queued on the current stream of the tensors' device and
@@ -46,12 +64,15 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import math
 import os
 import queue
 import socket
 import sys
 import threading
 import uuid
+import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -61,11 +82,35 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 from torch.distributed import ReduceOp
 
-from . import Communicator, DevcclTimeoutError, InvalidUsageError, RemoteError, RendezvousServer, UnsupportedError
+from . import (
+    AbortedError,
+    Communicator,
+    DevcclError,
+    DevcclSystemError,
+    DevcclTimeoutError,
+    InternalError,
+    InvalidUsageError,
+    MismatchError,
+    RemoteError,
+    RendezvousServer,
+    UnsupportedError,
+)
 from . import Work as DevcclWork
 from ._buffers import check_device, check_tensor, tensor_dtype
 
-__all__ = ["BACKEND", "ProcessGroupDevccl", "TESTED_TORCH_VERSIONS", "reduce_op_name"]
+__all__ = [
+    "BACKEND",
+    "DevcclBackendError",
+    "DistAbortedError",
+    "DistInternalError",
+    "DistMismatchError",
+    "DistRemoteError",
+    "DistSystemError",
+    "DistTimeoutError",
+    "ProcessGroupDevccl",
+    "TESTED_TORCH_VERSIONS",
+    "reduce_op_name",
+]
 
 #: The backend name given to ``dist.init_process_group``.
 BACKEND = "devccl"
@@ -84,6 +129,8 @@ _OPS = {
     ReduceOp.RedOpType.MAX: "max",
 }
 
+_OP_LABELS = {v: k.name for k, v in _OPS.items()}
+
 
 def reduce_op_name(op: Any) -> str:
     """The devccl name of a torch ``ReduceOp`` (or ``ReduceOp.RedOpType``).
@@ -101,6 +148,88 @@ def reduce_op_name(op: Any) -> str:
             f"devccl does not support ReduceOp.{label} (supported: SUM, AVG, PRODUCT, MIN, MAX){hint}"
         )
     return name
+
+
+# -- errors as torch.distributed reports them ----------------------------------------------------
+#
+# A failure while a collective runs (a timeout, a peer that closed its connection or disagreed,
+# an aborted group) reaches torch users as an instance of a class below: devccl's own class
+# (``except devccl.DevcclTimeoutError`` keeps working) and ``torch.distributed.DistBackendError``
+# (what ProcessGroupNCCL raises for such failures; a ``RuntimeError``, which is what Gloo raises
+# for them in torch 2.11), with a message that starts the way torch's do (``[devccl rank 0]
+# Timed out waiting for allreduce to complete: ...``, ``... Connection closed by peer ...``)
+# followed by devccl's full message. Argument errors raised at the call (InvalidUsageError,
+# DTypeError, UnsupportedError) are raised unchanged.
+
+
+class DevcclBackendError(DevcclError, dist.DistBackendError):
+    """A devccl failure while a collective ran, as a ``torch.distributed.DistBackendError``
+    (and a ``RuntimeError``). Base of the other ``Dist*Error`` classes of this module."""
+
+
+class DistTimeoutError(DevcclTimeoutError, DevcclBackendError):
+    """No progress within the group's timeout (DEVCCL_TIMEOUT): the message contains
+    ``Timed out``."""
+
+
+class DistRemoteError(RemoteError, DevcclBackendError):
+    """A peer failed or closed its connection (the message then says ``Connection closed by
+    peer``)."""
+
+
+class DistMismatchError(MismatchError, DistRemoteError):
+    """Ranks called different collectives, sizes, dtypes, ops or roots."""
+
+
+class DistAbortedError(AbortedError, DevcclBackendError):
+    """The group was aborted, or failed earlier: every later call raises this."""
+
+
+class DistSystemError(DevcclSystemError, DevcclBackendError):
+    """An operating-system or device call failed."""
+
+
+class DistInternalError(InternalError, DevcclBackendError):
+    """A bug in devccl."""
+
+
+#: devccl class -> its torch-shaped subclass (most derived first).
+_DIST_ERRORS: tuple[tuple[type[BaseException], type[BaseException]], ...] = (
+    (DevcclTimeoutError, DistTimeoutError),
+    (MismatchError, DistMismatchError),
+    (RemoteError, DistRemoteError),
+    (AbortedError, DistAbortedError),
+    (DevcclSystemError, DistSystemError),
+    (InternalError, DistInternalError),
+)
+
+#: Errors found at the call, before anything was sent: raised as they are.
+_CALLER_ERRORS = (InvalidUsageError, UnsupportedError)
+
+
+def _dist_error(e: BaseException, what: str, rank: int | None = None) -> BaseException:
+    """The torch-shaped form of a devccl error raised while ``what`` ran (see above); other
+    exceptions, caller errors and errors already converted are returned unchanged."""
+    if not isinstance(e, DevcclError) or isinstance(e, (DevcclBackendError, *_CALLER_ERRORS)):
+        return e
+    cls: type[BaseException] = DevcclBackendError
+    for devccl_cls, dist_cls in _DIST_ERRORS:
+        if isinstance(e, devccl_cls):
+            cls = dist_cls
+            break
+    where = f"[devccl rank {rank}]" if rank is not None else "[devccl]"
+    msg = str(e)
+    if isinstance(e, DevcclTimeoutError):
+        head = f"{where} Timed out waiting for {what} to complete"
+    elif isinstance(e, RemoteError) and "closed its connection" in msg:
+        head = f"{where} Connection closed by peer during {what}"
+    elif isinstance(e, AbortedError) and "timed out" in msg:
+        head = f"{where} {what} failed: the group was aborted after an earlier timeout (every later call fails)"
+    else:
+        head = f"{where} {what} failed"
+    out = cls(f"{head}: {msg}")
+    out.__traceback__ = e.__traceback__
+    return out
 
 
 def _target_host(store: Any) -> str | None:
@@ -335,7 +464,7 @@ class _Work(dist.Work):
             return True
         secs = timeout.total_seconds() if isinstance(timeout, timedelta) and timeout.total_seconds() > 0 else None
         if not self._done.wait(secs):
-            raise DevcclTimeoutError(f"devccl work did not finish within {secs} s (it keeps running)")
+            raise DistTimeoutError(f"[devccl] Timed out waiting {secs} s for the work to complete (it keeps running)")
         if self._error is not None:
             raise self._error
         return True
@@ -369,31 +498,40 @@ class _Work(dist.Work):
         return self._result
 
 
+_Item = tuple[list[DevcclWork], "_Work | _FutureSink | _FinishAll", Callable[[], None] | None, str]
+
+
 class _Completer:
     """Finishes the Work of asynchronous calls, in issue order (devccl finishes a
-    communicator's collectives in that order), on one daemon thread per process group."""
+    communicator's collectives in that order), on one daemon thread per process group.
+    Failures reach the Work in their torch shape (:func:`_dist_error`)."""
 
-    def __init__(self, name: str) -> None:
-        self._q: queue.SimpleQueue[tuple[list[DevcclWork], _Work | _FutureSink, Callable[[], None] | None] | None] = (
-            queue.SimpleQueue()
-        )
+    def __init__(self, name: str, rank: int) -> None:
+        self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._name = name
+        self._rank = rank
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def put(self, works: list[DevcclWork], work: _Work | _FutureSink, post: Callable[[], None] | None) -> None:
+    def put(
+        self,
+        works: list[DevcclWork],
+        work: _Work | _FutureSink | _FinishAll,
+        post: Callable[[], None] | None,
+        what: str = "work",
+    ) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
-        self._q.put((works, work, post))
+        self._q.put((works, work, post, what))
 
     def _loop(self) -> None:
         while True:
             item = self._q.get()
             if item is None:
                 return
-            works, work, post = item
+            works, work, post, what = item
             error: BaseException | None = None
             try:
                 for w in works:
@@ -401,7 +539,7 @@ class _Completer:
                 if post is not None:
                     post()
             except BaseException as e:  # noqa: BLE001 - every failure goes to the waiter
-                error = e
+                error = _dist_error(e, what, self._rank)
             work._finish(error)
 
     def stop(self) -> None:
@@ -436,6 +574,31 @@ class _P2pWork(_Work):
     def wait(self, timeout: timedelta | None = None) -> bool:
         self._batcher.flush()
         return super().wait(timeout)
+
+
+class _RecvAnyWork(_Work):
+    """The Work of a receive from any source (``dist.recv``/``dist.irecv`` without
+    ``src``): ``_source_rank()`` (what ``dist.recv`` returns, as a group rank) is the
+    sender's rank once the message arrived. It blocks until then (on CUDA tensors too,
+    where ``wait()`` does not block the host) and raises the receive's error."""
+
+    def __init__(self, result: Any, device: torch.device | None) -> None:
+        super().__init__(result, device=device)
+        self._src_rank: int | None = None
+
+    def _set_source(self, source: int | None) -> None:
+        self._src_rank = source
+
+    def _source_rank(self) -> int:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if self._src_rank is None:  # pragma: no cover - the native Work reports it on success
+            raise InternalError("devccl recv from any source finished without a source rank")
+        return self._src_rank
+
+    def source_rank(self) -> int:
+        return self._source_rank()
 
 
 class _P2pBatcher:
@@ -478,6 +641,36 @@ class _P2pBatcher:
                 self._timer.start()
         return work
 
+    def add_any(self, tensor: torch.Tensor, tag: int, result: Any) -> dist.Work:
+        """A receive from any source. devccl has no batch form of it: the sends and receives
+        issued before it are started first (so it is not reordered against them), then it is
+        issued on its own; operations issued after it form a new batch."""
+        device = _call_device([tensor], "recv")
+        stream = torch.cuda.current_stream(device).cuda_stream if device is not None else None
+        from_python = _called_from_c10d_python()
+        what = "recv (any source)"
+        if from_python:
+            target: _RecvAnyWork | _FutureSink = _RecvAnyWork(result, device)
+            work: dist.Work = target  # type: ignore[assignment]
+        else:
+            target = _FutureSink(result)
+            work = target.work()
+        # Under the lock, like a batch: devccl and the completer see it in issue order.
+        with self._lock:
+            self._flush_locked()
+            try:
+                native = self._pg._comm.recv_any(tensor, tag, async_op=True, stream=stream)
+            except DevcclError as e:
+                raise _dist_error(e, what, self._pg.rank()) from None
+            if isinstance(target, _RecvAnyWork):
+                if device is not None:
+                    target._cuda = _CudaCall(device, [native])
+                post: Callable[[], None] | None = lambda: target._set_source(native.source)  # noqa: E731
+            else:
+                post = None
+            self._pg._completer.put([native], target, post, what)
+        return work
+
     def flush(self) -> None:
         with self._lock:
             self._flush_locked()
@@ -495,14 +688,14 @@ class _P2pBatcher:
         try:
             native = self._pg._comm.p2p_batch(ops, async_op=True, stream=stream)
         except BaseException as e:  # noqa: BLE001 - every failure goes to the waiters
-            _FinishAll(targets)._finish(e)
+            _FinishAll(targets)._finish(_dist_error(e, "send/recv", self._pg.rank()))
             return
         if device is not None:
             call = _CudaCall(device, [native])
             for t in targets:
                 if isinstance(t, _Work):
                     t._cuda = call
-        self._pg._completer.put([native], _FinishAll(targets), None)
+        self._pg._completer.put([native], _FinishAll(targets), None, "send/recv")
 
 
 def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
@@ -557,6 +750,85 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None
         at += n
 
 
+# -- sparse COO all-reduce -------------------------------------------------------------------------
+
+#: Metadata of one rank's sparse tensor: nnz, sparse_dim, dense_dim, dtype code, ndim, sizes.
+_SPARSE_META = 5 + 64
+
+_DTYPE_NAMES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+def _dtype_code(dt: torch.dtype) -> int:
+    return zlib.crc32(str(dt).encode())
+
+
+def _dtype_of_code(code: int) -> str:
+    for name in _DTYPE_NAMES:
+        if _dtype_code(_DTYPE_NAMES[name]) == code:
+            return name
+    return f"dtype #{code}"
+
+
+def _describe_sparse(row: list[int]) -> str:
+    nd = row[4]
+    return f"{tuple(row[5 : 5 + nd])} {_dtype_of_code(row[3])} sparse tensor (sparse_dim {row[1]}, dense_dim {row[2]})"
+
+
+def _sparse_sum(comm: Communicator, t: torch.Tensor, rank: int, n: int) -> torch.Tensor:
+    """The sum over the group of every rank's sparse COO tensor ``t``, coalesced, computed
+    the way ProcessGroupGloo does (so results are bit-identical to Gloo's): every rank's
+    indices and values are all-gathered, added up as sparse tensors in rank order, and
+    coalesced. Two devccl calls: an all-gather of fixed-size metadata (nnz, dims, dtype,
+    sizes: checked to agree across ranks, else every rank raises MismatchError and the
+    group stays usable), then an all-gather-v of indices and values as raw bytes (any
+    dtype torch adds sparse tensors of)."""
+    inp = t if t.is_coalesced() else t.coalesce()
+    size = list(inp.shape)
+    if len(size) > _SPARSE_META - 5:
+        raise InvalidUsageError(f"devccl allreduce: sparse tensors of at most {_SPARSE_META - 5} dimensions, got {len(size)}")
+    sd = inp.sparse_dim()
+    idx = inp._indices().contiguous()
+    val = inp._values().contiguous()
+    nnz = int(idx.shape[1])
+    dev = t.device
+    head = [nnz, sd, inp.dense_dim(), _dtype_code(val.dtype), len(size), *size]
+    meta = torch.tensor(head + [-1] * (_SPARSE_META - len(head)), dtype=torch.int64).to(dev)
+    metas = torch.empty(n * _SPARSE_META, dtype=torch.int64, device=dev)
+    comm.all_gather(metas, meta)
+    rows = metas.view(n, _SPARSE_META).tolist()
+    for r, row in enumerate(rows):
+        if row[1:] != rows[rank][1:]:
+            raise MismatchError(
+                f"devccl allreduce of sparse tensors: rank {rank} passed a {_describe_sparse(rows[rank])} but rank {r} "
+                f"a {_describe_sparse(row)}; every rank must pass the same size and dtype"
+            )
+    dense = size[sd:]
+    per_nnz_bytes = 8 * sd + math.prod(dense) * val.element_size()
+    lengths = [row[0] * per_nnz_bytes for row in rows]
+    payload = torch.cat([idx.reshape(-1).view(torch.uint8), val.reshape(-1).view(torch.uint8)])
+    gathered = torch.empty(sum(lengths), dtype=torch.uint8, device=dev)
+    # Every rank sends its one payload to every rank: an all-gather of unequal sizes.
+    comm.all_to_all_v(gathered, payload, lengths, [lengths[rank]] * n, input_displs=[0] * n)
+    output: torch.Tensor | None = None
+    at = 0
+    for r, row in enumerate(rows):
+        k = row[0]
+        ib, vb = 8 * sd * k, lengths[r] - 8 * sd * k
+        # clone(): a fresh storage, so the dtype views below are aligned
+        indices = gathered[at : at + ib].clone().view(torch.int64).view(sd, k)
+        values = gathered[at + ib : at + ib + vb].clone().view(val.dtype).view(k, *dense)
+        at += ib + vb
+        with warnings.catch_warnings():  # torch 2.11 advises on invariant checks once per process
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            part = torch.sparse_coo_tensor(indices, values, size, dtype=val.dtype, device=dev, check_invariants=False)
+        if output is None:
+            output = part
+        else:
+            output += part
+    assert output is not None
+    return output.coalesce()
+
+
 class ProcessGroupDevccl(dist.ProcessGroup):
     """A torch.distributed process group whose collectives run on a devccl communicator.
 
@@ -569,8 +841,11 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         self._group_name = ""
         self._group_desc = ""
         self.calls: collections.Counter[str] = collections.Counter()
-        self._server, self._comm = _connect(store, rank, size, timeout)
-        self._completer = _Completer(f"devccl-torch-{self._comm.comm_id[:8]}")
+        try:
+            self._server, self._comm = _connect(store, rank, size, timeout)
+        except DevcclError as e:
+            raise _dist_error(e, "process group init", rank) from None
+        self._completer = _Completer(f"devccl-torch-{self._comm.comm_id[:8]}", rank)
         self._p2p = _P2pBatcher(self)
         self._side: dict[int | None, torch.cuda.Stream] = {}
 
@@ -618,22 +893,39 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         them) run inline and raise devccl's exception directly. Asynchronous calls from
         Python's ``dist.*`` get a :class:`_Work` (its ``wait()`` raises devccl's exception);
         calls from C++ get a pure C++ Work (see :class:`_FutureSink`). CUDA tensors: see
-        :meth:`_launch_cuda`."""
+        :meth:`_launch_cuda`. Failures while the call runs are raised in their torch shape
+        (:func:`_dist_error`), argument errors as they are."""
         self.calls[what] += 1
         # Sends and receives issued before this call go first (calls run in issue order).
         self._p2p.flush()
         from_python = _called_from_c10d_python()
+        try:
+            return self._launch_on(what, from_python, async_op, calls, result, post, tensors, temps)
+        except DevcclError as e:
+            raise _dist_error(e, what, self.rank()) from None
+
+    def _launch_on(
+        self,
+        what: str,
+        from_python: bool,
+        async_op: bool,
+        calls: Sequence[Callable[[dict[str, Any]], Any]],
+        result: Any,
+        post: Callable[[], None] | None,
+        tensors: Sequence[torch.Tensor],
+        temps: Sequence[torch.Tensor],
+    ) -> dist.Work:
         device = _call_device(tensors, what)
         if device is not None:
-            return self._launch_cuda(device, from_python, async_op, calls, result, post, [*tensors, *temps])
+            return self._launch_cuda(what, device, from_python, async_op, calls, result, post, [*tensors, *temps])
         if async_op:
             works = [c({"async_op": True}) for c in calls]
             if from_python:
                 work = _Work(result)
-                self._completer.put(works, work, post)
+                self._completer.put(works, work, post, what)
                 return work
             sink = _FutureSink(result)
-            self._completer.put(works, sink, post)
+            self._completer.put(works, sink, post, what)
             return sink.work()
         for c in calls:
             c({"async_op": False})
@@ -650,6 +942,7 @@ class ProcessGroupDevccl(dist.ProcessGroup):
 
     def _launch_cuda(
         self,
+        what: str,
         device: torch.device,
         from_python: bool,
         async_op: bool,
@@ -674,10 +967,10 @@ class ProcessGroupDevccl(dist.ProcessGroup):
         if from_python or not async_op:
             work = _Work(result, device=device)
             work._cuda = call
-            self._completer.put(works, work, call.finish)
+            self._completer.put(works, work, call.finish, what)
             return work
         sink = _FutureSink(result)
-        self._completer.put(works, sink, call.finish)
+        self._completer.put(works, sink, call.finish, what)
         return sink.work()
 
     @staticmethod
@@ -693,9 +986,42 @@ class ProcessGroupDevccl(dist.ProcessGroup):
             op = opts.reduceOp if opts is not None else ReduceOp.SUM
         name = reduce_op_name(op)
         t = _one(tensors, "allreduce")
+        if t.layout == torch.sparse_coo:
+            return self._allreduce_sparse(t, name, tensors)
+        if t.layout != torch.strided:
+            raise InvalidUsageError(
+                f"devccl allreduce: {t.layout} tensors are not supported (dense tensors are, and sparse COO tensors "
+                f"with ReduceOp.SUM); convert with .to_dense() or .to_sparse_coo()"
+            )
         return self._launch(
             "allreduce", self._async(opts), [lambda kw: self._comm.all_reduce(t, name, **kw)], tensors, tensors=[t]
         )
+
+    def _allreduce_sparse(self, t: torch.Tensor, name: str, tensors: list[torch.Tensor]) -> dist.Work:
+        """All-reduce of a sparse COO tensor, in place, as Gloo does it (SUM only): see
+        :func:`_sparse_sum`. It runs to completion before returning, even when asked for
+        asynchronously (its steps need the host between them); the Work is complete."""
+        what = "allreduce"
+        if name != "sum":
+            raise InvalidUsageError(
+                f"devccl allreduce of a sparse COO tensor: only ReduceOp.SUM is supported (as with Gloo), got "
+                f"ReduceOp.{_OP_LABELS[name]}"
+            )
+        self.calls["allreduce_sparse"] += 1
+        self._p2p.flush()
+        from_python = _called_from_c10d_python()
+        device = _call_device([t], what)
+        try:
+            out = _sparse_sum(self._comm, t, self.rank(), self.size())
+        except DevcclError as e:
+            raise _dist_error(e, f"{what} (sparse)", self.rank()) from None
+        with torch.no_grad():
+            t.copy_(out)
+        if from_python:
+            return _Work(tensors, done=True, device=device)
+        sink = _FutureSink(tensors)
+        sink._finish(None)
+        return sink.work()
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         name = reduce_op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
@@ -766,24 +1092,56 @@ class ProcessGroupDevccl(dist.ProcessGroup):
     def allgather_coalesced(
         self, output_lists: list[list[torch.Tensor]], input_list: list[torch.Tensor], opts: Any = None
     ) -> dist.Work:
-        if len(output_lists) != len(input_list):
+        """``output_lists[r][i]`` gets rank r's ``input_list[i]`` (torch's nesting: one list
+        per rank, each holding one tensor per input; checked as Gloo does: world-size lists,
+        one tensor per input, same shape and dtype). One devccl all-gather of the inputs'
+        bytes concatenated, so every dtype works (bool, complex as torch passes it, ...) and
+        non-contiguous tensors too (packing copies them anyway); the packed result is
+        rank-major and unpacks into the output lists in order."""
+        what = "allgather_coalesced"
+        n = self.size()
+        if not input_list:
+            raise InvalidUsageError(f"devccl {what}: input_tensor_list is empty")
+        if len(output_lists) != n:
             raise InvalidUsageError(
-                f"devccl allgather_coalesced: {len(output_lists)} output lists for {len(input_list)} inputs"
+                f"devccl {what}: output_tensor_lists must hold one list per rank ({n}), got {len(output_lists)} lists"
             )
-        calls, posts, flats = [], [], []
-        for outs, inp in zip(output_lists, input_list, strict=True):
-            flat, post = self._gather_list("allgather_coalesced", outs, inp)
-            calls.append(lambda kw, flat=flat, inp=inp: self._comm.all_gather(flat, inp, **kw))
-            posts.append(post)
-            flats.append(flat)
+        for r, outs in enumerate(output_lists):
+            if len(outs) != len(input_list):
+                raise InvalidUsageError(
+                    f"devccl {what}: output_tensor_lists[{r}] holds {len(outs)} tensors for {len(input_list)} inputs "
+                    f"(each rank's list holds one tensor per input)"
+                )
+            for i, (o, t) in enumerate(zip(outs, input_list, strict=True)):
+                if o.shape != t.shape or o.dtype != t.dtype:
+                    raise InvalidUsageError(
+                        f"devccl {what}: output_tensor_lists[{r}][{i}] is a {tuple(o.shape)} {o.dtype} tensor, "
+                        f"input_tensor_list[{i}] a {tuple(t.shape)} {t.dtype} one (they must match)"
+                    )
+        dt = _same_dtype(input_list, what)
+        outs_flat = [o for outs in output_lists for o in outs]
+        for i, t in enumerate([*input_list, *outs_flat]):
+            if t.layout != torch.strided:
+                raise InvalidUsageError(f"devccl {what}: tensor {i} is a {t.layout} tensor; dense tensors only")
+        device = _call_device([*input_list, *outs_flat], what)
+        flat_in = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in input_list])
+        flat_out = torch.empty(n * flat_in.numel(), dtype=torch.uint8, device=flat_in.device)
 
-        def post_all() -> None:
-            for p in posts:
-                p()
+        def post() -> None:
+            at = 0
+            for o in outs_flat:
+                k = o.numel() * o.element_size()
+                o.copy_(flat_out[at : at + k].view(dt).view(o.shape))
+                at += k
 
-        tensors = [*input_list, *(o for outs in output_lists for o in outs)]
         return self._launch(
-            "allgather_coalesced", self._async(opts), calls, output_lists, post_all, tensors=tensors, temps=flats
+            what,
+            self._async(opts),
+            [lambda kw: self._comm.all_gather(flat_out, flat_in, **kw)],
+            output_lists,
+            post,
+            tensors=[*input_list, *outs_flat],
+            temps=[flat_out],
         )
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
@@ -989,7 +1347,14 @@ class ProcessGroupDevccl(dist.ProcessGroup):
             )
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> dist.Work:
-        raise UnsupportedError("devccl does not support recv from any source; pass src=")
+        """``dist.recv``/``dist.irecv`` without ``src``: the Work's ``_source_rank()`` is the
+        sender (see :meth:`_P2pBatcher.add_any`)."""
+        t = _one(tensors, "recv")
+        tag = self._tag(tag)
+        check_tensor(t, "tensor")
+        tensor_dtype(t, "tensor")
+        self.calls["recv_anysource"] += 1
+        return self._p2p.add_any(t, tag, tensors)
 
     def barrier(self, opts: Any = None) -> dist.Work:
         """A host-side barrier (no CUDA stream involved), in issue order with the group's
