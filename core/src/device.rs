@@ -121,6 +121,30 @@ pub struct DeviceStats {
     pub host_fallbacks: u64,
 }
 
+/// What a file descriptor handed to the kernel (a devmem binding) or to the simulated kernel
+/// refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    /// A dma-buf: what `NETDEV_CMD_BIND_RX` / `BIND_TX` take on a real kernel.
+    DmaBuf,
+    /// An fd the process can `mmap` (a memfd, or a Vulkan opaque fd backed by one) that is not
+    /// a dma-buf: only the simulated kernel can use it.
+    Mappable,
+}
+
+/// Device memory exported through a file descriptor (for devmem bindings).
+#[derive(Debug)]
+pub struct Exported {
+    /// The descriptor (owned: close it when the binding no longer needs it).
+    pub fd: std::os::fd::OwnedFd,
+    /// Where the exported region starts inside what `fd` refers to.
+    pub offset: u64,
+    /// The size of what `fd` refers to.
+    pub fd_len: u64,
+    /// A dma-buf, or only mappable.
+    pub kind: ExportKind,
+}
+
 /// A point in a caller's device queue (a CUDA stream), captured when a stream-ordered
 /// collective is called: everything the caller had queued on that stream by then.
 pub trait QueuePoint: Send + fmt::Debug {
@@ -188,6 +212,21 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Counters.
     fn stats(&self) -> DeviceStats {
         DeviceStats::default()
+    }
+    /// `len` bytes of this device's memory that can also be exported through a file
+    /// descriptor (the devmem RX pool, TX buffers): the region (of this device's own kind; for
+    /// the host device CPU memory) and the export. Devices that cannot export answer
+    /// [`Error::Unsupported`] saying why.
+    fn alloc_exportable(&self, len: usize) -> Result<(Region, Exported)> {
+        let _ = len;
+        Err(Error::Unsupported { reason: format!("{} cannot export memory through a file descriptor", self.describe()) })
+    }
+    /// Export memory this device allocated (or, for CUDA, any device allocation) through a
+    /// file descriptor covering at least `region` (devmem TX). Memory that cannot be exported
+    /// answers [`Error::Unsupported`] with the reason.
+    fn export(&self, region: &Region) -> Result<Exported> {
+        let _ = region;
+        Err(Error::Unsupported { reason: format!("{} cannot export this memory", self.describe()) })
     }
     /// Capture everything queued so far on the caller's queue `queue` (a raw `CUstream`), so
     /// a collective can order its device work after it. Devices without caller-visible

@@ -20,6 +20,7 @@ pub mod dmabuf;
 pub mod doctor;
 mod error;
 pub mod probe;
+pub mod seam;
 pub mod sys;
 
 pub use error::{Error, Fault, Result};
