@@ -219,7 +219,9 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// [`Error::Unsupported`] saying why.
     fn alloc_exportable(&self, len: usize) -> Result<(Region, Exported)> {
         let _ = len;
-        Err(Error::Unsupported { reason: format!("{} cannot export memory through a file descriptor", self.describe()) })
+        Err(Error::Unsupported {
+            reason: format!("{} cannot export memory through a file descriptor", self.describe()),
+        })
     }
     /// Export memory this device allocated (or, for CUDA, any device allocation) through a
     /// file descriptor covering at least `region` (devmem TX). Memory that cannot be exported
@@ -499,6 +501,18 @@ impl Device for HostDevice {
             return Err(Error::usage(format!("download of {} bytes into {}", src.len(), dst.len())));
         }
         src.with_bytes(|s| dst.copy_from_slice(s))
+    }
+
+    /// A memfd mapped shared (see [`crate::memory::fd::alloc_exportable`]): a udmabuf
+    /// dma-buf where `/dev/udmabuf` takes it, else the memfd itself ([`ExportKind::Mappable`]).
+    fn alloc_exportable(&self, len: usize) -> Result<(Region, Exported)> {
+        crate::memory::fd::alloc_exportable(len)
+    }
+
+    /// A fresh descriptor for memory [`Device::alloc_exportable`] made (or a region over a
+    /// mapped descriptor); heap memory answers [`Error::Unsupported`].
+    fn export(&self, region: &Region) -> Result<Exported> {
+        crate::memory::fd::export(region)
     }
 }
 

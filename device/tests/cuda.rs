@@ -1074,3 +1074,85 @@ fn gpu_foreign_allocations_work() {
     dev.upload(&r.slice(3..4099), &bytes).unwrap();
     assert_eq!(device_read(&*dev, &r.slice(3..4099)).unwrap(), bytes);
 }
+
+/// Device memory as dma-bufs: devccl's exportable allocations (whole pages, offset 0), its
+/// ordinary ones and foreign ones (the page-aligned cover, the region `offset` bytes in), and
+/// the refusals. Without DMA_BUF_SUPPORTED (proprietary kernel modules) everything says so.
+#[test]
+fn gpu_exports_dma_bufs() {
+    use devccl_core::device::ExportKind;
+    use std::io::Seek;
+    use std::os::fd::AsRawFd;
+    let Some((_g, dev)) = gpu() else { return };
+    if let Err(e) = dev.dma_buf_supported() {
+        let reason = format!("{e}");
+        assert!(reason.contains("DMA_BUF_SUPPORTED"), "{reason}");
+        assert!(matches!(dev.alloc_exportable(4096), Err(Error::Unsupported { .. })));
+        eprintln!("skipped dma-buf checks: {reason}");
+        return;
+    }
+    let before = dev.stats().live_device_bytes;
+    for len in [0usize, 1, 4095, 4096, (1 << 20) + 3] {
+        let (r, e) = dev.alloc_exportable(len).unwrap();
+        assert_eq!((r.len(), r.kind()), (len, &devccl_core::memory::MemKind::Cuda { device: 0 }));
+        assert_eq!((e.offset, e.kind), (0, ExportKind::DmaBuf), "{len}");
+        assert_eq!(e.fd_len, cuda::dmabuf::alloc_size(len), "{len}");
+        assert_eq!(r.addr() % 4096, 0);
+        let mut f = std::fs::File::from(e.fd.try_clone().unwrap());
+        assert_eq!(f.seek(std::io::SeekFrom::End(0)).unwrap(), e.fd_len, "{len}: the dma-buf's size");
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", e.fd.as_raw_fd())).unwrap();
+        assert!(info.contains("exp_name"), "{len}: not a dma-buf: {info}");
+        eprintln!("{len} bytes: {e:?}, {}", info.lines().find(|l| l.starts_with("exp_name")).unwrap_or(""));
+        // The memory still computes.
+        let bytes = conformance::values(DType::U8, len, 3);
+        dev.upload(&r.full(), &bytes).unwrap();
+        assert_eq!(device_read(&*dev, &r.full()).unwrap(), bytes);
+        let e2 = dev.export(&r).unwrap();
+        assert_ne!(e2.fd.as_raw_fd(), e.fd.as_raw_fd());
+        assert_eq!((e2.offset, e2.fd_len), (e.offset, e.fd_len));
+    }
+    assert_eq!(dev.stats().live_device_bytes, before, "exportable memory freed with its region");
+    // devccl's ordinary allocation (large: 2 MiB aligned) and a foreign one at odd offsets.
+    let big = dev.alloc(4 << 20).unwrap();
+    match dev.export(&big) {
+        Ok(e) => assert_eq!((e.offset, e.fd_len), (0, 4 << 20), "{:#x}", big.addr()),
+        Err(e) => panic!("a 4 MiB cuMemAlloc block at {:#x} could not be exported: {e}", big.addr()),
+    }
+    let stream = dev.context().new_stream().unwrap();
+    let keep = stream.alloc_zeros::<u8>(8 << 20).unwrap();
+    stream.synchronize().unwrap();
+    let ptr = {
+        use cuda::cudarc::driver::DevicePtr;
+        let (p, _sync) = keep.device_ptr(&stream);
+        p
+    };
+    // SAFETY: `keep` owns the allocation and outlives the region (dropped after it).
+    let r = unsafe { cuda::region_from_device_ptr(0, ptr + 4099, 5000, true, None) };
+    let want = cuda::dmabuf::cover(ptr, 8 << 20, ptr + 4099, 5000).unwrap();
+    let e = dev.export(&r).unwrap();
+    assert_eq!((e.offset, e.fd_len, e.kind), (want.offset, want.len, ExportKind::DmaBuf));
+    drop(r);
+    // A tiny allocation: its pages may leave it (Unsupported saying so), or the driver padded it.
+    let tiny = stream.alloc_zeros::<u8>(100).unwrap();
+    let tptr = {
+        use cuda::cudarc::driver::DevicePtr;
+        let (p, _sync) = tiny.device_ptr(&stream);
+        p
+    };
+    // SAFETY: `tiny` outlives the region.
+    let r = unsafe { cuda::region_from_device_ptr(0, tptr, 100, true, None) };
+    match dev.export(&r) {
+        Ok(e) => eprintln!("a 100-byte cudarc allocation exported: {e:?}"),
+        Err(Error::Unsupported { reason }) => assert!(reason.contains("alloc_exportable"), "{reason}"),
+        Err(other) => panic!("{other}"),
+    }
+    drop((r, tiny, keep));
+    // Not this device's memory.
+    let host = dev.alloc_staging(4096).unwrap();
+    assert!(matches!(dev.export(&host), Err(Error::Unsupported { .. })));
+    assert!(matches!(dev.export(&foreign_region_of(1, 4096)), Err(Error::Unsupported { .. })));
+    // SAFETY: never dereferenced: the export looks the address up and refuses it.
+    let wild = unsafe { cuda::region_from_device_ptr(0, 0x1000, 4096, true, None) };
+    let e = dev.export(&wild).unwrap_err();
+    assert!(e.to_string().contains("not in a CUDA allocation"), "{e}");
+}

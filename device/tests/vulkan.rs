@@ -608,3 +608,214 @@ fn threads_share_the_device() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Memory behind file descriptors (the devmem RX pool / TX buffer)
+// ---------------------------------------------------------------------------------------------
+
+/// A separate mapping of an exported descriptor: what the simulated NIC writes and reads.
+fn nic_view(e: &devccl_core::device::Exported, len: usize, writable: bool) -> Region {
+    use std::os::fd::AsFd;
+    devccl_core::memory::fd::map_fd(e.fd.as_fd(), e.offset, len, writable).expect("map the exported descriptor")
+}
+
+fn unsupported_reason(e: Error) -> String {
+    match e {
+        Error::Unsupported { reason } => reason,
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+/// What the NIC writes through its mapping is what copies and shaders then read (gather,
+/// fused gather-and-reduce, reduce with the pool as operand), round after round; what the
+/// device wrote is what the mapping reads once the operation's fence completed.
+#[test]
+fn exported_memory_is_coherent_with_the_device() {
+    let Some(dev) = device() else { return };
+    let kind = dev.export_kind().unwrap();
+    println!("{}: exports {kind:?}", dev.describe());
+    if dev.describe().contains("llvmpipe") {
+        assert_eq!(kind, devccl_core::device::ExportKind::Mappable, "lavapipe exports OPAQUE_FD memfds");
+    }
+    let pool_len = 200_000usize;
+    let (pool, e) = dev.alloc_exportable(pool_len).unwrap();
+    let nic = nic_view(&e, pool_len, true);
+    for (round, dtype) in [DType::F32, DType::BF16, DType::I64, DType::U8, DType::F32].into_iter().enumerate() {
+        let esz = dtype.size();
+        let count = 10_007usize;
+        let len = count * esz;
+        let payload = conformance::values(dtype, count, 40 + round as u64);
+        // The NIC scatters the payload over the pool in fragments at odd offsets, last first.
+        let mut frags = Vec::new();
+        let (mut at, mut off) = (0usize, 13 + round);
+        while at < len {
+            let n = (1 + (at * 7 + 331) % 4000).min(len - at);
+            frags.push(Fragment { src_off: 0, len: n as u32, dst_off: at as u64 });
+            at += n;
+        }
+        for f in frags.iter_mut().rev() {
+            f.src_off = off as u64;
+            let d = f.dst_off as usize;
+            nic.slice(off..off + f.len as usize)
+                .with_bytes_mut(|b| b.copy_from_slice(&payload[d..d + b.len()]))
+                .unwrap();
+            off += f.len as usize + 3;
+        }
+        assert!(off <= pool_len);
+        let src = Scattered { pool: &pool, frags: &frags };
+        let dst = dev.alloc(len).unwrap();
+        wait(dev.gather(&dst.full(), src).unwrap());
+        assert!(download(&*dev, &dst) == payload, "round {round}: gather of what the NIC wrote");
+        for op in [ReduceOp::Sum, ReduceOp::Max] {
+            let base = conformance::values(dtype, count, 90 + round as u64);
+            let want = host_reduce(dtype, op, &base, &payload, Some(2));
+            let db = upload(&*dev, &base);
+            wait(dev.gather_reduce(dtype, op, &db.full(), &db.full(), src, Some(2)).unwrap());
+            assert!(download(&*dev, &db) == want, "round {round}: gather_reduce {dtype} {op}");
+        }
+        // The pool itself as an operand (aligned for the element): the NIC's bytes, read by a shader.
+        let at = 4096 * (round + 1);
+        nic.slice(at..at + len).with_bytes_mut(|b| b.copy_from_slice(&payload)).unwrap();
+        let base = conformance::values(dtype, count, 7);
+        let want = host_reduce(dtype, ReduceOp::Sum, &base, &payload, None);
+        let db = upload(&*dev, &base);
+        let args = ReduceArgs {
+            dtype,
+            op: ReduceOp::Sum,
+            dst: &db.full(),
+            a: &db.full(),
+            b: &pool.slice(at..at + len),
+            finish: None,
+        };
+        wait(dev.reduce(args).unwrap());
+        assert!(download(&*dev, &db) == want, "round {round}: reduce with the pool as operand");
+    }
+    // TX: the device writes (copy, reduce, gather) into an exportable buffer; the NIC reads.
+    let len = 123_457usize;
+    let (tx, te) = dev.alloc_exportable(len + 64).unwrap();
+    let wire = nic_view(&te, len + 64, false);
+    let data = conformance::values(DType::U8, len, 3);
+    let src = upload(&*dev, &data);
+    wait(dev.copy(&tx.slice(5..5 + len), &src.full()).unwrap());
+    assert!(wire.slice(5..5 + len).to_vec().unwrap() == data, "copy into the TX buffer, read through the fd");
+    let a = conformance::values(DType::F32, 4096, 1);
+    let b = conformance::values(DType::F32, 4096, 2);
+    let (da, db) = (upload(&*dev, &a), upload(&*dev, &b));
+    let args = ReduceArgs {
+        dtype: DType::F32,
+        op: ReduceOp::Prod,
+        dst: &tx.slice(64..64 + a.len()),
+        a: &da.full(),
+        b: &db.full(),
+        finish: None,
+    };
+    wait(dev.reduce(args).unwrap());
+    let want = host_reduce(DType::F32, ReduceOp::Prod, &a, &b, None);
+    assert!(wire.slice(64..64 + a.len()).to_vec().unwrap() == want, "a shader's output, read through the fd");
+    let frags = [Fragment { src_off: 100, len: 50, dst_off: 0 }, Fragment { src_off: 10, len: 30, dst_off: 50 }];
+    wait(dev.gather(&tx.slice(len - 16..len + 64), Scattered { pool: &src, frags: &frags }).unwrap());
+    let want: Vec<u8> = data[100..150].iter().chain(&data[10..40]).copied().collect();
+    assert_eq!(wire.slice(len - 16..len + 64).to_vec().unwrap(), want, "a gather into the TX buffer");
+    // Host writes through the mapping after device writes, then the device reads them back.
+    nic.slice(0..4).with_bytes_mut(|b| b.copy_from_slice(&[9, 8, 7, 6])).unwrap();
+    let mut four = [0u8; 4];
+    dev.download(&pool.slice(0..4), &mut four).unwrap();
+    assert_eq!(four, [9, 8, 7, 6]);
+}
+
+/// Exported descriptors: the buffer's bytes at `offset` inside `fd_len`, whatever the size; a
+/// new descriptor per export; memory not allocated exportable is refused with the reason.
+#[test]
+fn exported_descriptors_and_offsets() {
+    use std::io::Seek;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(dev) = device() else { return };
+    for len in [0usize, 1, 4095, 4096, (1 << 20) + 3] {
+        let (r, e) = dev.alloc_exportable(len).unwrap();
+        assert_eq!((r.len(), r.kind()), (len, &devccl_core::memory::MemKind::Vulkan { device: 0 }));
+        assert!(e.offset + len as u64 <= e.fd_len, "{len}: {e:?}");
+        let file = std::fs::File::from(e.fd.try_clone().unwrap());
+        assert_eq!(file.metadata().unwrap().len(), e.fd_len, "{len}: fd_len is the descriptor's size");
+        let data = conformance::values(DType::U8, len, len as u64);
+        dev.upload(&r.full(), &data).unwrap();
+        assert!(nic_view(&e, len, false).full().to_vec().unwrap() == data, "{len}: bytes at the offset");
+        // Windows at odd offsets inside the descriptor.
+        for (at, n) in [(0usize, 1usize), (3, 4090), (4093, 10), (len / 2, len / 3)] {
+            if at + n > len {
+                continue;
+            }
+            let w = devccl_core::memory::fd::map_fd(std::os::fd::AsFd::as_fd(&e.fd), e.offset + at as u64, n, false);
+            assert!(w.unwrap().full().to_vec().unwrap() == data[at..at + n], "{len}: window {at}+{n}");
+        }
+        // Another export: a new descriptor of the same file, same place.
+        let e2 = dev.export(&r).unwrap();
+        assert_ne!(e2.fd.as_raw_fd(), e.fd.as_raw_fd());
+        assert_eq!((e2.offset, e2.fd_len, e2.kind), (e.offset, e.fd_len, e.kind));
+        let mut f2 = std::fs::File::from(e2.fd.try_clone().unwrap());
+        assert_eq!(f2.metadata().unwrap().ino(), file.metadata().unwrap().ino());
+        assert_eq!(f2.seek(std::io::SeekFrom::End(0)).unwrap(), e.fd_len);
+        if len > 0 {
+            nic_view(&e2, len, true).slice(len - 1..len).with_bytes_mut(|b| b[0] ^= 0xff).unwrap();
+            let mut last = [0u8];
+            dev.download(&r.slice(len - 1..len), &mut last).unwrap();
+            assert_eq!(last[0], data[len - 1] ^ 0xff, "{len}: written through the second descriptor");
+        }
+    }
+    // Memory that was not allocated exportable.
+    let plain = dev.alloc(4096).unwrap();
+    let why = unsupported_reason(dev.export(&plain).unwrap_err());
+    assert!(why.contains("not allocated exportable") && why.contains("alloc_exportable"), "{why}");
+    let staging = dev.alloc_staging(4096).unwrap();
+    assert!(unsupported_reason(dev.export(&staging).unwrap_err()).contains("not allocated exportable"));
+    let other = vulkan::open_with(0, &VulkanOptions::default()).unwrap();
+    let (theirs, _) = other.alloc_exportable(64).unwrap();
+    assert!(unsupported_reason(dev.export(&theirs).unwrap_err()).contains("did not allocate"));
+    assert!(unsupported_reason(dev.export(&Region::alloc(64)).unwrap_err()).contains("did not allocate"));
+    // The exported descriptor keeps the bytes after the buffer is freed.
+    let (r, e) = dev.alloc_exportable(5000).unwrap();
+    dev.upload(&r.full(), &[0x5a; 5000]).unwrap();
+    drop(r);
+    assert!(nic_view(&e, 5000, false).full().to_vec().unwrap().iter().all(|&b| b == 0x5a));
+}
+
+/// Exportable buffers count as device memory until freed (the descriptor outliving them).
+#[test]
+fn stats_count_exportable_bytes() {
+    let Some(dev) = device_with(VulkanOptions::default()) else { return };
+    assert_eq!(dev.stats().live_device_bytes, 0);
+    let (r, e) = dev.alloc_exportable(1000).unwrap();
+    let plain = dev.alloc(24).unwrap();
+    assert_eq!(dev.stats().live_device_bytes, 1024);
+    let pending = dev.copy(&r.slice(0..24), &plain.full()).unwrap();
+    drop((r, plain));
+    assert!(dev.stats().live_device_bytes > 0, "queued work keeps its buffers");
+    drop(pending);
+    assert_eq!(dev.stats().live_device_bytes, 0);
+    drop(e);
+    let before = dev.stats().live_device_bytes;
+    let many: Vec<_> = (0..20).map(|i| dev.alloc_exportable(4096 * i + 1).unwrap()).collect();
+    assert_eq!(dev.stats().live_device_bytes, before + (0..20).map(|i| 4096 * i + 1).sum::<u64>());
+    drop(many);
+    assert_eq!(dev.stats().live_device_bytes, 0);
+}
+
+/// A device without VK_KHR_external_memory_fd (emulated) says so, and still computes.
+#[test]
+fn without_external_memory_fd_exports_are_unsupported() {
+    let opts = VulkanOptions { disable_external_memory: true, ..Default::default() };
+    let Some(dev) = device_with(opts) else { return };
+    let why = unsupported_reason(dev.alloc_exportable(4096).unwrap_err());
+    assert!(why.contains("VK_KHR_external_memory_fd") && why.starts_with("vulkan:0 "), "{why}");
+    let r = dev.alloc(64).unwrap();
+    assert!(unsupported_reason(dev.export(&r).unwrap_err()).contains("VK_KHR_external_memory_fd"));
+    assert!(unsupported_reason(dev.export_kind().unwrap_err()).contains("VK_KHR_external_memory_fd"));
+    check_reduce(
+        &*dev,
+        DType::F32,
+        ReduceOp::Sum,
+        &conformance::values(DType::F32, 64, 1),
+        &conformance::values(DType::F32, 64, 2),
+        None,
+    );
+}

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 
+pub mod fd;
+
 /// What kind of memory a region is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemKind {

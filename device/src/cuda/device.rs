@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, sys};
 use devccl_core::device::{
-    Device, DeviceStats, Pending, QueueGate, QueuePoint, ReduceArgs, Scattered, check_dst, check_fragments,
+    Device, DeviceStats, Exported, Pending, QueueGate, QueuePoint, ReduceArgs, Scattered, check_dst, check_fragments,
     check_gather_reduce, check_reduce,
 };
 use devccl_core::dtype::DType;
@@ -14,6 +14,7 @@ use devccl_core::memory::{DeviceId, MemKind, Region, RegionSlice};
 use devccl_core::op::ReduceOp;
 use devccl_core::{Error, Result};
 
+use super::dmabuf;
 use super::driver::{Ctx, DriverInfo, Event, Stream, describe, version_text};
 use super::fence::CudaFence;
 use super::kernels::Kernels;
@@ -241,6 +242,21 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// `Ok` when the device can export dma-bufs (`CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED` = 1),
+    /// else `Unsupported` saying what to load.
+    pub fn dma_buf_supported(&self) -> Result<()> {
+        dmabuf::check_supported(&self.shared)
+    }
+
+    /// Export `[start, start + len)` of this device's memory (whole 4 KiB pages of one
+    /// allocation; see [`super::dmabuf::cover`] for a region's) as a dma-buf: with the PCIe
+    /// mapping flag, else with flags 0. The one copy of this logic in devccl: other users
+    /// (the devmem transport's dma-buf sources) should call it.
+    pub fn export_range(&self, start: u64, len: u64) -> Result<(std::os::fd::OwnedFd, dmabuf::ExportFlags)> {
+        dmabuf::check_supported(&self.shared)?;
+        dmabuf::export_range(&self.shared, start, len)
+    }
+
     /// Block until everything queued on devccl's internal streams finished.
     pub fn synchronize(&self) -> Result<()> {
         self.shared.ctx.bind()?;
@@ -458,6 +474,18 @@ impl Device for CudaDevice {
             ops: s.ops.load(Ordering::Relaxed),
             host_fallbacks: 0,
         }
+    }
+
+    /// `cuMemAlloc` of whole pages at a page boundary, exported as a dma-buf (offset 0);
+    /// `Unsupported` unless the device reports `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED` = 1.
+    fn alloc_exportable(&self, len: usize) -> Result<(Region, Exported)> {
+        dmabuf::alloc_exportable(&self.shared, len)
+    }
+
+    /// A dma-buf of the 4 KiB pages covering `region` (this device's memory, devccl's or a
+    /// foreign allocation's), the region `offset` bytes in (see [`super::dmabuf::cover`]).
+    fn export(&self, region: &Region) -> Result<Exported> {
+        dmabuf::export_region(&self.shared, region)
     }
 
     fn queue_point(&self, queue: u64) -> Result<Box<dyn QueuePoint>> {

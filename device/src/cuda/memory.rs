@@ -10,6 +10,7 @@ use devccl_core::Result;
 use devccl_core::memory::{MemKind, Region};
 
 use super::device::Shared;
+use super::dmabuf;
 
 /// The view attached to device memory devccl allocated on `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,21 +155,54 @@ pub(crate) fn host_alloc(shared: &Shared, len: usize) -> Result<(*mut c_void, u6
 
 /// `len` bytes of device memory as a region of `MemKind::Cuda`.
 pub(crate) fn alloc_device(shared: &Arc<Shared>, len: usize) -> Result<Region> {
-    let kind = MemKind::Cuda { device: shared.ordinal as i32 };
-    let view = Some(Arc::new(CudaMemView { ordinal: shared.ordinal }) as Arc<dyn std::any::Any + Send + Sync>);
     if len == 0 {
+        let (kind, view) = device_kind(shared);
         // SAFETY: an empty region; its (dangling) address is never used.
         return Ok(unsafe { Region::from_device(std::ptr::null_mut(), 0, kind, true, None, view) });
     }
+    let ptr = cu_alloc(shared, len)?;
+    Ok(owned_region(shared, ptr, ptr, len))
+}
+
+/// `len` bytes of device memory at a page boundary with whole pages behind them (at least
+/// one), which `cuMemGetHandleForAddressRange` can export in full: cuMemAlloc of the pages,
+/// and of one page more where the driver's address was not page-aligned.
+pub(crate) fn alloc_device_paged(shared: &Arc<Shared>, len: usize) -> Result<Region> {
+    let need = dmabuf::alloc_size(len);
+    let ptr = cu_alloc(shared, need as usize)?;
+    if let Some(start) = dmabuf::aligned_start(ptr, need, need) {
+        return Ok(owned_region(shared, ptr, start, len));
+    }
+    shared.free(Freeable::Device(ptr), 0, Counted::Not);
+    let size = need + dmabuf::EXPORT_ALIGN;
+    let ptr = cu_alloc(shared, size as usize)?;
+    let start = dmabuf::aligned_start(ptr, size, need).expect("one spare page holds a page boundary");
+    Ok(owned_region(shared, ptr, start, len))
+}
+
+fn device_kind(shared: &Shared) -> (MemKind, Option<Arc<dyn std::any::Any + Send + Sync>>) {
+    let view = Arc::new(CudaMemView { ordinal: shared.ordinal }) as Arc<dyn std::any::Any + Send + Sync>;
+    (MemKind::Cuda { device: shared.ordinal as i32 }, Some(view))
+}
+
+/// `cuMemAlloc` of `size` bytes (not yet counted or owned).
+fn cu_alloc(shared: &Shared, size: usize) -> Result<u64> {
     shared.ctx.bind()?;
     let mut ptr: sys::CUdeviceptr = 0;
     // SAFETY: an out-pointer to a local; the context is current.
-    shared.ctx.check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, len) })?;
+    shared.ctx.check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, size) })?;
+    Ok(ptr)
+}
+
+/// The region of `len` bytes at `start` inside the allocation at `ptr`, which it owns
+/// (counted as `len` live device bytes).
+fn owned_region(shared: &Arc<Shared>, ptr: u64, start: u64, len: usize) -> Region {
     shared.live_device.fetch_add(len as u64, Ordering::Relaxed);
     let keeper = DeviceAlloc { shared: shared.clone(), ptr, len };
-    // SAFETY: `ptr..ptr+len` is device memory owned by the keeper, which lives as long as the
-    // region; the CPU never dereferences a Cuda region's address.
-    Ok(unsafe { Region::from_device(ptr as usize as *mut u8, len, kind, true, Some(Box::new(keeper)), view) })
+    let (kind, view) = device_kind(shared);
+    // SAFETY: `start..start+len` is device memory of the allocation the keeper owns, which
+    // lives as long as the region; the CPU never dereferences a Cuda region's address.
+    unsafe { Region::from_device(start as usize as *mut u8, len, kind, true, Some(Box::new(keeper)), view) }
 }
 
 /// `len` bytes of staging memory as a region of `MemKind::Host` with a [`CudaStagingView`].

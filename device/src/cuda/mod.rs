@@ -18,6 +18,9 @@
 //!   host memory pinned for it by someone else. While a gate holds a caller's stream, frees
 //!   (which may wait for the whole device) run on a helper thread, so they cannot deadlock the
 //!   collective that will open the gate.
+//! - **Dma-bufs** ([`dmabuf`]): `export` covers a region of this device's memory (devccl's or
+//!   foreign) with whole 4 KiB pages of its allocation; `alloc_exportable` allocates such
+//!   pages. Both need `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`.
 //! - **Asynchrony**: operations run on internal non-blocking streams (device→host,
 //!   host→device, compute; one such set per calling thread, so one communicator's ordering
 //!   waits never sit in front of another's work); each answers a fence (a pooled event) that
@@ -32,6 +35,7 @@
 
 #[cfg(feature = "cuda")]
 mod device;
+pub mod dmabuf;
 #[cfg(feature = "cuda")]
 mod driver;
 #[cfg(feature = "cuda")]

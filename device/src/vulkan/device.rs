@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use devccl_core::device::{
-    Device, DeviceStats, Pending, ReduceArgs, Scattered, check_dst, check_fragments, check_gather_reduce, check_reduce,
+    Device, DeviceStats, ExportKind, Exported, Pending, ReduceArgs, Scattered, check_dst, check_fragments,
+    check_gather_reduce, check_reduce,
 };
 use devccl_core::memory::{DeviceId, Region, RegionSlice};
 use devccl_core::{DType, Error, ReduceOp, Result};
@@ -31,6 +32,9 @@ pub struct VulkanOptions {
     /// Flush subnormal results of the hardware float operations, as some devices do (for tests
     /// that the exact paths take over wherever such a device would be wrong).
     pub flush_subnormals: bool,
+    /// Act as if the device lacked `VK_KHR_external_memory_fd` (`alloc_exportable` and
+    /// `export` answer `Unsupported` naming it).
+    pub disable_external_memory: bool,
 }
 
 impl VulkanOptions {
@@ -116,6 +120,13 @@ impl VulkanDevice {
     /// The index in the device list.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// What [`Device::alloc_exportable`] hands out on this device: dma-bufs
+    /// (`VK_EXT_external_memory_dma_buf`) or mappable opaque fds; `Unsupported` saying why
+    /// it exports nothing.
+    pub fn export_kind(&self) -> Result<ExportKind> {
+        Ok(self.gpu.export.handle()?.kind)
     }
 
     fn operand(&self, s: &RegionSlice, what: &str) -> Result<Operand> {
@@ -351,5 +362,35 @@ impl Device for VulkanDevice {
 
     fn stats(&self) -> DeviceStats {
         self.gpu.stats.snapshot()
+    }
+
+    /// A dedicated, device-local buffer allocated exportable (a dma-buf where the device
+    /// exports those, else an opaque fd that can be mapped), counted as device memory.
+    fn alloc_exportable(&self, len: usize) -> Result<(Region, Exported)> {
+        let handle = self.gpu.export.handle()?;
+        let region = memory::device_region(Buffer::exportable(&self.gpu, len as u64, handle)?, self.index);
+        let exported = self.export(&region)?;
+        Ok((region, exported))
+    }
+
+    /// A new descriptor for a buffer [`Device::alloc_exportable`] made (offset 0: each has its
+    /// own memory); any other memory answers `Unsupported`.
+    fn export(&self, region: &Region) -> Result<Exported> {
+        self.gpu.export.handle()?;
+        let o = self.operand(&region.full(), "exported region").map_err(|e| match e {
+            Error::InvalidUsage(reason) => Error::Unsupported { reason },
+            other => other,
+        })?;
+        let Some(fd) = o.buf.export_fd() else {
+            return Err(Error::Unsupported {
+                reason: format!(
+                    "{}: this {:?} memory was not allocated exportable; allocate it with alloc_exportable",
+                    self.gpu.name,
+                    region.kind()
+                ),
+            });
+        };
+        let (fd, handle) = fd?;
+        Ok(Exported { fd, offset: o.buf.fd_offset + o.off, fd_len: o.buf.fd_len, kind: handle.kind })
     }
 }

@@ -11,6 +11,7 @@ use devccl_core::device::DeviceStats;
 use devccl_core::{Error, Result};
 
 use super::VulkanOptions;
+use super::export::{Export, Probe};
 
 /// The process's Vulkan instance: created on first use and kept for the process's life (it is
 /// never destroyed; devices opened from it are cached per process too).
@@ -153,6 +154,8 @@ pub(super) struct Gpu {
     pub(super) features: VulkanFeatures,
     pub(super) mem: MemoryTypes,
     pub(super) stats: Counters,
+    /// Memory behind file descriptors: what the device exports, and how.
+    pub(super) export: Export,
 }
 
 impl fmt::Debug for Gpu {
@@ -207,13 +210,19 @@ impl Gpu {
             .robust_buffer_access(false);
         let prio = [1.0f32];
         let queues = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&prio)];
-        let info = vk::DeviceCreateInfo::default().queue_create_infos(&queues).enabled_features(&enable);
+        let probe = Probe::new(&inst, pd, &name, opts);
+        let extensions = probe.extension_names();
+        let info = vk::DeviceCreateInfo::default()
+            .queue_create_infos(&queues)
+            .enabled_features(&enable)
+            .enabled_extension_names(&extensions);
         // SAFETY: `info` and what it points to outlive the call; `pd` came from this instance.
         let dev = unsafe { inst.raw.create_device(pd, &info, None) }
             .map_err(|e| unsupported(format!("vkCreateDevice failed: {e}")))?;
         // SAFETY: `pd` came from this instance.
         let mem = MemoryTypes { props: unsafe { inst.raw.get_physical_device_memory_properties(pd) } };
-        Ok(Gpu { _inst: inst, dev, name, family, limits, features, mem, stats: Counters::default() })
+        let export = Export::new(&inst, &dev, probe);
+        Ok(Gpu { _inst: inst, dev, name, family, limits, features, mem, stats: Counters::default(), export })
     }
 }
 

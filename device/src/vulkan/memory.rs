@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ash::vk;
+use devccl_core::device::ExportKind;
 use devccl_core::memory::{MemKind, Region, RegionSlice};
 use devccl_core::{Error, Result};
 
+use super::export::{Handle, USAGE};
 use super::instance::Gpu;
 
 /// What a buffer is for (and which counter it is reported under).
@@ -31,8 +33,14 @@ pub(super) struct Buffer {
     pub(super) raw: vk::Buffer,
     memory: vk::DeviceMemory,
     /// Size of the VkBuffer: the requested length rounded up to 16 bytes (at least 16), so
-    /// every word-aligned binding window stays inside it.
+    /// every word-aligned binding window stays inside it; for exportable buffers, to whole
+    /// pages (at least one).
     pub(super) size: u64,
+    /// Where the buffer's bytes start in its exported descriptors, and their size.
+    pub(super) fd_offset: u64,
+    pub(super) fd_len: u64,
+    /// Allocated exportable (a dedicated allocation with VkExportMemoryAllocateInfo).
+    pub(super) export: Option<Handle>,
     /// The requested length (what the counters report).
     len: u64,
     kind: Kind,
@@ -51,7 +59,20 @@ impl fmt::Debug for Buffer {
 impl Buffer {
     /// A buffer of `len` bytes (storage, transfer source and destination) of `kind`.
     pub(super) fn new(gpu: &Arc<Gpu>, len: u64, kind: Kind) -> Result<Arc<Buffer>> {
-        let size = len.max(1).next_multiple_of(16);
+        Buffer::create(gpu, len, kind, None)
+    }
+
+    /// A device-local buffer of `len` bytes in its own memory, which can be exported as
+    /// `handle` (counted as device memory).
+    pub(super) fn exportable(gpu: &Arc<Gpu>, len: u64, handle: Handle) -> Result<Arc<Buffer>> {
+        Buffer::create(gpu, len, Kind::Device, Some(handle))
+    }
+
+    fn create(gpu: &Arc<Gpu>, len: u64, kind: Kind, export: Option<Handle>) -> Result<Arc<Buffer>> {
+        let size = match export {
+            None => len.max(1).next_multiple_of(16),
+            Some(_) => len.max(1).next_multiple_of(devccl_core::memory::fd::page_size() as u64),
+        };
         if size > gpu.limits.max_alloc {
             return Err(Error::Device {
                 device: gpu.name.clone(),
@@ -61,17 +82,26 @@ impl Buffer {
                 ),
             });
         }
-        let usage = vk::BufferUsageFlags::STORAGE_BUFFER
-            | vk::BufferUsageFlags::TRANSFER_SRC
-            | vk::BufferUsageFlags::TRANSFER_DST;
-        let info = vk::BufferCreateInfo::default().size(size).usage(usage).sharing_mode(vk::SharingMode::EXCLUSIVE);
-        // SAFETY: valid device and create info.
+        let info = vk::BufferCreateInfo::default().size(size).usage(USAGE).sharing_mode(vk::SharingMode::EXCLUSIVE);
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default();
+        let info = match export {
+            Some(h) => {
+                external = external.handle_types(h.ty);
+                info.push_next(&mut external)
+            }
+            None => info,
+        };
+        // SAFETY: valid device and create info (the handle type, if any, was reported exportable
+        // for this usage by vkGetPhysicalDeviceExternalBufferProperties).
         let raw = unsafe { gpu.dev.create_buffer(&info, None) }.map_err(|e| gpu.err("vkCreateBuffer", e))?;
         let mut buf = Buffer {
             gpu: gpu.clone(),
             raw,
             memory: vk::DeviceMemory::null(),
             size,
+            fd_offset: 0,
+            fd_len: 0,
+            export,
             len,
             kind,
             mapped: 0,
@@ -79,6 +109,9 @@ impl Buffer {
         };
         // On error `buf` drops and destroys what was made so far.
         buf.bind_memory()?;
+        if let Some(h) = export {
+            (buf.fd_offset, buf.fd_len) = gpu.export.locate(&gpu.dev, &gpu.name, buf.memory, buf.size, h)?;
+        }
         buf.gpu.stats_add(kind, len as i64);
         buf.counted = true;
         Ok(Arc::new(buf))
@@ -89,18 +122,40 @@ impl Buffer {
         // SAFETY: `raw` is a buffer of this device.
         let req = unsafe { gpu.dev.get_buffer_memory_requirements(self.raw) };
         type F = vk::MemoryPropertyFlags;
-        let ty = match self.kind {
-            Kind::Device => gpu.mem.pick(req.memory_type_bits, F::empty(), F::DEVICE_LOCAL),
-            Kind::Staging | Kind::Internal => {
+        let ty = match (self.kind, self.export) {
+            // The simulated kernel maps an opaque fd: the memory must be host-visible.
+            (Kind::Device, Some(h)) if h.kind == ExportKind::Mappable => {
+                gpu.mem.pick(req.memory_type_bits, F::HOST_VISIBLE | F::HOST_COHERENT, F::DEVICE_LOCAL)
+            }
+            (Kind::Device, _) => gpu.mem.pick(req.memory_type_bits, F::empty(), F::DEVICE_LOCAL),
+            (Kind::Staging | Kind::Internal, _) => {
                 gpu.mem.pick(req.memory_type_bits, F::HOST_VISIBLE | F::HOST_COHERENT, F::HOST_CACHED)
             }
         }
         .ok_or_else(|| Error::Device {
             device: gpu.name.clone(),
-            message: format!("no memory type for a {:?} buffer", self.kind),
+            message: match self.export {
+                Some(h) if h.kind == ExportKind::Mappable => {
+                    "no host-visible, coherent memory type for a buffer exported as a mappable OPAQUE_FD".into()
+                }
+                _ => format!("no memory type for a {:?} buffer", self.kind),
+            },
         })?;
         let info = vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(ty);
-        // SAFETY: valid device and allocate info.
+        let mut exported = vk::ExportMemoryAllocateInfo::default();
+        let mut dedicated = vk::MemoryDedicatedAllocateInfo::default();
+        let info = match self.export {
+            // Always a dedicated allocation: some drivers export only those (DEDICATED_ONLY),
+            // and an exported descriptor should hold this buffer's bytes and nothing else.
+            Some(h) => {
+                exported = exported.handle_types(h.ty);
+                dedicated = dedicated.buffer(self.raw);
+                info.push_next(&mut exported).push_next(&mut dedicated)
+            }
+            None => info,
+        };
+        // SAFETY: valid device and allocate info; a dedicated allocation names this buffer,
+        // which has no memory bound yet.
         self.memory = unsafe { gpu.dev.allocate_memory(&info, None) }
             .map_err(|e| gpu.err(&format!("vkAllocateMemory of {} bytes", req.size), e))?;
         // SAFETY: buffer and memory belong to this device; the memory is fresh and large enough.
@@ -119,6 +174,13 @@ impl Buffer {
     pub(super) fn mapped(&self) -> *mut u8 {
         debug_assert!(self.mapped != 0);
         self.mapped as *mut u8
+    }
+
+    /// A new descriptor for the memory of an exportable buffer, and its handle type; `None`
+    /// for other buffers.
+    pub(super) fn export_fd(&self) -> Option<Result<(std::os::fd::OwnedFd, Handle)>> {
+        let h = self.export?;
+        Some(self.gpu.export.memory_fd(&self.gpu.name, self.memory, h).map(|fd| (fd, h)))
     }
 }
 

@@ -7,6 +7,10 @@
 //!   `MemKind::Vulkan`, whose address is an opaque identity); `alloc_staging` makes
 //!   host-visible, coherent, persistently mapped memory (a `Host` region the CPU and transports
 //!   use directly, which shaders and copies bind as a buffer).
+//! - Memory behind file descriptors (`export.rs`): `alloc_exportable` makes a dedicated buffer
+//!   whose memory can be exported (`VK_KHR_external_memory_fd`): a dma-buf where the device
+//!   exports `DMA_BUF_EXT`, else an `OPAQUE_FD` that the process can map, with the buffer's
+//!   offset in it located when it is allocated.
 //! - Every operation records one command buffer, submits it with a fence and answers
 //!   [`Pending::Running`]; the fence is tested with vkGetFenceStatus. Copies and gathers are
 //!   vkCmdCopyBuffer; reductions, the avg epilogue and the fused gather-and-reduce are compute
@@ -25,6 +29,8 @@
 mod device;
 #[cfg(feature = "vulkan")]
 mod exec;
+#[cfg(feature = "vulkan")]
+mod export;
 #[cfg(feature = "vulkan")]
 mod fallback;
 #[cfg(feature = "vulkan")]
