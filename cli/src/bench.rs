@@ -294,6 +294,7 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
         }
         rows.push(row);
     }
+    let devmem = devmem_counters(&comm)?;
     let wrong_total: u64 = if args.check > 0 { rows.iter().map(|r| r.oop.wrong + r.ip.wrong).sum() } else { 0 };
     let avg_busbw = rows.iter().map(|r| r.oop.busbw + r.ip.busbw).sum::<f64>() / (2 * rows.len()).max(1) as f64;
     if rank == 0 {
@@ -301,6 +302,9 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
         println!("# Avg bus bandwidth    : {avg_busbw:.4}");
         println!("#");
         println!("# Collective test concluded: {}", args.collective);
+        if let Some(c) = &devmem {
+            print_devmem(c, n);
+        }
         if let Some(p) = &args.json {
             let rep = Report {
                 collective: args.collective.clone(),
@@ -317,6 +321,33 @@ fn run_rank(args: &BenchArgs) -> Result<i32> {
         }
     }
     Ok(if wrong_total == 0 { 0 } else { 3 })
+}
+
+/// The devmem transport's counters summed over every rank, when any pair of ranks used
+/// devmem (`None` otherwise). Every rank takes part (one all-reduce).
+fn devmem_counters(comm: &Communicator) -> Result<Option<Vec<(&'static str, u64)>>> {
+    let names: Vec<&'static str> =
+        devccl_transport_devmem::transport::Counters::default().snapshot().into_iter().map(|(k, _)| k).collect();
+    let mine = comm.transport_counters();
+    let used = comm.peer_transports().contains(&Some(devccl_core::transport::TransportKind::Devmem));
+    let mut v: Vec<i64> = names
+        .iter()
+        .map(|n| mine.iter().find(|(k, _)| k.strip_prefix("devmem.") == Some(n)).map_or(0, |(_, v)| *v as i64))
+        .collect();
+    v.push(i64::from(used));
+    comm.all_reduce(&mut v, ReduceOp::Sum)?;
+    let used = v.pop().unwrap_or(0) > 0;
+    Ok(used.then(|| names.into_iter().zip(v.into_iter().map(|x| x as u64)).collect()))
+}
+
+/// The devmem counters after the table, two to a line.
+fn print_devmem(c: &[(&str, u64)], n: usize) {
+    println!("#");
+    println!("# devmem counters (summed over {n} ranks, after the last call):");
+    for pair in c.chunks(2) {
+        let cells: Vec<String> = pair.iter().map(|(k, v)| format!("{k:<26} {v:>14}")).collect();
+        println!("#   {}", cells.join("    "));
+    }
 }
 
 fn median(sorted: &[f64]) -> f64 {

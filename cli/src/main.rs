@@ -60,6 +60,38 @@ enum Cmd {
     },
 }
 
+/// What the registry decides about devmem for this process (a rank 0 of two, data toward
+/// this host), with the operator's steps for the interface and queues it binds.
+fn transport_check() -> Result<devccl_transport_devmem::doctor::TransportCheck> {
+    use devccl_core::transport::TransportKind;
+    let cfg = Config::from_env()?;
+    let mut one = cfg.clone();
+    one.transports = vec![TransportKind::Devmem, TransportKind::Tcp];
+    let toward = cfg.socket_ifname.is_none().then(|| "127.0.0.1:1".parse().expect("address"));
+    let offer = devccl::registry::offer(&one, devccl::Rank(0), 2, toward)?;
+    let (ready, detail) =
+        match (offer.transports.iter().find(|t| t.kind() == TransportKind::Devmem), offer.declined.first()) {
+            (Some(t), _) => (true, format!("ready: {}", t.properties().name)),
+            (None, Some(d)) => (false, format!("declined: {}", d.reason)),
+            (None, None) => (false, "declined: nothing created".into()),
+        };
+    let data_if = devccl_transport_tcp::select_address(cfg.socket_ifname.as_deref(), cfg.socket_family, toward)
+        .map(|(_, i)| i)
+        .unwrap_or_else(|_| "lo".into());
+    let interface = cfg.devmem.ifname.clone().unwrap_or(data_if);
+    let queues =
+        cfg.devmem.queues.clone().unwrap_or_else(|| devccl_transport_devmem::transport::default_queues(&interface));
+    Ok(devccl_transport_devmem::doctor::TransportCheck {
+        kernel: cfg.devmem.kernel.name().into(),
+        transports: cfg.transports.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
+        ready,
+        detail,
+        operator_steps: devccl_transport_devmem::doctor::operator_steps(&interface, &queues),
+        interface,
+        queues,
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match run(cli) {
@@ -85,7 +117,8 @@ fn run(cli: Cli) -> Result<i32> {
         }),
         Cmd::Doctor { json } => {
             use std::io::Write;
-            let report = devccl_transport_devmem::doctor::report();
+            let mut report = devccl_transport_devmem::doctor::report();
+            report.transport = Some(transport_check()?);
             let text = if json { report.to_json() + "\n" } else { report.to_string() };
             // A closed stdout (`devccl doctor | head`) is not an error worth a panic. (SIGPIPE
             // stays ignored, as the Rust runtime sets it: the gRPC stack relies on that.)

@@ -10,25 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{finish, spawn};
+use common::{bench_rows_ok, finish, spawn, survivors_of_kill, vulkan_or_skip};
 
 const DEVCHECK: &str = env!("CARGO_BIN_EXE_devccl-devcheck");
 const DEVCCL: &str = env!("CARGO_BIN_EXE_devccl");
-
-/// The Vulkan device, or why there is none (a test then skips, unless CI requires it).
-fn vulkan_or_skip(test: &str) -> bool {
-    match devccl_device::open("vulkan".parse().unwrap()) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var("DEVCCL_REQUIRE_VULKAN").as_deref() != Ok("1"),
-                "{test}: DEVCCL_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
-            );
-            println!("skipped {test}: {e}");
-            false
-        }
-    }
-}
 
 /// Run the device matrix on `n` processes; every rank must print `ok <cases>`.
 fn matrix(n: usize, env: &[(&str, &str)], limit: Duration) {
@@ -88,16 +73,7 @@ fn a_peer_killed_during_staged_device_collectives_fails_clearly_and_leaks_nothin
     ];
     let t0 = Instant::now();
     let res = finish(spawn(DEVCHECK, n, &env, |_| vec![]), Duration::from_secs(60));
-    for (r, (ok, out, took)) in res.iter().enumerate() {
-        if r == 1 {
-            assert!(!ok, "the killed rank cannot succeed: {out}");
-            continue;
-        }
-        assert!(*ok, "rank {r} must report and exit cleanly: {out}");
-        assert!(out.contains("failed: ") && out.contains("rank 1"), "rank {r} must name rank 1: {out}");
-        assert!(out.contains("live 0"), "rank {r} leaked device or staging memory: {out}");
-        assert!(*took < Duration::from_secs(30), "rank {r} took {took:?}");
-    }
+    survivors_of_kill(&res, 1, Duration::from_secs(30));
     println!("fault case done in {:?}", t0.elapsed());
 }
 
@@ -114,13 +90,7 @@ fn bench_on_vulkan_buffers_has_no_wrong_results() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
-    assert_eq!(rows.len(), 12, "8 B .. 16 MiB by 4×: {text}");
-    for r in rows {
-        let cols: Vec<&str> = r.split_whitespace().collect();
-        assert_eq!((cols[8], cols[12]), ("0", "0"), "#wrong: {r}");
-    }
-    assert!(text.contains("# Out of bounds values : 0 OK"), "{text}");
+    bench_rows_ok(&text, 12); // 8 B .. 16 MiB by 4x
 }
 
 #[test]

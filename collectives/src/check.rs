@@ -7,7 +7,7 @@ use devccl_core::device::Device;
 use devccl_core::memory::RegionSlice;
 use devccl_core::op::{finish_avg, reduce_in_place};
 use devccl_core::wire::CollKind;
-use devccl_core::{DType, ReduceOp, Result};
+use devccl_core::{DType, Error, ReduceOp, Result};
 
 use crate::{Collective, Communicator};
 use half::{bf16, f16};
@@ -359,6 +359,23 @@ impl CaseBuffers {
         let (ib, ob) = case.byte_lens();
         let ip_len = case.in_place_bytes().len();
         let alloc = |len: usize| -> Result<RegionSlice> { Ok(dev.alloc(len)?.slice(0..len)) };
+        let b = CaseBuffers { dev: dev.clone(), input: alloc(ib)?, out: alloc(ob)?, ip: alloc(ip_len)? };
+        b.dev.upload(&b.input, &case.input())?;
+        Ok(b)
+    }
+
+    /// Like [`CaseBuffers::new`], allocated exportable ([`Device::alloc_exportable`]) where
+    /// the device can (so devmem sends them zero-copy); plainly where it cannot.
+    pub fn new_exportable(dev: &Arc<dyn Device>, case: &Case) -> Result<CaseBuffers> {
+        let (ib, ob) = case.byte_lens();
+        let ip_len = case.in_place_bytes().len();
+        let alloc = |len: usize| -> Result<RegionSlice> {
+            match dev.alloc_exportable(len) {
+                Ok((r, _)) => Ok(r.slice(0..len)),
+                Err(Error::Unsupported { .. }) => Ok(dev.alloc(len)?.slice(0..len)),
+                Err(e) => Err(e),
+            }
+        };
         let b = CaseBuffers { dev: dev.clone(), input: alloc(ib)?, out: alloc(ob)?, ip: alloc(ip_len)? };
         b.dev.upload(&b.input, &case.input())?;
         Ok(b)

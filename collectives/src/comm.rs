@@ -107,8 +107,11 @@ struct Inner {
     peers: Vec<PeerInfo>,
     forced: AlgoOverride,
     model: std::sync::Mutex<LinkModel>,
-    /// Per peer: the connection moves device memory itself (else device buffers are staged).
-    device_reach: Vec<bool>,
+    /// Per peer: the devices whose memory the connection moves itself (device buffers of
+    /// other devices are staged through host slots).
+    device_reach: Vec<Vec<DeviceId>>,
+    /// Per peer: the transport its connection uses.
+    peer_kinds: Vec<Option<TransportKind>>,
     logged: std::sync::Mutex<std::collections::HashSet<(CollKind, usize)>>,
     link: Option<RendezvousLink>,
     _watch: Option<WatchHandle>,
@@ -140,6 +143,10 @@ impl Drop for Inner {
         self.engine.drain(Instant::now() + self.config.timeout);
         for t in &self.transports {
             t.close();
+        }
+        for t in self.transports.iter().filter(|t| t.kind() == TransportKind::Devmem) {
+            let c: Vec<String> = t.counters().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+            tracing::info!(rank = self.rank.0, "devmem counters at destroy: {}", c.join(" "));
         }
         if let Some(l) = &self.link {
             let _ = l.client.leave(self.comm, self.rank);
@@ -227,29 +234,58 @@ pub(crate) fn device_of(slices: &[&RegionSlice]) -> Result<Arc<dyn devccl_core::
 }
 
 /// Stage a schedule on device memory for the peers whose connections cannot reach it
-/// (`reach`, per peer); host schedules are returned unchanged.
+/// (`reach`: per peer, the devices its connection reaches); host schedules are returned
+/// unchanged.
 fn lower_with(
     sched: crate::schedule::Schedule,
     device: DeviceId,
-    reach: &[bool],
+    reach: &[Vec<DeviceId>],
     slots: usize,
 ) -> crate::schedule::Schedule {
     if device.is_host() {
         return sched;
     }
-    crate::lower::stage(sched, |p| !reach.get(p.idx()).copied().unwrap_or(false), slots)
+    crate::lower::stage(sched, |p| !reach.get(p.idx()).is_some_and(|r| r.contains(&device)), slots)
+}
+
+/// The devices (besides the host) a connection reaches, among those a process may use: a
+/// devmem connection reaches its RX pool's device; TCP and shared memory none.
+fn reached_devices(c: &dyn Connection) -> Vec<DeviceId> {
+    (0..16u32).flat_map(|i| [DeviceId::Cuda(i), DeviceId::Vulkan(i)]).filter(|&d| c.reaches(d)).collect()
 }
 
 /// The transport pair (a < b) uses: the first kind in `a`'s published preference order that
 /// `b` also offers. Both ranks compute the same answer from the peer table.
 fn pair_kind(table: &PeerTable, a: usize, b: usize) -> Option<TransportKind> {
     let (lo, hi) = (&table.peers[a.min(b)], &table.peers[a.max(b)]);
-    lo.endpoints.iter().find_map(|mine| {
-        let theirs = hi.endpoints.iter().find(|e| e.kind == mine.kind)?;
+    let usable = |e: &&devccl_core::transport::Endpoint| e.cap(registry::DECLINED).is_none();
+    lo.endpoints.iter().filter(usable).find_map(|mine| {
+        let theirs = hi.endpoints.iter().filter(usable).find(|e| e.kind == mine.kind)?;
         // Shared memory needs one kernel and one network namespace (abstract Unix socket
         // names are per namespace): compare what both published.
         let local = ["host", "boot_id", "netns"].iter().all(|k| mine.cap(k).is_some() && mine.cap(k) == theirs.cap(k));
         (mine.kind != TransportKind::Shm || (local && lo.host.same_host(&hi.host))).then_some(mine.kind)
+    })
+}
+
+/// Why the pair (`me`, `peer`) does not use devmem although this rank allows it (`None` when
+/// it does, or when this rank does not allow devmem): this rank's or the peer's refusal (the
+/// kernel's classified answer), or the peer not offering it.
+fn devmem_not_used(table: &PeerTable, me: usize, peer: usize, used: TransportKind) -> Option<String> {
+    if used == TransportKind::Devmem {
+        return None;
+    }
+    let find = |r: usize| table.peers[r].endpoints.iter().find(|e| e.kind == TransportKind::Devmem);
+    let mine = find(me)?;
+    if let Some(why) = mine.cap(registry::DECLINED) {
+        return Some(format!("this rank declined devmem: {why}"));
+    }
+    Some(match find(peer) {
+        None => format!("rank {peer} does not offer devmem (not in its DEVCCL_TRANSPORTS)"),
+        Some(t) => match t.cap(registry::DECLINED) {
+            Some(why) => format!("rank {peer} declined devmem: {why}"),
+            None => format!("rank {peer} prefers {used}"),
+        },
     })
 }
 
@@ -328,7 +364,7 @@ impl Communicator {
             rank,
             world,
             host: HostIdentity::local(),
-            endpoints: offer.transports.iter().map(|t| t.endpoint()).collect(),
+            endpoints: offer.endpoints(),
         };
         let table = link.client.join(req, deadline)?;
         let abort = AbortSignal::new()?;
@@ -567,7 +603,10 @@ impl Communicator {
             } else {
                 t.accept(Rank::from(p), deadline)?
             };
-            tracing::info!(rank = r, peer = p, transport = %kind, "connected");
+            match devmem_not_used(&table, r, p, kind) {
+                None => tracing::info!(rank = r, peer = p, transport = %kind, "connected"),
+                Some(why) => tracing::info!(rank = r, peer = p, transport = %kind, "connected; devmem not used: {why}"),
+            }
             conns[p] = Some(conn);
         }
         let forced = match config.algo.as_deref() {
@@ -575,7 +614,8 @@ impl Communicator {
             None => AlgoOverride::default(),
         };
         let model = LinkModel::from_transports(&transports);
-        let device_reach = conns.iter().map(|c| c.as_ref().is_some_and(|c| c.device_memory())).collect();
+        let device_reach = conns.iter().map(|c| c.as_deref().map(reached_devices).unwrap_or_default()).collect();
+        let peer_kinds = conns.iter().map(|c| c.as_ref().map(|c| c.kind())).collect();
         let exec = Executor::new(rank, world, conns, config.timeout, spin, abort.clone());
         let engine = Engine::new(exec);
         Ok(Communicator {
@@ -592,6 +632,7 @@ impl Communicator {
                 forced,
                 model: std::sync::Mutex::new(model),
                 device_reach,
+                peer_kinds,
                 logged: Default::default(),
                 link: None,
                 _watch: None,
@@ -634,13 +675,27 @@ impl Communicator {
         &self.inner.engine
     }
 
-    /// Diagnostic counters of this rank's transports (e.g. rejected handshakes).
+    /// Diagnostic counters of this rank's transports, `kind.name` (e.g.
+    /// `tcp.rejected_handshakes`, `devmem.rx_fragments`, `devmem.tokens_outstanding`): each
+    /// transport sums over its connections; a name two transports share is summed.
     pub fn transport_counters(&self) -> Vec<(String, u64)> {
-        self.inner
-            .transports
-            .iter()
-            .flat_map(|t| t.counters().into_iter().map(move |(k, v)| (format!("{}.{k}", t.kind()), v)))
-            .collect()
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for t in &self.inner.transports {
+            for (k, v) in t.counters() {
+                let name = format!("{}.{k}", t.kind());
+                match out.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, x)) => *x += v,
+                    None => out.push((name, v)),
+                }
+            }
+        }
+        out
+    }
+
+    /// The kinds of transport the connections to the other ranks use (index = rank; `None`
+    /// for this rank).
+    pub fn peer_transports(&self) -> &[Option<TransportKind>] {
+        &self.inner.peer_kinds
     }
 
     /// Why the communicator is unusable, if it is.

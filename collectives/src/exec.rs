@@ -20,7 +20,8 @@ use devccl_core::device::{Device, Pending, ReduceArgs, Scattered};
 use devccl_core::memory::{DeviceId, Region, RegionSlice};
 use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
 use devccl_core::transport::{
-    Completion, Connection, Interest, PayloadSink, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready,
+    Completion, Connection, Interest, PayloadSink, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, Spill,
+    wait_ready,
 };
 use devccl_core::wire::{CollKind, FrameHeader, FrameType};
 use devccl_core::{DType, Error, Rank, ReduceOp, Result, Seq};
@@ -158,8 +159,9 @@ enum After {
     SlotReduce { slot: usize, peer: usize },
     /// A scattered receive was gathered: return the pool's buffers to the transport, then
     /// either hand the step on (`arrived`: a receive-reduce waiting for its deps, gathered
-    /// into its slot) or complete it.
-    Gathered { peer: usize, req: ReqId, slot: Option<usize>, arrived: bool },
+    /// into its slot) or complete it. `via`: the pool's device gathered into its own staging
+    /// buffer (`Run::via[i]`), which the CPU now copies into the host-memory target.
+    Gathered { peer: usize, req: ReqId, slot: Option<usize>, arrived: bool, via: Option<usize> },
 }
 
 /// A device operation in flight.
@@ -326,6 +328,9 @@ struct Run<'a> {
     done: usize,
     peers: Vec<PeerQueue>,
     peer_list: Vec<usize>,
+    /// Scattered receives gathered by their pool's device into its staging memory, for a
+    /// host-memory target: (that device, the staging buffer, the target).
+    via: Vec<Option<(DeviceId, Region, RegionSlice)>>,
 }
 
 impl Executor {
@@ -754,6 +759,7 @@ impl Executor {
             done: 0,
             peers,
             peer_list,
+            via: Vec::new(),
         };
         for i in 0..n {
             if run.pending[i] == 0 && sched.steps[i].peer().is_none() {
@@ -874,7 +880,12 @@ impl Executor {
                 run.slots_used[peer] -= 1;
                 self.complete(run, s);
             }
-            After::Gathered { peer, req, slot, arrived } => {
+            After::Gathered { peer, req, slot, arrived, via } => {
+                if let Some((dev, temp, target)) = via.and_then(|i| run.via[i].take()) {
+                    let len = target.len();
+                    Region::with_pair(&target, &temp.slice(0..len), |d, s| d.copy_from_slice(s))?;
+                    self.cache.give(dev, true, temp);
+                }
                 self.conns[peer].as_mut().expect("checked").recv_consumed(req)?;
                 if let (Some(k), false) = (slot, arrived) {
                     // Gathered and reduced in one go: the slot was never used.
@@ -1000,8 +1011,9 @@ impl Executor {
                     Some(done) => {
                         run.peers[p].inflight.remove(i);
                         moved = true;
-                        if let Completion::Received { layout: RecvLayout::Scattered { pool, frags }, .. } = done {
-                            self.unpack(run, p, id, s, slot, &pool, &frags)?;
+                        if let Completion::Received { layout: RecvLayout::Scattered { pool, frags, spill }, .. } = done
+                        {
+                            self.unpack(run, p, id, s, slot, &pool, &frags, spill.as_ref())?;
                             continue;
                         }
                         match run.sched.steps[s as usize] {
@@ -1022,9 +1034,17 @@ impl Executor {
         Ok(moved)
     }
 
-    /// A receive that the transport left scattered in its pool (devmem): gather it on the
-    /// device — fused with the reduction when a receive-reduce's operand is ready, else into
-    /// the destination or the slot — and return the pool's buffers once that finished.
+    /// A receive that the transport left scattered in its pool (devmem): gather it — fused
+    /// with the reduction when a receive-reduce's operand is ready and the call's device
+    /// reads the pool, else into the destination or the slot — and return the pool's buffers
+    /// once that finished.
+    ///
+    /// Who gathers: the device that reads the pool and writes the target. The pool's own
+    /// device when the target is its memory (or its staging memory: the call's slots and
+    /// staging buffers belong to the call's device); the host for a host pool and a host
+    /// target; for a device pool and a host target, the pool's device gathers into its own
+    /// staging memory and the CPU copies that into the target. Lowering (`lower.rs`) has
+    /// staged every call on a device the connection does not reach, so no other case occurs.
     #[allow(clippy::too_many_arguments)]
     fn unpack(
         &mut self,
@@ -1035,22 +1055,64 @@ impl Executor {
         slot: Option<usize>,
         pool: &Region,
         frags: &[devccl_core::transport::Fragment],
+        spill: Option<&Spill>,
     ) -> Result<()> {
-        let dev = run.b.device.clone();
-        let src = Scattered { pool, frags };
+        let call_dev = run.b.device.clone();
+        let pool_dev = pool.kind().device().ok_or_else(|| {
+            Error::Internal(format!(
+                "rank {peer} sent into an RX pool of {:?} memory, which no device reads",
+                pool.kind()
+            ))
+        })?;
         let call = &run.calls[run.sched.call(s)];
         let (dtype, op) = (call.dtype, call.op.unwrap_or(ReduceOp::Sum));
-        let (pending, arrived) = match (run.sched.steps[s as usize].clone(), slot) {
-            (StepKind::RecvReduce { dst, base, len, finish, .. }, Some(_)) if run.pending[s as usize] == 0 => {
-                let (d, a) = (run.b.slice(dst, len), run.b.slice(base, len));
-                let fin = finish.then_some(self.world);
-                (dev.gather_reduce(dtype, op, &d, &a, src, fin)?, false)
+        let step = run.sched.steps[s as usize].clone();
+        // Fused gather-and-reduce: fragments read once, straight from the pool.
+        if let (StepKind::RecvReduce { dst, base, len, finish, .. }, Some(_)) = (&step, slot)
+            && run.pending[s as usize] == 0
+            && spill.is_none_or(|x| x.pieces.is_empty())
+            && pool_dev == call_dev.id()
+        {
+            let (d, a) = (run.b.slice(*dst, *len), run.b.slice(*base, *len));
+            let fin = finish.then_some(self.world);
+            let pending = call_dev.gather_reduce(dtype, op, &d, &a, Scattered { pool, frags }, fin)?;
+            return self.queue_local(run, pending, s, After::Gathered { peer, req, slot, arrived: false, via: None });
+        }
+        // Otherwise gather into the target: the slot of a receive-reduce, or the destination.
+        let (target, arrived, call_staging) = match (&step, slot) {
+            (StepKind::RecvReduce { len, .. }, Some(k)) => (self.slots[k].slice(0..*len), true, true),
+            (StepKind::Recv { dst, len, .. }, None) => {
+                (run.b.slice(*dst, *len), false, matches!(dst.buf, crate::schedule::Buf::Staging(_)))
             }
-            (StepKind::RecvReduce { len, .. }, Some(k)) => (dev.gather(&self.slots[k].slice(0..len), src)?, true),
-            (StepKind::Recv { dst, len, .. }, None) => (dev.gather(&run.b.slice(dst, len), src)?, false),
             (other, _) => return Err(Error::Internal(format!("scattered completion for {other:?}"))),
         };
-        self.queue_local(run, pending, s, After::Gathered { peer, req, slot, arrived })
+        let host_target = target.region.kind().is_host();
+        let owner = match target.region.kind().device() {
+            Some(DeviceId::Host) if call_staging => call_dev.id(),
+            Some(d) => d,
+            None => return Err(Error::Internal(format!("receive into {:?} memory", target.region.kind()))),
+        };
+        let after = |via| After::Gathered { peer, req, slot, arrived, via };
+        if owner == pool_dev || (host_target && pool_dev.is_host()) {
+            // The pool's device into its own memory; else the CPU, host pool to host target.
+            let gatherer = if owner == pool_dev { pool_dev } else { DeviceId::Host };
+            let dev = if gatherer == call_dev.id() { call_dev } else { devccl_device::open(gatherer)? };
+            let pending = devccl_core::scatter::gather(&*dev, &target, pool, frags, spill)?;
+            return self.queue_local(run, pending, s, after(None));
+        }
+        if host_target {
+            let dev = devccl_device::open(pool_dev)?;
+            let temp = self.cache.take(&*dev, true, target.len())?;
+            let pending = devccl_core::scatter::gather(&*dev, &temp.slice(0..target.len()), pool, frags, spill)?;
+            run.via.push(Some((pool_dev, temp, target)));
+            let i = run.via.len() - 1;
+            return self.queue_local(run, pending, s, after(Some(i)));
+        }
+        Err(Error::Internal(format!(
+            "rank {} cannot gather a receive from rank {peer}: its RX pool is on {pool_dev}, the destination on \
+             {owner} (the schedule should have been staged)",
+            self.rank
+        )))
     }
 
     fn complete(&self, run: &mut Run<'_>, s: StepId) {

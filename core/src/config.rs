@@ -115,6 +115,81 @@ pub const VARIABLES: &[Variable] = &[
         default: "0",
         doc: "1: stream-ordered collectives hold the caller's CUDA stream with a host function instead of cuStreamWaitValue32 (for drivers without stream memory operations; chosen automatically when the device lacks them).",
     },
+    Variable {
+        name: "DEVCCL_DEVMEM",
+        default: "real",
+        doc: "Which kernel the devmem transport talks to: `real` (Linux devmem TCP through netlink and socket options; refused with the kernel's classified reason where the NIC cannot do it) or `sim` (the simulated kernel: payload over real loopback TCP, placed in the RX pool as the kernel would, with tokens and TX completions; for CI, tests and `devccl bench`).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_POOL",
+        default: "(cuda:0, else host)",
+        doc: "Device of the devmem RX pool: host, cuda[:N] or vulkan[:N]. Default: cuda:0 when a CUDA device opens, else host. Calls on that device (and on the host) receive without staging; calls on other devices are staged.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_POOL_BYTES",
+        default: "(windows x sockets)",
+        doc: "Size of the devmem RX pool (one per process and NIC; K/M/G suffixes). Default: the TCP receive window maximum (net.ipv4.tcp_rmem) times the data sockets of all peers, plus 4 MiB per bound queue, at least 16 MiB and at most 1 GiB, in whole 2 MiB.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_IFNAME",
+        default: "(the data interface)",
+        doc: "Interface whose RX queues the devmem pool is bound to. Default: the interface of the address the data sockets use (DEVCCL_SOCKET_IFNAME or the route to the rendezvous).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_QUEUES",
+        default: "(last RX queue)",
+        doc: "RX queues to bind the pool to and steer devmem flows to: a comma list or range (`8-15`). Default: the interface's last RX queue (keep it out of RSS: `ethtool -X <if> equal N`).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_LINEAR_SPILL",
+        default: "0.02",
+        doc: "Simulated kernel: fraction (0 to 1) of packets the simulated NIC does not header-split; their payload is delivered as SCM_DEVMEM_LINEAR bytes instead of pool fragments (1: the whole stream spills).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_SEED",
+        default: "0x5eed",
+        doc: "Simulated kernel: seed of its choices (where fragments land in the pool, their sizes, which packets spill), for reproducible runs. Decimal or 0x hex.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_FRAG_SIZING",
+        default: "mixed",
+        doc: "Simulated kernel: how payload is cut into fragments: `mss` (one per 1448-byte packet, packed into 4 KiB niovs at sub-page offsets), `page` (whole niovs), `mixed` (a seeded mix of both and random sizes).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_NIOV_SIZE",
+        default: "4096",
+        doc: "Simulated kernel: RX pool page (niov) size, a power of two of at least 4096 (larger ones model the post-6.18 rx-page-size).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_MSS",
+        default: "1448",
+        doc: "Simulated kernel: packet payload size, 1 to the niov size.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_ON_EXHAUSTION",
+        default: "backpressure",
+        doc: "Simulated kernel: what the NIC does when the RX pool has no free niov: `backpressure` (the flow waits, as hardware makes it) or `linear` (the packet spills into host memory instead).",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_RX_QUEUES",
+        default: "16",
+        doc: "Simulated kernel: RX queues of every simulated NIC.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_MAX_FRAGS_PER_SKB",
+        default: "17",
+        doc: "Simulated kernel: most fragments per simulated skb (the kernel's MAX_SKB_FRAGS), 1 to 64.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_COMPLETE_ON_ACK",
+        default: "1",
+        doc: "Simulated kernel: 1 reports a zero-copy send complete once the peer acknowledged its bytes (as the kernel does), 0 at the next error-queue read.",
+    },
+    Variable {
+        name: "DEVCCL_DEVMEM_SIM_REQUIRE_CAP_NET_ADMIN",
+        default: "0",
+        doc: "Simulated kernel: 1 refuses bind-rx without CAP_NET_ADMIN (EPERM), as Linux 6.18 does.",
+    },
     Variable { name: "MASTER_ADDR", default: "127.0.0.1", doc: "torchrun convention: rendezvous host." },
     Variable {
         name: "MASTER_PORT",
@@ -228,6 +303,182 @@ pub struct Config {
     pub reduce_threads: Option<usize>,
     /// Staging slots per peer and direction for device buffers.
     pub staging_slots: usize,
+    /// The devmem transport's settings.
+    pub devmem: DevmemConfig,
+}
+
+/// Which kernel the devmem transport talks to (`DEVCCL_DEVMEM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevmemKernelKind {
+    /// Linux, through netlink and socket options.
+    #[default]
+    Real,
+    /// The simulated kernel (CI, tests, benchmarks without a devmem NIC).
+    Sim,
+}
+
+impl DevmemKernelKind {
+    /// `real` or `sim`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DevmemKernelKind::Real => "real",
+            DevmemKernelKind::Sim => "sim",
+        }
+    }
+}
+
+/// The devmem transport's settings (`DEVCCL_DEVMEM*`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DevmemConfig {
+    /// Real or simulated kernel.
+    pub kernel: DevmemKernelKind,
+    /// The RX pool's device; `None`: cuda:0 when one opens, else the host.
+    pub pool: Option<crate::memory::DeviceId>,
+    /// The RX pool's size; `None`: from the socket windows (see `DEVCCL_DEVMEM_POOL_BYTES`).
+    pub pool_bytes: Option<usize>,
+    /// Interface to bind; `None`: the data interface.
+    pub ifname: Option<String>,
+    /// RX queues to bind; `None`: the interface's last RX queue.
+    pub queues: Option<Vec<u32>>,
+    /// The simulated kernel's knobs.
+    pub sim: SimConfig,
+}
+
+/// The simulated kernel's knobs (`DEVCCL_DEVMEM_SIM_*`); `None`: the simulator's default.
+/// They map one to one onto `devccl_transport_devmem::sim::SimOptions`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SimConfig {
+    /// Fraction of packets delivered as linear spills.
+    pub linear_spill: Option<f64>,
+    /// Seed of its choices.
+    pub seed: Option<u64>,
+    /// `mss`, `page` or `mixed`.
+    pub frag_sizing: Option<String>,
+    /// niov size.
+    pub niov_size: Option<u32>,
+    /// Packet payload size.
+    pub mss: Option<u32>,
+    /// `backpressure` or `linear`.
+    pub on_exhaustion: Option<String>,
+    /// RX queues per simulated NIC.
+    pub rx_queues: Option<u32>,
+    /// Fragments per simulated skb.
+    pub max_frags_per_skb: Option<u32>,
+    /// Completions after the peer's acknowledgement.
+    pub complete_on_ack: Option<bool>,
+    /// Refuse bind-rx without CAP_NET_ADMIN.
+    pub require_cap_net_admin: Option<bool>,
+}
+
+impl SimConfig {
+    fn from(env: &Env) -> Result<SimConfig> {
+        let flag = |name: &str| -> Result<Option<bool>> {
+            match env.get(name).as_deref().map(str::trim) {
+                None => Ok(None),
+                Some("1" | "true" | "yes") => Ok(Some(true)),
+                Some("0" | "false" | "no") => Ok(Some(false)),
+                Some(v) => Err(Error::usage(format!("{name}={v:?}: expected 0 or 1"))),
+            }
+        };
+        let word = |name: &str, allowed: &[&str]| -> Result<Option<String>> {
+            match env.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+                None => Ok(None),
+                Some(v) if allowed.contains(&v.as_str()) => Ok(Some(v)),
+                Some(v) => Err(Error::usage(format!("{name}={v:?}: expected one of {}", allowed.join(", ")))),
+            }
+        };
+        let linear_spill: Option<f64> = env.parse("DEVCCL_DEVMEM_SIM_LINEAR_SPILL", "a fraction")?;
+        if let Some(f) = linear_spill
+            && !(0.0..=1.0).contains(&f)
+        {
+            return Err(Error::usage(format!("DEVCCL_DEVMEM_SIM_LINEAR_SPILL={f} must be between 0 and 1")));
+        }
+        let seed = match env.get("DEVCCL_DEVMEM_SIM_SEED") {
+            None => None,
+            Some(v) => {
+                let t = v.trim();
+                let n = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                    Some(h) => u64::from_str_radix(h, 16).ok(),
+                    None => t.parse().ok(),
+                };
+                Some(n.ok_or_else(|| Error::usage(format!("DEVCCL_DEVMEM_SIM_SEED={v:?} is not an integer")))?)
+            }
+        };
+        Ok(SimConfig {
+            linear_spill,
+            seed,
+            frag_sizing: word("DEVCCL_DEVMEM_SIM_FRAG_SIZING", &["mss", "page", "mixed"])?,
+            niov_size: env.parse("DEVCCL_DEVMEM_SIM_NIOV_SIZE", "a size in bytes")?,
+            mss: env.parse("DEVCCL_DEVMEM_SIM_MSS", "a size in bytes")?,
+            on_exhaustion: word("DEVCCL_DEVMEM_SIM_ON_EXHAUSTION", &["backpressure", "linear"])?,
+            rx_queues: env.parse("DEVCCL_DEVMEM_SIM_RX_QUEUES", "a number of queues")?,
+            max_frags_per_skb: env.parse("DEVCCL_DEVMEM_SIM_MAX_FRAGS_PER_SKB", "a number")?,
+            complete_on_ack: flag("DEVCCL_DEVMEM_SIM_COMPLETE_ON_ACK")?,
+            require_cap_net_admin: flag("DEVCCL_DEVMEM_SIM_REQUIRE_CAP_NET_ADMIN")?,
+        })
+    }
+}
+
+impl DevmemConfig {
+    /// Read from an [`Env`].
+    pub fn from(env: &Env) -> Result<DevmemConfig> {
+        let kernel = match env.get("DEVCCL_DEVMEM").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("real") => DevmemKernelKind::Real,
+            Some("sim" | "simulated") => DevmemKernelKind::Sim,
+            Some(v) => return Err(Error::usage(format!("DEVCCL_DEVMEM={v:?}: expected real or sim"))),
+        };
+        let pool = match env.get("DEVCCL_DEVMEM_POOL") {
+            None => None,
+            Some(v) => Some(
+                v.parse::<crate::memory::DeviceId>()
+                    .map_err(|e| Error::usage(format!("DEVCCL_DEVMEM_POOL={v:?}: {e}")))?,
+            ),
+        };
+        let pool_bytes = match env.get("DEVCCL_DEVMEM_POOL_BYTES") {
+            None => None,
+            Some(v) => {
+                let n = parse_size(&v)
+                    .ok_or_else(|| Error::usage(format!("DEVCCL_DEVMEM_POOL_BYTES={v:?} is not a size")))?;
+                if !(4096..=(64u64 << 30)).contains(&n) {
+                    return Err(Error::usage(format!("DEVCCL_DEVMEM_POOL_BYTES={v} must be between 4K and 64G")));
+                }
+                Some(n as usize)
+            }
+        };
+        let queues = match env.get("DEVCCL_DEVMEM_QUEUES") {
+            None => None,
+            Some(v) => Some(parse_queues(&v).ok_or_else(|| {
+                Error::usage(format!("DEVCCL_DEVMEM_QUEUES={v:?}: expected a list like 0 or 8-15,20"))
+            })?),
+        };
+        Ok(DevmemConfig {
+            kernel,
+            pool,
+            pool_bytes,
+            ifname: env.get("DEVCCL_DEVMEM_IFNAME"),
+            queues,
+            sim: SimConfig::from(env)?,
+        })
+    }
+}
+
+/// Parse a queue list: `3`, `0,2`, `8-15,20`. `None` when malformed or empty.
+pub fn parse_queues(s: &str) -> Option<Vec<u32>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if a > b || b - a > 4096 {
+                    return None;
+                }
+                v.extend(a..=b);
+            }
+            None => v.push(part.parse().ok()?),
+        }
+    }
+    v.dedup();
+    (!v.is_empty()).then_some(v)
 }
 
 /// Process-wide device settings (devices are shared by every communicator of a process).
@@ -293,6 +544,7 @@ impl Default for Config {
             spin: None,
             reduce_threads: None,
             staging_slots: 8,
+            devmem: DevmemConfig::default(),
         }
     }
 }
@@ -370,6 +622,7 @@ impl Config {
             spin,
             reduce_threads: env.parse("DEVCCL_REDUCE_THREADS", "an integer")?,
             staging_slots,
+            devmem: DevmemConfig::from(env)?,
         })
     }
 }
@@ -502,6 +755,13 @@ mod tests {
             ("DEVCCL_TRANSPORTS", "rdma"),
             ("DEVCCL_CHUNK", "12X"),
             ("DEVCCL_SOCKET_FAMILY", "ipx"),
+            ("DEVCCL_DEVMEM", "fake"),
+            ("DEVCCL_DEVMEM_POOL", "tpu"),
+            ("DEVCCL_DEVMEM_POOL_BYTES", "1"),
+            ("DEVCCL_DEVMEM_QUEUES", "3-1"),
+            ("DEVCCL_DEVMEM_SIM_LINEAR_SPILL", "1.5"),
+            ("DEVCCL_DEVMEM_SIM_FRAG_SIZING", "huge"),
+            ("DEVCCL_DEVMEM_SIM_COMPLETE_ON_ACK", "maybe"),
         ] {
             let e = Config::from(&env(&[(k, v)])).unwrap_err().to_string();
             assert!(e.contains(k), "{e}");
@@ -531,6 +791,30 @@ mod tests {
         assert_eq!((s.launcher, s.local_world, s.rendezvous.as_str()), (Launcher::Slurm, Some(4), "h:9"));
         assert!(LaunchEnv::from(&env(&[("RANK", "4"), ("WORLD_SIZE", "4")])).is_err());
         assert!(LaunchEnv::from(&env(&[("OMPI_COMM_WORLD_RANK", "0")])).is_err());
+    }
+
+    #[test]
+    fn devmem_settings() {
+        let d = Config::from(&env(&[])).unwrap().devmem;
+        assert_eq!((d.kernel, d.pool, d.pool_bytes, d.queues), (DevmemKernelKind::Real, None, None, None));
+        assert_eq!(d.sim, SimConfig::default());
+        let d = Config::from(&env(&[
+            ("DEVCCL_DEVMEM", "sim"),
+            ("DEVCCL_DEVMEM_POOL", "vulkan"),
+            ("DEVCCL_DEVMEM_POOL_BYTES", "64M"),
+            ("DEVCCL_DEVMEM_QUEUES", "8-10,3"),
+            ("DEVCCL_DEVMEM_SIM_LINEAR_SPILL", "1"),
+            ("DEVCCL_DEVMEM_SIM_SEED", "0x10"),
+            ("DEVCCL_DEVMEM_SIM_FRAG_SIZING", "Page"),
+            ("DEVCCL_DEVMEM_SIM_COMPLETE_ON_ACK", "0"),
+        ]))
+        .unwrap()
+        .devmem;
+        assert_eq!(d.kernel, DevmemKernelKind::Sim);
+        assert_eq!(d.pool, Some(crate::memory::DeviceId::Vulkan(0)));
+        assert_eq!((d.pool_bytes, d.queues.as_deref()), (Some(64 << 20), Some(&[8, 9, 10, 3][..])));
+        assert_eq!((d.sim.linear_spill, d.sim.seed, d.sim.frag_sizing.as_deref()), (Some(1.0), Some(16), Some("page")));
+        assert_eq!(d.sim.complete_on_ack, Some(false));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   tested like transport requests) and the host device.
 //! - [`transport`]: the transport contract every transport implements (DESIGN §4);
 //!   [`conn_state`]: the request bookkeeping connections share; [`handshake`]: the
-//!   connection handshake of stream transports.
+//!   connection handshake of stream transports; [`listen`]: the listening side they share.
+//! - [`scatter`]: gathering a scattered (devmem) receive into its destination on a device.
 //! - [`wire`]: the one wire codec (frame headers, handshake messages).
 //! - [`config`]: the one place that reads `DEVCCL_*` and launcher variables.
 //! - [`bootstrap`]: the gRPC rendezvous (server and client).
@@ -22,8 +23,10 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod handshake;
+pub mod listen;
 pub mod memory;
 pub mod op;
+pub mod scatter;
 pub mod transport;
 pub mod types;
 pub mod wire;

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crate::auth::AuthKey;
 use crate::error::{Error, Result};
-use crate::memory::{MemKind, Region, RegionSlice};
+use crate::memory::{DeviceId, MemKind, Region, RegionSlice};
 use crate::types::{CommId, Rank, Seq};
 use crate::wire::FrameHeader;
 
@@ -160,6 +160,19 @@ pub struct Fragment {
     pub dst_off: u64,
 }
 
+/// Payload bytes of a scattered receive that did not land in the RX pool: devmem's linear
+/// spills (`SCM_DEVMEM_LINEAR`: the NIC did not split them off into device memory) and the
+/// bytes of a flow that was not steered to a bound queue. The transport copied them into
+/// `region`, host memory the pool's device reads directly (its staging memory), where they
+/// stay until `recv_consumed`.
+#[derive(Debug, Clone)]
+pub struct Spill {
+    /// Where the spilled bytes are.
+    pub region: Region,
+    /// Pieces: `src_off` in `region`, `dst_off` in the destination.
+    pub pieces: Vec<Fragment>,
+}
+
 /// Where a received payload is.
 #[derive(Debug, Clone)]
 pub enum RecvLayout {
@@ -169,8 +182,11 @@ pub enum RecvLayout {
     Scattered {
         /// The RX pool region.
         pool: Region,
-        /// The fragments, covering the destination exactly once.
+        /// The fragments in the pool. With `spill`'s pieces they cover the destination
+        /// exactly once; without a spill, the fragments alone do.
         frags: Vec<Fragment>,
+        /// Bytes that did not land in the pool, if any.
+        spill: Option<Spill>,
     },
 }
 
@@ -213,6 +229,18 @@ pub enum Interest {
     Write,
     /// Either.
     Both,
+}
+
+impl Interest {
+    /// Readability, writability, both, or nothing to wait for (`None`).
+    pub fn of(read: bool, write: bool) -> Option<Interest> {
+        match (read, write) {
+            (true, true) => Some(Interest::Both),
+            (true, false) => Some(Interest::Read),
+            (false, true) => Some(Interest::Write),
+            (false, false) => None,
+        }
+    }
 }
 
 /// A registered memory handle (device memory, dma-bufs).
@@ -263,11 +291,13 @@ pub trait Connection: Send + fmt::Debug {
     fn isend(&mut self, req: SendRequest) -> Result<Option<ReqId>>;
     /// Post a receive. `Ok(None)`: queue full, try again after progress.
     fn irecv(&mut self, req: RecvRequest) -> Result<Option<ReqId>>;
-    /// True when requests may name device memory (CUDA, Vulkan, dma-buf) directly. When
-    /// false (TCP, shared memory) the executor stages device buffers through pinned host
-    /// slots (see `devccl::lower`).
-    fn device_memory(&self) -> bool {
-        false
+    /// True when requests may name memory of `device` directly: sends read it and scattered
+    /// receives into it are gathered by that device. Host memory always; TCP and shared
+    /// memory nothing else; devmem also its RX pool's device (when that device's memory can
+    /// be sent from). For a device it does not reach, the executor stages the call's buffers
+    /// through pinned host slots (see `devccl::lower`).
+    fn reaches(&self, device: DeviceId) -> bool {
+        device.is_host()
     }
     /// True when [`Connection::irecv_sink`] is supported.
     fn accepts_sinks(&self) -> bool {

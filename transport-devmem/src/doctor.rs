@@ -33,6 +33,62 @@ pub struct DoctorReport {
     pub interfaces: Vec<ProbeReport>,
     /// Interfaces where devmem is usable.
     pub usable: Vec<String>,
+    /// What the devmem transport would do in this process with the current `DEVCCL_*`
+    /// settings (filled by `devccl doctor`, which can create the transport).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportCheck>,
+}
+
+/// The devmem transport's decision for this process, as the registry makes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransportCheck {
+    /// `DEVCCL_DEVMEM`: `real` or `sim`.
+    pub kernel: String,
+    /// `DEVCCL_TRANSPORTS`.
+    pub transports: String,
+    /// True when the transport was created (its RX pool bound).
+    pub ready: bool,
+    /// One line: what it is (`devmem (sim kernel) lo 2 lanes, 16 MiB RX pool on host`) or why
+    /// it declined (the kernel's classified answer and the fix).
+    pub detail: String,
+    /// Interface and RX queues it binds.
+    pub interface: String,
+    pub queues: Vec<u32>,
+    /// The commands an operator runs on a devmem-capable NIC for this interface and these
+    /// queues.
+    pub operator_steps: Vec<String>,
+}
+
+/// What an operator runs once per node so devmem can serve `ifname`'s RX `queues`: header
+/// split with threshold 0, ntuple filters, RSS kept off the devmem queues, and (per flow,
+/// which devccl installs itself when it holds `CAP_NET_ADMIN`) a steering rule.
+pub fn operator_steps(ifname: &str, queues: &[u32]) -> Vec<String> {
+    let first = queues.iter().copied().min().unwrap_or(0);
+    let q = queues.first().copied().unwrap_or(0);
+    let rss = if first > 0 {
+        format!(
+            "ethtool -X {ifname} equal {first}                    # RSS: ordinary traffic on queues 0..{}",
+            first - 1
+        )
+    } else {
+        format!(
+            "ethtool -X {ifname} equal <N>                  # RSS on queues 0..N-1 only; then DEVCCL_DEVMEM_QUEUES=N.. \
+             (queue 0 carries ordinary traffic: `ethtool -l {ifname}` shows the queue count)"
+        )
+    };
+    vec![
+        format!("ethtool -G {ifname} tcp-data-split on          # header split: payload to the dma-buf"),
+        format!("ethtool -G {ifname} hds-thresh 0               # every payload byte (Linux 6.14+)"),
+        format!("ethtool -K {ifname} ntuple on                  # flow steering"),
+        rss,
+        format!(
+            "ethtool -N {ifname} flow-type tcp4 src-ip <peer> dst-ip <this host> src-port <peer port> dst-port <local \
+             port> action {q}   # per data socket; devccl installs these itself with CAP_NET_ADMIN"
+        ),
+        "setcap cap_net_admin+ep $(command -v devccl)   # bind-rx and steering need CAP_NET_ADMIN (or a privileged \
+         helper)"
+            .into(),
+    ]
 }
 
 /// Build the report with default probe options (placeholder fds: nothing is bound, no queue
@@ -95,6 +151,7 @@ pub fn report_with(opts: &ProbeOptions) -> DoctorReport {
         dmabuf_sources: sources,
         interfaces,
         usable,
+        transport: None,
     }
 }
 
@@ -147,9 +204,29 @@ impl fmt::Display for DoctorReport {
         }
         writeln!(f)?;
         if self.usable.is_empty() {
-            write!(f, "devmem TCP is usable on no interface: devccl will use its fallback transports")
+            write!(f, "devmem TCP is usable on no interface: devccl will use its fallback transports")?;
         } else {
-            write!(f, "devmem TCP is usable on: {}", self.usable.join(", "))
+            write!(f, "devmem TCP is usable on: {}", self.usable.join(", "))?;
         }
+        if let Some(t) = &self.transport {
+            writeln!(f)?;
+            writeln!(f)?;
+            writeln!(f, "devmem transport (DEVCCL_DEVMEM={}, DEVCCL_TRANSPORTS={}):", t.kernel, t.transports)?;
+            writeln!(f, "  {} {}", if t.ready { "[ok ]" } else { "[NO ]" }, t.detail)?;
+            writeln!(
+                f,
+                "  per peer: a pair of ranks uses devmem only when both offer it; otherwise it falls back (staged) to \
+                 shm or tcp, and DEVCCL_DEBUG=info says why in that pair's \"connected\" line"
+            )?;
+            writeln!(f, "  operator steps on a devmem NIC for {} (RX queues {:?}):", t.interface, t.queues)?;
+            for (i, s) in t.operator_steps.iter().enumerate() {
+                if i + 1 < t.operator_steps.len() {
+                    writeln!(f, "    {s}")?;
+                } else {
+                    write!(f, "    {s}")?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::sys::errno_name;
 use crate::sys::netlink::Extack;
+use crate::sys::ntuple::SteerRefusal;
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -94,6 +95,20 @@ pub enum Error {
         name: String,
     },
 
+    /// Fault: the system. The kernel refused a flow-steering (ntuple) rule. `command` is the
+    /// `ethtool -N` line that installs it, for an operator with `CAP_NET_ADMIN` to run.
+    #[error("steering on {iface} refused: {}: {}; run instead: {command}", ErrnoDisplay(*errno), refusal.reason())]
+    Steering {
+        /// Interface the rule was for.
+        iface: String,
+        /// Positive errno of the `SIOCETHTOOL` ioctl.
+        errno: i32,
+        /// The errno classified.
+        refusal: SteerRefusal,
+        /// The equivalent `ethtool -N <if> flow-type ... action <queue>` command.
+        command: String,
+    },
+
     /// Fault: internal. A kernel reply this crate could not decode.
     #[error("malformed kernel reply to {op} on {iface}: {what}")]
     Malformed {
@@ -111,7 +126,9 @@ impl Error {
     pub fn fault(&self) -> Fault {
         match self {
             Error::InvalidUsage { .. } => Fault::Caller,
-            Error::Kernel { .. } | Error::Os { .. } | Error::Unsupported { .. } => Fault::System,
+            Error::Kernel { .. } | Error::Os { .. } | Error::Unsupported { .. } | Error::Steering { .. } => {
+                Fault::System
+            }
             Error::Cuda { .. } => Fault::System,
             Error::Timeout { .. } => Fault::Timeout,
             Error::Malformed { .. } => Fault::Internal,
@@ -121,7 +138,7 @@ impl Error {
     /// The positive errno, for kernel and OS errors.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Kernel { errno, .. } => Some(*errno),
+            Error::Kernel { errno, .. } | Error::Steering { errno, .. } => Some(*errno),
             Error::Os { source, .. } => source.raw_os_error(),
             _ => None,
         }

@@ -1,4 +1,4 @@
-//! devccl devmem-TCP kernel layer.
+//! devccl devmem-TCP: the transport and the kernel layer under it.
 //!
 //! Everything devccl needs from the Linux kernel to move tensors with device-memory TCP
 //! (see `docs/devmem.md` and `shared/reference/devmem-uapi.md`):
@@ -10,10 +10,14 @@
 //!   `SCM_DEVMEM_DMABUF` cmsg, `SO_DEVMEM_DONTNEED` token batching, zerocopy completions);
 //! * [`dmabuf`]: dma-buf sources (CUDA through cudarc, udmabuf) behind one trait;
 //! * [`probe`]: why devmem is or is not usable on an interface, with the operator's fix;
+//! * [`seam`]: the kernel calls the devmem transport makes, implemented by the real kernel
+//!   ([`seam::real`]) and by a simulated Linux 6.18 with a simulated devmem NIC ([`sim`]);
+//! * [`transport`]: the devmem [`Transport`](devccl_core::transport::Transport) above the
+//!   seam (RX pool, scattered receives, token return, TX bindings, counters);
 //! * [`doctor`]: the `devccl doctor` report.
 //!
-//! Unsafe code lives only in `sys/` and in the dma-buf source modules; every block carries a
-//! `// SAFETY:` comment.
+//! Unsafe code lives only in `sys/`, in the dma-buf source modules and in the simulator's
+//! memory mappings (`sim/mmap.rs`); every block carries a `// SAFETY:` comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod dmabuf;
@@ -21,7 +25,9 @@ pub mod doctor;
 mod error;
 pub mod probe;
 pub mod seam;
+pub mod sim;
 pub mod sys;
+pub mod transport;
 
 pub use error::{Error, Fault, Result};
 pub use sys::netlink::{Extack, PolicyDesc};

@@ -11,12 +11,37 @@
 //! x86-64), `dontneed` takes an array of `struct dmabuf_token`, `read_errqueue` fills
 //! `control` with `IP_RECVERR`/`IPV6_RECVERR` cmsgs (`struct sock_extended_err`, zerocopy
 //! origin). Decode and encode them with [`crate::sys::cmsg`].
+//!
+//! Implementations: [`real::RealKernel`] and [`crate::sim::SimKernel`].
+//!
+//! Sizing the buffers (both implementations answer alike):
+//! * `recvmsg_devmem`'s `linear` is the `iovec` of the `recvmsg`, and its length is the call's
+//!   `len`: the most stream bytes one call consumes, device fragments included (they count
+//!   against `len` although the kernel copies none of their bytes). Linear spills are copied
+//!   into it. An empty `linear` makes the kernel return 0 with data pending, which reads as
+//!   end of stream: always pass a non-empty one.
+//! * `control` needs [`RX_CMSG_SPACE`] bytes per fragment. Smaller than one cmsg: `ETOOSMALL`
+//!   (errno 525) when nothing was reported yet, else a short return (the rest stays queued).
+//! * `read_errqueue` delivers one notification per call; give it at least
+//!   [`ERRQUEUE_CONTROL_LEN`] bytes (a smaller buffer truncates the cmsg and the notification
+//!   is consumed anyway).
+
+pub mod real;
 
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
 
 use crate::error::Result;
+use crate::sys::cmsg::{DmabufCmsg, cmsg_space};
+
+/// Control bytes one RX fragment takes (`CMSG_SPACE(sizeof(struct dmabuf_cmsg))`, 40 on
+/// 64-bit): size `control` as a multiple of it.
+pub const RX_CMSG_SPACE: usize = cmsg_space(DmabufCmsg::SIZE);
+
+/// Control bytes one zerocopy completion takes: `CMSG_SPACE(sizeof(struct sock_extended_err)
+/// + sizeof(struct sockaddr_in6))` = 64 for IPv6 sockets (48 for IPv4).
+pub const ERRQUEUE_CONTROL_LEN: usize = cmsg_space(16 + 28);
 
 /// A binding made through the seam (RX pool or TX buffer). Dropping it unbinds (the kernel
 /// tears a binding down when the netlink socket that made it closes).
@@ -50,12 +75,18 @@ pub trait DevmemKernel: Send + Sync + fmt::Debug {
     /// must run instead).
     fn steer(&self, ifindex: u32, sock: BorrowedFd<'_>, queue: u32) -> Result<Box<dyn KernelSteering>>;
 
-    /// Prepare a connected TCP socket for devmem: `SO_ZEROCOPY` on (TX needs it).
-    fn setup_socket(&self, sock: BorrowedFd<'_>) -> io::Result<()>;
+    /// Prepare a connected TCP socket for devmem: `SO_ZEROCOPY` on (TX needs it). The same
+    /// system call for every implementation (the simulator's sockets are real sockets).
+    fn setup_socket(&self, sock: BorrowedFd<'_>) -> io::Result<()> {
+        crate::sys::sock::set_zerocopy(sock, true)
+    }
 
     /// `recvmsg(sock, {linear}, control, MSG_SOCK_DEVMEM | MSG_DONTWAIT)`: returns (bytes of the
-    /// stream consumed, bytes of `control` written). `Ok((0, 0))` is end of stream.
-    fn recvmsg_devmem(&self, sock: BorrowedFd<'_>, linear: &mut [u8], control: &mut [u8]) -> io::Result<(usize, usize)>;
+    /// stream consumed, bytes of `control` written). `Ok((0, 0))` is end of stream;
+    /// `WouldBlock`: nothing to report now (the simulator also answers it while its RX pool
+    /// has no free niov: return tokens). No cmsg at all means ordinary data in `linear`.
+    fn recvmsg_devmem(&self, sock: BorrowedFd<'_>, linear: &mut [u8], control: &mut [u8])
+    -> io::Result<(usize, usize)>;
 
     /// `setsockopt(sock, SOL_SOCKET, SO_DEVMEM_DONTNEED, tokens)` (`tokens`: encoded
     /// `struct dmabuf_token`s): the number of fragments freed.

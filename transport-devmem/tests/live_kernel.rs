@@ -13,6 +13,8 @@ use devccl_transport_devmem::Error;
 use devccl_transport_devmem::dmabuf::{self, CudaSource, UdmabufSource, cuda};
 use devccl_transport_devmem::doctor;
 use devccl_transport_devmem::probe::{self, FdKind, ProbeOptions, Verdict};
+use devccl_transport_devmem::seam::DevmemKernel;
+use devccl_transport_devmem::seam::real::RealKernel;
 use devccl_transport_devmem::sys::cmsg::{
     self, DevmemRange, DmabufToken, ErrqueueEntry, MSG_ZEROCOPY, SCM_DEVMEM_DMABUF, SOL_SOCKET, TokenBatcher,
 };
@@ -316,6 +318,7 @@ fn unprivileged_bind_rx_is_no_permission() {
     assert!(text.contains("CHILD bind-rx verdict no-permission"), "{text}");
     assert!(text.contains("CHILD bind-tx verdict no-netmem-tx"), "{text}");
     assert!(text.contains("CHILD dev-get ok"), "{text}");
+    assert!(text.contains("CHILD steering refused: no-permission"), "{text}");
 }
 
 #[test]
@@ -334,6 +337,13 @@ fn unprivileged_child() {
     let devs = nd.devices().unwrap();
     assert!(!devs.is_empty());
     println!("CHILD dev-get ok ({} devices)", devs.len());
+    // An ntuple rule needs CAP_NET_ADMIN: EPERM, with the command for the operator.
+    let (_c, s) = tcp_pair();
+    let e = RealKernel::from_netdev(nd).steer(1, s.as_fd(), 0).unwrap_err();
+    assert_eq!(e.errno(), Some(errno::EPERM), "{e}");
+    let Error::Steering { refusal, command, .. } = &e else { panic!("{e}") };
+    assert!(command.starts_with("ethtool -N lo flow-type tcp4 "), "{command}");
+    println!("CHILD steering refused: {refusal}");
 }
 
 #[test]

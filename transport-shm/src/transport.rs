@@ -4,12 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devccl_core::config::Config;
+use devccl_core::listen::Listening;
 use devccl_core::transport::{CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind};
 use devccl_core::wire::{Hello, Verdict, VerdictStatus};
 use devccl_core::{Error, Rank, Result, auth};
@@ -101,10 +100,6 @@ impl ShmOptions {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Debug, Default)]
 struct Arrivals {
     /// Ranks whose Hello was accepted and whose setup is in progress.
@@ -116,45 +111,7 @@ struct Arrivals {
 }
 
 /// State shared by the transport, its acceptor thread and the handshake threads.
-#[derive(Debug)]
-struct Shared {
-    ctx: Mutex<Option<CommContext>>,
-    ctx_cv: Condvar,
-    arrivals: Mutex<Arrivals>,
-    arrivals_cv: Condvar,
-    rejected: AtomicU64,
-    closed: AtomicBool,
-    handshakes: AtomicUsize,
-    /// Written by `close` to wake the acceptor out of `poll`.
-    wake: EventFd,
-    /// The published address (`unix:@devccl-...`).
-    address: String,
-    handshake_timeout: Duration,
-    activation_timeout: Duration,
-}
-
-impl Shared {
-    fn reject(&self, reason: &str) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(listener = %self.address, "rejected incoming shm connection: {reason}");
-    }
-
-    /// Wait (bounded) until the transport is activated; `None` on timeout or close.
-    fn wait_ctx(&self) -> Option<CommContext> {
-        let deadline = Instant::now() + self.activation_timeout;
-        let mut g = lock(&self.ctx);
-        loop {
-            if let Some(c) = g.as_ref() {
-                return Some(c.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline || self.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            g = self.ctx_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
-    }
-}
+type Shared = Listening<Arrivals>;
 
 /// Where this process runs, as far as shared memory cares: two processes can share memory
 /// over an abstract socket only on the same kernel (host name and boot id) and in the same
@@ -185,9 +142,10 @@ impl Locality {
 #[derive(Debug)]
 pub struct ShmTransport {
     shared: Arc<Shared>,
+    /// The published address (`unix:@devccl-...`).
+    address: String,
     opts: ShmOptions,
     here: Locality,
-    acceptor: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Bind a listener on a fresh random abstract name.
@@ -215,51 +173,33 @@ impl ShmTransport {
         check_ring_size(opts.ring_bytes).map_err(|e| Error::usage(format!("shm transport: {e}")))?;
         let (listener, name) = bind_abstract()?;
         listener.set_nonblocking(true).map_err(|e| Error::system("configure shm listener", e))?;
-        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| Error::system("eventfd", e.into()))?;
-        let shared = Arc::new(Shared {
-            ctx: Mutex::new(None),
-            ctx_cv: Condvar::new(),
-            arrivals: Mutex::new(Arrivals::default()),
-            arrivals_cv: Condvar::new(),
-            rejected: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            handshakes: AtomicUsize::new(0),
-            wake,
-            address: format!("{ADDR_PREFIX}{name}"),
-            handshake_timeout: opts.handshake_timeout,
-            activation_timeout: opts.activation_timeout,
-        });
-        let s2 = shared.clone();
-        let acceptor = std::thread::Builder::new()
-            .name("devccl-shm-accept".into())
-            .spawn(move || acceptor_loop(&s2, listener))
-            .map_err(|e| Error::system("spawn shm acceptor thread", e))?;
-        tracing::debug!(address = %shared.address, ring = opts.ring_bytes, "shm transport listening");
-        Ok(ShmTransport { shared, opts, here: Locality::local(), acceptor: Mutex::new(Some(acceptor)) })
+        let address = format!("{ADDR_PREFIX}{name}");
+        let shared: Arc<Shared> = Arc::new(Listening::new(
+            TransportKind::Shm,
+            format!("shm {address}"),
+            opts.handshake_timeout,
+            opts.activation_timeout,
+        )?);
+        shared.start("devccl-shm-accept".into(), move |s| acceptor_loop(s, listener))?;
+        tracing::debug!(%address, ring = opts.ring_bytes, "shm transport listening");
+        Ok(ShmTransport { shared, address, opts, here: Locality::local() })
     }
 
     /// The published address (`unix:@devccl-...`).
     pub fn address(&self) -> &str {
-        &self.shared.address
+        &self.address
     }
 
     /// Incoming connections refused so far: invalid or unauthenticated handshakes, invalid
     /// shared-memory setups, clients that stalled past the handshake deadline, and
     /// connections turned away because too many handshakes were in progress.
     pub fn rejected_handshakes(&self) -> u64 {
-        self.shared.rejected.load(Ordering::Relaxed)
+        self.shared.rejected()
     }
 
     /// The options this transport was created with.
     pub fn options(&self) -> &ShmOptions {
         &self.opts
-    }
-
-    fn ctx(&self) -> Result<CommContext> {
-        lock(&self.shared.ctx)
-            .clone()
-            .ok_or_else(|| Error::usage("shm transport used before activate() (the rendezvous must finish first)"))
     }
 
     /// Refuse, with the reason, a peer that published a different host, boot or network
@@ -326,7 +266,7 @@ impl Transport for ShmTransport {
     fn endpoint(&self) -> Endpoint {
         Endpoint {
             kind: TransportKind::Shm,
-            address: self.shared.address.clone(),
+            address: self.address.clone(),
             caps: vec![
                 ("host".into(), self.here.host.clone()),
                 ("boot_id".into(), self.here.boot_id.clone()),
@@ -349,20 +289,11 @@ impl Transport for ShmTransport {
     }
 
     fn activate(&self, ctx: CommContext) -> Result<()> {
-        let mut g = lock(&self.shared.ctx);
-        if g.is_some() {
-            return Err(Error::Internal("shm transport activated twice".into()));
-        }
-        if ctx.rank != self.opts.rank {
-            tracing::debug!(options = %self.opts.rank, comm = %ctx.rank, "shm transport: rank from the communicator differs from the options");
-        }
-        *g = Some(ctx);
-        self.shared.ctx_cv.notify_all();
-        Ok(())
+        self.shared.activate(ctx, self.opts.rank)
     }
 
     fn connect(&self, peer: Rank, remote: &Endpoint, deadline: Instant) -> Result<Box<dyn Connection>> {
-        let ctx = self.ctx()?;
+        let ctx = self.shared.ctx()?;
         if remote.kind != TransportKind::Shm {
             return Err(Error::usage(format!("rank {peer} published a {} endpoint, not shm", remote.kind)));
         }
@@ -409,30 +340,13 @@ impl Transport for ShmTransport {
     }
 
     fn accept(&self, peer: Rank, deadline: Instant) -> Result<Box<dyn Connection>> {
-        let start = Instant::now();
-        let mut g = lock(&self.shared.arrivals);
-        loop {
-            if self.shared.closed.load(Ordering::Acquire) {
-                return Err(Error::usage("shm transport closed while waiting for a connection"));
-            }
-            if let Some(c) = g.ready.remove(&peer.0) {
-                g.taken.insert(peer.0);
-                return Ok(Box::new(c));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::Timeout {
-                    what: format!(
-                        "rank {} waiting for rank {peer} to connect to {} ({} rejected handshakes)",
-                        self.opts.rank,
-                        self.shared.address,
-                        self.rejected_handshakes()
-                    ),
-                    after: deadline.saturating_duration_since(start),
-                });
-            }
-            g = self.shared.arrivals_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        let take = |g: &mut Arrivals| {
+            let c = g.ready.remove(&peer.0)?;
+            g.taken.insert(peer.0);
+            Some(c)
+        };
+        let c = self.shared.wait_for(self.opts.rank, peer, deadline, take, |_| String::new())?;
+        Ok(Box::new(c))
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -440,18 +354,9 @@ impl Transport for ShmTransport {
     }
 
     fn close(&self) {
-        if self.shared.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let _ = self.shared.wake.write(1);
-        self.shared.ctx_cv.notify_all();
-        self.shared.arrivals_cv.notify_all();
-        if let Some(h) = lock(&self.acceptor).take() {
-            let _ = h.join();
-        }
-        // Connections that were never accepted are closed here (their peers see the socket
-        // close).
-        lock(&self.shared.arrivals).ready.clear();
+        // Connections that were never accepted are closed with the table (their peers see
+        // the socket close).
+        self.shared.close(|a| a.ready.clear());
     }
 }
 
@@ -462,18 +367,18 @@ impl Drop for ShmTransport {
 }
 
 fn acceptor_loop(shared: &Arc<Shared>, listener: UnixListener) {
-    let what = format!("shm {}", shared.address);
+    let what = shared.name().to_owned();
     let accept = || listener.accept();
-    handshake::accept_until_closed(&listener, &shared.wake, &shared.closed, &what, accept, |(sock, _)| {
+    handshake::accept_until_closed(&listener, shared.wake_fd(), shared.closed_flag(), &what, accept, |(sock, _)| {
         let serve = move |s: &Shared| {
             let pid = peer_pid(&sock);
             if let Err(reason) = serve_handshake(s, sock, pid) {
-                let from = pid.map_or(String::new(), |p| format!("pid {p}: "));
-                s.reject(&format!("{from}{reason}"));
+                let from = pid.map_or("?".to_owned(), |p| format!("pid {p}"));
+                s.reject(&from, &reason);
             }
         };
         if let Err(why) = handshake::spawn_handshake(shared, |s| &s.handshakes, "devccl-shm-handshake", serve) {
-            shared.reject(&why);
+            shared.reject("?", &why);
         }
     });
 }
@@ -490,7 +395,7 @@ fn serve_handshake(shared: &Shared, sock: UnixStream, pid: Option<i32>) -> std::
     let (mut status, mut why) = handshake::judge_hello(&ctx, &nonce, &hello);
     let from = hello.from.0;
     if status == VerdictStatus::Ok {
-        let mut g = lock(&shared.arrivals);
+        let mut g = shared.arrivals();
         if g.taken.contains(&from) || g.reserved.contains(&from) || g.ready.contains_key(&from) {
             (status, why) = (VerdictStatus::BadLane, format!("rank {from} is already connected"));
         } else {
@@ -502,15 +407,15 @@ fn serve_handshake(shared: &Shared, sock: UnixStream, pid: Option<i32>) -> std::
         return Err(format!("Hello from rank {}: {}: {why}", hello.from, status.explain()));
     }
     let result = wrote.map_err(|s| s.describe("verdict")).and_then(|()| finish_setup(shared, &ctx, &hello, sock, pid));
-    let mut g = lock(&shared.arrivals);
+    let mut g = shared.arrivals();
     g.reserved.remove(&from);
     let conn = result.map_err(|e| format!("rank {from}: {e}"))?;
-    if shared.closed.load(Ordering::Acquire) {
+    if shared.is_closed() {
         return Err("transport closed during the handshake".into());
     }
     g.ready.insert(from, conn);
     drop(g);
-    shared.arrivals_cv.notify_all();
+    shared.notify_arrivals();
     tracing::debug!(rank = %ctx.rank, peer = %hello.from, ?pid, "shm connection established (acceptor)");
     Ok(())
 }
@@ -545,7 +450,7 @@ fn finish_setup(
     Ok(ShmConnection::new(Parts {
         me: ctx.rank,
         peer: hello.from,
-        remote: format!("{} (accepted)", shared.address),
+        remote: format!("{} (accepted)", shared.name()),
         peer_pid: pid,
         map,
         connector: false,

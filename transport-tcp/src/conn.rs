@@ -549,13 +549,9 @@ impl Connection for TcpConnection {
             // Bytes already in the lane buffer are invisible to poll: ask for writability
             // too, which a healthy socket reports at once, so the caller comes back to
             // `test` promptly.
-            let interest = match (read, write || lane.recv_ready_without_io()) {
-                (true, true) => Interest::Both,
-                (true, false) => Interest::Read,
-                (false, true) => Interest::Write,
-                (false, false) => continue,
-            };
-            out.push((lane.sock.as_fd(), interest));
+            if let Some(interest) = Interest::of(read, write || lane.recv_ready_without_io()) {
+                out.push((lane.sock.as_fd(), interest));
+            }
         }
     }
 

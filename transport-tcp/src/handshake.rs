@@ -30,6 +30,15 @@ use socket2::Socket;
 /// Domain label of the Hello tag.
 pub const HELLO_DOMAIN: &str = "devccl-tcp-hello-v1";
 
+/// Domain label of the Hello tag on devmem connections (the same handshake over the same
+/// kind of sockets, but a tag made for one transport never verifies on the other).
+pub const DEVMEM_HELLO_DOMAIN: &str = "devccl-devmem-hello-v1";
+
+/// The Hello tag's domain label for connections of `kind` (TCP or devmem).
+pub fn hello_domain(kind: TransportKind) -> &'static str {
+    if kind == TransportKind::Devmem { DEVMEM_HELLO_DOMAIN } else { HELLO_DOMAIN }
+}
+
 /// Most lanes an acceptor agrees to per connection (`DEVCCL_NSOCKS` allows 16; the margin
 /// lets a newer peer ask for more without a protocol change).
 pub const MAX_LANES: u16 = 64;
@@ -47,13 +56,20 @@ fn lanes_ok(lane: u16, lanes: u16) -> Option<String> {
 
 /// Acceptor side, step 3: is this Hello for us? Lane bookkeeping (duplicates, lane count
 /// agreement) is the caller's, under its lock.
-pub(crate) fn judge_hello(ctx: &CommContext, nonce: &[u8; 16], h: &Hello) -> (VerdictStatus, String) {
-    common::judge_hello(HELLO_DOMAIN, TransportKind::Tcp, lanes_ok, ctx, nonce, h)
+pub(crate) fn judge_hello(
+    kind: TransportKind,
+    ctx: &CommContext,
+    nonce: &[u8; 16],
+    h: &Hello,
+) -> (VerdictStatus, String) {
+    common::judge_hello(hello_domain(kind), kind, lanes_ok, ctx, nonce, h)
 }
 
 /// Which socket a connector is setting up, for the handshake and its error messages.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dial {
+    /// TCP or devmem (the Hello's transport code and tag domain).
+    pub kind: TransportKind,
     /// The rank being connected to.
     pub peer: Rank,
     /// Its listener.
@@ -70,7 +86,7 @@ pub(crate) struct Dial {
 
 /// Connector side: answer the challenge on a freshly connected socket and read the verdict.
 pub(crate) fn connector_handshake(sock: &Socket, ctx: &CommContext, dial: &Dial) -> Result<()> {
-    let Dial { peer, remote, lane, lanes, deadline, limit } = *dial;
+    let Dial { kind, peer, remote, lane, lanes, deadline, limit } = *dial;
     let fail = |stage: &str, s: Stop| -> Error {
         match s {
             Stop::Timeout => Error::Timeout {
@@ -89,16 +105,8 @@ pub(crate) fn connector_handshake(sock: &Socket, ctx: &CommContext, dial: &Dial)
             ),
         }
     };
-    let hello = Hello {
-        transport: TransportKind::Tcp as u8,
-        comm: ctx.comm,
-        from: ctx.rank,
-        to: peer,
-        lane,
-        lanes,
-        auth: [0; 32],
-    };
-    let status = common::connector_exchange(sock, HELLO_DOMAIN, ctx.key.as_ref(), hello, deadline)
+    let hello = Hello { transport: kind as u8, comm: ctx.comm, from: ctx.rank, to: peer, lane, lanes, auth: [0; 32] };
+    let status = common::connector_exchange(sock, hello_domain(kind), ctx.key.as_ref(), hello, deadline)
         .map_err(|(stage, s)| fail(stage, s))?;
     if status != VerdictStatus::Ok {
         return Err(Error::remote(
@@ -132,31 +140,34 @@ mod tests {
     #[test]
     fn judge_accepts_and_rejects() {
         let n = [3u8; 16];
-        assert_eq!(judge_hello(&ctx(None), &n, &hello(None, &n)).0, VerdictStatus::Ok);
-        assert_eq!(judge_hello(&ctx(Some("s")), &n, &hello(Some("s"), &n)).0, VerdictStatus::Ok);
-        assert_eq!(judge_hello(&ctx(Some("s")), &n, &hello(Some("t"), &n)).0, VerdictStatus::BadAuth);
-        assert_eq!(judge_hello(&ctx(Some("s")), &n, &hello(None, &n)).0, VerdictStatus::BadAuth);
-        assert_eq!(judge_hello(&ctx(None), &n, &hello(Some("s"), &n)).0, VerdictStatus::BadAuth);
+        assert_eq!(judge_hello(TransportKind::Tcp, &ctx(None), &n, &hello(None, &n)).0, VerdictStatus::Ok);
+        assert_eq!(judge_hello(TransportKind::Tcp, &ctx(Some("s")), &n, &hello(Some("s"), &n)).0, VerdictStatus::Ok);
         assert_eq!(
-            judge_hello(&ctx(Some("s")), &[4; 16], &hello(Some("s"), &n)).0,
+            judge_hello(TransportKind::Tcp, &ctx(Some("s")), &n, &hello(Some("t"), &n)).0,
+            VerdictStatus::BadAuth
+        );
+        assert_eq!(judge_hello(TransportKind::Tcp, &ctx(Some("s")), &n, &hello(None, &n)).0, VerdictStatus::BadAuth);
+        assert_eq!(judge_hello(TransportKind::Tcp, &ctx(None), &n, &hello(Some("s"), &n)).0, VerdictStatus::BadAuth);
+        assert_eq!(
+            judge_hello(TransportKind::Tcp, &ctx(Some("s")), &[4; 16], &hello(Some("s"), &n)).0,
             VerdictStatus::BadAuth,
             "nonce is bound"
         );
         let mut h = hello(None, &n);
         h.comm = CommId([8; 16]);
-        assert_eq!(judge_hello(&ctx(None), &n, &h).0, VerdictStatus::WrongComm);
+        assert_eq!(judge_hello(TransportKind::Tcp, &ctx(None), &n, &h).0, VerdictStatus::WrongComm);
         let mut h = hello(None, &n);
         h.to = Rank(2);
-        assert_eq!(judge_hello(&ctx(None), &n, &h).0, VerdictStatus::WrongRank);
+        assert_eq!(judge_hello(TransportKind::Tcp, &ctx(None), &n, &h).0, VerdictStatus::WrongRank);
         for from in [1, 3, 99] {
             let mut h = hello(None, &n);
             h.from = Rank(from);
-            assert_eq!(judge_hello(&ctx(None), &n, &h).0, VerdictStatus::WrongRank);
+            assert_eq!(judge_hello(TransportKind::Tcp, &ctx(None), &n, &h).0, VerdictStatus::WrongRank);
         }
         for (lane, lanes) in [(2, 2), (0, 0), (0, 65)] {
             let mut h = hello(None, &n);
             (h.lane, h.lanes) = (lane, lanes);
-            assert_eq!(judge_hello(&ctx(None), &n, &h).0, VerdictStatus::BadLane);
+            assert_eq!(judge_hello(TransportKind::Tcp, &ctx(None), &n, &h).0, VerdictStatus::BadLane);
         }
     }
 
@@ -165,6 +176,10 @@ mod tests {
         let n = [9u8; 16];
         let mut h = hello(Some("k"), &n);
         h.from = Rank(2);
-        assert_eq!(judge_hello(&ctx(Some("k")), &n, &h).0, VerdictStatus::BadAuth, "from is signed");
+        assert_eq!(
+            judge_hello(TransportKind::Tcp, &ctx(Some("k")), &n, &h).0,
+            VerdictStatus::BadAuth,
+            "from is signed"
+        );
     }
 }

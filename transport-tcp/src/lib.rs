@@ -31,6 +31,6 @@ mod iface;
 mod transport;
 
 pub use conn::{MAX_INFLIGHT, TcpConnection};
-pub use handshake::{HELLO_DOMAIN, MAX_LANES, hello_tag};
+pub use handshake::{DEVMEM_HELLO_DOMAIN, HELLO_DOMAIN, MAX_LANES, hello_domain, hello_tag};
 pub use iface::{IfFilter, InterfaceAddr, interface_of, interfaces, select_address};
-pub use transport::{LATENCY_ESTIMATE_US, TcpOptions, TcpTransport};
+pub use transport::{LATENCY_ESTIMATE_US, Lanes, TcpOptions, TcpTransport, link_speed_mbps};

@@ -2,16 +2,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devccl_core::config::Config;
+use devccl_core::listen::Listening;
 use devccl_core::transport::{CommContext, Connection, Endpoint, LinkProperties, Transport, TransportKind};
 use devccl_core::wire::{Verdict, VerdictStatus};
 use devccl_core::{Error, Rank, Result, auth};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::conn::{MAX_INFLIGHT, TcpConnection};
@@ -50,6 +48,9 @@ pub struct TcpOptions {
     /// `SO_SNDBUF`/`SO_RCVBUF` for data sockets; `None` leaves the kernel's autotuning on
     /// (the measured best on loopback, see the crate docs).
     pub socket_buffer: Option<usize>,
+    /// The transport these sockets serve: `Tcp`, or `Devmem` when the devmem transport
+    /// listens and connects through this one (its Hello names devmem).
+    pub kind: TransportKind,
 }
 
 impl TcpOptions {
@@ -65,6 +66,7 @@ impl TcpOptions {
             handshake_timeout: Duration::from_secs(10),
             activation_timeout: Duration::from_secs(120),
             socket_buffer: None,
+            kind: TransportKind::Tcp,
         }
     }
 
@@ -80,10 +82,6 @@ impl TcpOptions {
             ..TcpOptions::new(addr, rank)
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sockets of one peer's connection arriving lane by lane.
@@ -109,43 +107,21 @@ struct Arrivals {
 }
 
 /// State shared by the transport, its acceptor thread and the handshake threads.
+type Shared = Listening<Arrivals>;
+
+/// A peer's connected, handshaken sockets in lane order, before they become a connection:
+/// what [`TcpTransport::connect_lanes`] and [`TcpTransport::accept_lanes`] return (the devmem
+/// transport builds its own connection over them).
 #[derive(Debug)]
-struct Shared {
-    ctx: Mutex<Option<CommContext>>,
-    ctx_cv: Condvar,
-    arrivals: Mutex<Arrivals>,
-    arrivals_cv: Condvar,
-    rejected: AtomicU64,
-    closed: AtomicBool,
-    handshakes: AtomicUsize,
-    /// Written by `close` to wake the acceptor out of `poll`.
-    wake: EventFd,
-    local: SocketAddr,
-    handshake_timeout: Duration,
-    activation_timeout: Duration,
-}
-
-impl Shared {
-    fn reject(&self, remote: SocketAddr, reason: &str) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%remote, listener = %self.local, "rejected incoming TCP connection: {reason}");
-    }
-
-    /// Wait (bounded) until the transport is activated; `None` on timeout or close.
-    fn wait_ctx(&self) -> Option<CommContext> {
-        let deadline = Instant::now() + self.activation_timeout;
-        let mut g = lock(&self.ctx);
-        loop {
-            if let Some(c) = g.as_ref() {
-                return Some(c.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline || self.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            g = self.ctx_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
-    }
+pub struct Lanes {
+    /// This rank.
+    pub me: Rank,
+    /// The peer.
+    pub peer: Rank,
+    /// The peer's address (its listener for a connector, its socket for an acceptor).
+    pub remote: SocketAddr,
+    /// The sockets, lane 0 first (blocking, with the handshake's timeouts still set).
+    pub socks: Vec<Socket>,
 }
 
 /// The TCP transport: one listener per process and communicator, several sockets (lanes)
@@ -155,13 +131,18 @@ impl Shared {
 /// [`endpoint`](Transport::endpoint)); incoming handshakes are validated by a background
 /// acceptor against the [`CommContext`] given to [`activate`](Transport::activate). By the
 /// communicator's convention the lower rank connects and the higher rank accepts.
+///
+/// The same listener and handshake serve the devmem transport (a devmem connection is a set
+/// of TCP sockets): with [`TcpOptions::kind`] = `Devmem` the Hello names devmem and carries
+/// devmem's tag domain, and the devmem transport takes the sockets with
+/// [`TcpTransport::connect_lanes`] / [`TcpTransport::accept_lanes`].
 #[derive(Debug)]
 pub struct TcpTransport {
     shared: Arc<Shared>,
+    local: SocketAddr,
     opts: TcpOptions,
     ifname: String,
     host: String,
-    acceptor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl TcpTransport {
@@ -179,6 +160,9 @@ impl TcpTransport {
                 opts.lanes,
                 handshake::MAX_LANES
             )));
+        }
+        if !matches!(opts.kind, TransportKind::Tcp | TransportKind::Devmem) {
+            return Err(Error::usage(format!("a TCP listener cannot serve the {} transport", opts.kind)));
         }
         let bind = SocketAddr::new(opts.addr, opts.port);
         let sys = |what: &str| {
@@ -204,42 +188,32 @@ impl TcpTransport {
             .map_err(sys("query"))?
             .as_socket()
             .ok_or_else(|| Error::Internal("TCP listener has a non-IP address".into()))?;
-        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| Error::system("eventfd", e.into()))?;
-        let shared = Arc::new(Shared {
-            ctx: Mutex::new(None),
-            ctx_cv: Condvar::new(),
-            arrivals: Mutex::new(Arrivals::default()),
-            arrivals_cv: Condvar::new(),
-            rejected: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            handshakes: AtomicUsize::new(0),
-            wake,
-            local,
-            handshake_timeout: opts.handshake_timeout,
-            activation_timeout: opts.activation_timeout,
-        });
-        let s2 = shared.clone();
-        let acceptor = std::thread::Builder::new()
-            .name(format!("devccl-tcp-accept-{}", local.port()))
-            .spawn(move || acceptor_loop(&s2, listener))
-            .map_err(|e| Error::system("spawn TCP acceptor thread", e))?;
+        let name = format!("{} {local}", if opts.kind == TransportKind::Tcp { "TCP" } else { "devmem" });
+        let shared: Arc<Shared> =
+            Arc::new(Listening::new(opts.kind, name, opts.handshake_timeout, opts.activation_timeout)?);
+        let kind = opts.kind;
+        shared.start(format!("devccl-{kind}-accept-{}", local.port()), move |s| acceptor_loop(s, listener, local))?;
         let ifname = opts.ifname.clone().or_else(|| iface::interface_of(opts.addr)).unwrap_or_else(|| "?".into());
         let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
-        tracing::debug!(%local, ifname, lanes = opts.lanes, "TCP transport listening");
-        Ok(TcpTransport { shared, opts, ifname, host, acceptor: Mutex::new(Some(acceptor)) })
+        tracing::debug!(%local, ifname, lanes = opts.lanes, "{kind} transport listening");
+        Ok(TcpTransport { shared, local, opts, ifname, host })
     }
 
     /// The address the listener is bound to (with the actual port).
     pub fn local_addr(&self) -> SocketAddr {
-        self.shared.local
+        self.local
+    }
+
+    /// The interface the listener's address belongs to (`?` when unknown).
+    pub fn ifname(&self) -> &str {
+        &self.ifname
     }
 
     /// Incoming connections refused so far: invalid or unauthenticated handshakes, clients
     /// that sent nothing before the handshake deadline, and connections turned away because
     /// too many handshakes were in progress.
     pub fn rejected_handshakes(&self) -> u64 {
-        self.shared.rejected.load(Ordering::Relaxed)
+        self.shared.rejected()
     }
 
     /// The options this transport was created with.
@@ -247,10 +221,63 @@ impl TcpTransport {
         &self.opts
     }
 
-    fn ctx(&self) -> Result<CommContext> {
-        lock(&self.shared.ctx)
-            .clone()
-            .ok_or_else(|| Error::usage("TCP transport used before activate() (the rendezvous must finish first)"))
+    /// The communicator this transport was activated for.
+    pub fn context(&self) -> Result<CommContext> {
+        self.shared.ctx()
+    }
+
+    /// Open [`TcpOptions::lanes`] sockets to `peer` (which published `remote`) and run the
+    /// handshake on each. Blocks until done or `deadline`.
+    pub fn connect_lanes(&self, peer: Rank, remote: &Endpoint, deadline: Instant) -> Result<Lanes> {
+        let ctx = self.shared.ctx()?;
+        let kind = self.opts.kind;
+        if remote.kind != kind {
+            return Err(Error::usage(format!("rank {peer} published a {} endpoint, not {kind}", remote.kind)));
+        }
+        let addr: SocketAddr = remote.address.parse().map_err(|_| {
+            Error::remote(peer, format!("rank {peer} published an invalid {kind} address {:?}", remote.address))
+        })?;
+        let start = Instant::now();
+        let limit = deadline.saturating_duration_since(start);
+        let lanes = self.opts.lanes as u16;
+        let mut socks = Vec::with_capacity(lanes.into());
+        for lane in 0..lanes {
+            let sock = connect_socket(addr, deadline, self.opts.socket_buffer).map_err(|last| Error::Timeout {
+                what: format!(
+                    "rank {} connecting to rank {peer} at {addr} (lane {lane} of {lanes}); last error: {last}",
+                    ctx.rank
+                ),
+                after: limit,
+            })?;
+            let dial = handshake::Dial { kind, peer, remote: addr, lane, lanes, deadline, limit };
+            handshake::connector_handshake(&sock, &ctx, &dial)?;
+            socks.push(sock);
+        }
+        tracing::debug!(rank = %ctx.rank, %peer, %addr, lanes, "{kind} connection established (connector)");
+        Ok(Lanes { me: ctx.rank, peer, remote: addr, socks })
+    }
+
+    /// Wait for `peer`'s sockets (all its lanes, handshaken). Blocks until done or
+    /// `deadline`.
+    pub fn accept_lanes(&self, peer: Rank, deadline: Instant) -> Result<Lanes> {
+        let me = self.shared.rank_or(self.opts.rank);
+        let take = |g: &mut Arrivals| {
+            if !g.peers.get(&peer.0).is_some_and(Arriving::complete) {
+                return None;
+            }
+            let arriving = g.peers.remove(&peer.0).expect("present");
+            g.taken.insert(peer.0);
+            Some(arriving.socks.into_iter().map(|s| s.expect("complete")).collect::<Vec<Socket>>())
+        };
+        let pending = |g: &Arrivals| {
+            let (got, of) = g.peers.get(&peer.0).map_or((0, 0), |a| (a.socks.iter().flatten().count(), a.lanes));
+            format!("{got} of {of} lanes arrived; ")
+        };
+        let socks = self.shared.wait_for(me, peer, deadline, take, pending)?;
+        let addr = socks[0].peer_addr().ok().and_then(|a| a.as_socket()).unwrap_or(self.local);
+        let me = self.shared.rank_or(self.opts.rank);
+        tracing::debug!(rank = %me, %peer, %addr, lanes = socks.len(), "{} connection established (acceptor)", self.opts.kind);
+        Ok(Lanes { me, peer, remote: addr, socks })
     }
 }
 
@@ -287,13 +314,13 @@ fn connect_socket(remote: SocketAddr, deadline: Instant, buf: Option<usize>) -> 
 
 impl Transport for TcpTransport {
     fn kind(&self) -> TransportKind {
-        TransportKind::Tcp
+        self.opts.kind
     }
 
     fn endpoint(&self) -> Endpoint {
         Endpoint {
-            kind: TransportKind::Tcp,
-            address: self.shared.local.to_string(),
+            kind: self.opts.kind,
+            address: self.local.to_string(),
             caps: vec![
                 ("lanes".into(), self.opts.lanes.to_string()),
                 ("host".into(), self.host.clone()),
@@ -303,15 +330,9 @@ impl Transport for TcpTransport {
     }
 
     fn properties(&self) -> LinkProperties {
-        // Loopback has no link speed: /sys reports an error, which is 0 = unknown.
-        let speed = std::fs::read_to_string(format!("/sys/class/net/{}/speed", self.ifname))
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .filter(|&s| s > 0)
-            .map_or(0, |s| s as u64);
         LinkProperties {
             name: format!("tcp {} {} lanes", self.ifname, self.opts.lanes),
-            speed_mbps: speed,
+            speed_mbps: link_speed_mbps(&self.ifname),
             latency_us: LATENCY_ESTIMATE_US,
             max_inflight: MAX_INFLIGHT,
             lanes: self.opts.lanes,
@@ -321,78 +342,17 @@ impl Transport for TcpTransport {
     }
 
     fn activate(&self, ctx: CommContext) -> Result<()> {
-        let mut g = lock(&self.shared.ctx);
-        if g.is_some() {
-            return Err(Error::Internal("TCP transport activated twice".into()));
-        }
-        if ctx.rank != self.opts.rank {
-            tracing::debug!(options = %self.opts.rank, comm = %ctx.rank, "TCP transport: rank from the communicator differs from the options");
-        }
-        *g = Some(ctx);
-        self.shared.ctx_cv.notify_all();
-        Ok(())
+        self.shared.activate(ctx, self.opts.rank)
     }
 
     fn connect(&self, peer: Rank, remote: &Endpoint, deadline: Instant) -> Result<Box<dyn Connection>> {
-        let ctx = self.ctx()?;
-        if remote.kind != TransportKind::Tcp {
-            return Err(Error::usage(format!("rank {peer} published a {} endpoint, not tcp", remote.kind)));
-        }
-        let addr: SocketAddr = remote.address.parse().map_err(|_| {
-            Error::remote(peer, format!("rank {peer} published an invalid TCP address {:?}", remote.address))
-        })?;
-        let start = Instant::now();
-        let limit = deadline.saturating_duration_since(start);
-        let lanes = self.opts.lanes as u16;
-        let mut socks = Vec::with_capacity(lanes.into());
-        for lane in 0..lanes {
-            let sock = connect_socket(addr, deadline, self.opts.socket_buffer).map_err(|last| Error::Timeout {
-                what: format!(
-                    "rank {} connecting to rank {peer} at {addr} (lane {lane} of {lanes}); last error: {last}",
-                    ctx.rank
-                ),
-                after: limit,
-            })?;
-            let dial = handshake::Dial { peer, remote: addr, lane, lanes, deadline, limit };
-            handshake::connector_handshake(&sock, &ctx, &dial)?;
-            socks.push(sock);
-        }
-        tracing::debug!(rank = %ctx.rank, %peer, %addr, lanes, "TCP connection established (connector)");
-        Ok(Box::new(TcpConnection::new(ctx.rank, peer, addr, socks)?))
+        let l = self.connect_lanes(peer, remote, deadline)?;
+        Ok(Box::new(TcpConnection::new(l.me, peer, l.remote, l.socks)?))
     }
 
     fn accept(&self, peer: Rank, deadline: Instant) -> Result<Box<dyn Connection>> {
-        let start = Instant::now();
-        let mut g = lock(&self.shared.arrivals);
-        loop {
-            if self.shared.closed.load(Ordering::Acquire) {
-                return Err(Error::usage("TCP transport closed while waiting for a connection"));
-            }
-            if g.peers.get(&peer.0).is_some_and(Arriving::complete) {
-                let arriving = g.peers.remove(&peer.0).expect("present");
-                g.taken.insert(peer.0);
-                drop(g);
-                let socks: Vec<Socket> = arriving.socks.into_iter().map(|s| s.expect("complete")).collect();
-                let addr = socks[0].peer_addr().ok().and_then(|a| a.as_socket()).unwrap_or(self.shared.local);
-                let me = self.ctx().map_or(self.opts.rank, |c| c.rank);
-                tracing::debug!(rank = %me, %peer, %addr, lanes = socks.len(), "TCP connection established (acceptor)");
-                return Ok(Box::new(TcpConnection::new(me, peer, addr, socks)?));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let (got, of) = g.peers.get(&peer.0).map_or((0, 0), |a| (a.socks.iter().flatten().count(), a.lanes));
-                return Err(Error::Timeout {
-                    what: format!(
-                        "rank {} waiting for rank {peer} to connect to {} ({got} of {of} lanes arrived; {} rejected handshakes)",
-                        self.opts.rank,
-                        self.shared.local,
-                        self.rejected_handshakes()
-                    ),
-                    after: deadline.saturating_duration_since(start),
-                });
-            }
-            g = self.shared.arrivals_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        let l = self.accept_lanes(peer, deadline)?;
+        Ok(Box::new(TcpConnection::new(l.me, peer, l.remote, l.socks)?))
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -400,18 +360,18 @@ impl Transport for TcpTransport {
     }
 
     fn close(&self) {
-        if self.shared.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let _ = self.shared.wake.write(1);
-        self.shared.ctx_cv.notify_all();
-        self.shared.arrivals_cv.notify_all();
-        if let Some(h) = lock(&self.acceptor).take() {
-            let _ = h.join();
-        }
-        // Sockets whose connection was never accepted are closed here.
-        lock(&self.shared.arrivals).peers.clear();
+        // Sockets whose connection was never accepted are closed with the table.
+        self.shared.close(|a| a.peers.clear());
     }
+}
+
+/// The link speed of `ifname` in Mbit/s from sysfs (0: unknown; loopback reports an error).
+pub fn link_speed_mbps(ifname: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/speed"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(0, |s| s as u64)
 }
 
 impl Drop for TcpTransport {
@@ -420,18 +380,18 @@ impl Drop for TcpTransport {
     }
 }
 
-fn acceptor_loop(shared: &Arc<Shared>, listener: Socket) {
-    let what = format!("TCP {}", shared.local);
+fn acceptor_loop(shared: &Arc<Shared>, listener: Socket, local: SocketAddr) {
+    let what = shared.name().to_owned();
     let accept = || listener.accept();
-    handshake::accept_until_closed(&listener, &shared.wake, &shared.closed, &what, accept, |(sock, addr)| {
-        let remote = addr.as_socket().unwrap_or(shared.local);
+    handshake::accept_until_closed(&listener, shared.wake_fd(), shared.closed_flag(), &what, accept, |(sock, addr)| {
+        let remote = addr.as_socket().unwrap_or(local);
         let serve = move |s: &Shared| {
             if let Err(reason) = serve_handshake(s, sock, remote) {
-                s.reject(remote, &reason);
+                s.reject(&remote.to_string(), &reason);
             }
         };
         if let Err(why) = handshake::spawn_handshake(shared, |s| &s.handshakes, "devccl-tcp-handshake", serve) {
-            shared.reject(remote, &why);
+            shared.reject(&remote.to_string(), &why);
         }
     });
 }
@@ -445,10 +405,10 @@ fn serve_handshake(shared: &Shared, sock: Socket, remote: SocketAddr) -> std::re
     let ctx = shared.wait_ctx().ok_or_else(|| {
         format!("Hello from rank {} arrived but this transport was not activated in time", hello.from)
     })?;
-    let (mut status, mut why) = handshake::judge_hello(&ctx, &nonce, &hello);
+    let (mut status, mut why) = handshake::judge_hello(shared.kind(), &ctx, &nonce, &hello);
     let (from, lane) = (hello.from.0, usize::from(hello.lane));
     if status == VerdictStatus::Ok {
-        let mut g = lock(&shared.arrivals);
+        let mut g = shared.arrivals();
         if g.taken.contains(&from) {
             (status, why) = (VerdictStatus::BadLane, format!("rank {from} is already connected"));
         } else {
@@ -482,7 +442,7 @@ fn serve_handshake(shared: &Shared, sock: Socket, remote: SocketAddr) -> std::re
             status.explain()
         ));
     }
-    let mut g = lock(&shared.arrivals);
+    let mut g = shared.arrivals();
     if let Err(s) = wrote {
         if let Some(a) = g.peers.get_mut(&from) {
             a.reserved[lane] = false;
@@ -495,7 +455,7 @@ fn serve_handshake(shared: &Shared, sock: Socket, remote: SocketAddr) -> std::re
         None => return Err("transport closed during the handshake".into()),
     }
     drop(g);
-    shared.arrivals_cv.notify_all();
-    tracing::debug!(%remote, rank = %hello.from, lane, lanes = hello.lanes, "accepted TCP lane");
+    shared.notify_arrivals();
+    tracing::debug!(%remote, rank = %hello.from, lane, lanes = hello.lanes, "accepted {} lane", shared.kind());
     Ok(())
 }

@@ -79,3 +79,53 @@ pub fn finish(mut ranks: Vec<Rank>, limit: Duration) -> Vec<(bool, String, Durat
         })
         .collect()
 }
+
+/// Check a `devccl bench` table: `rows` result rows, `#wrong` 0 out of place and in place on
+/// each, and the out-of-bounds summary OK. Returns the rows.
+pub fn bench_rows_ok(text: &str, rows: usize) -> Vec<String> {
+    let got: Vec<String> =
+        text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_owned).collect();
+    assert_eq!(got.len(), rows, "{text}");
+    for r in &got {
+        let cols: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!((cols[8], cols[12]), ("0", "0"), "#wrong: {r}");
+    }
+    assert!(text.contains("# Out of bounds values : 0 OK"), "{text}");
+    got
+}
+
+/// Is there a Vulkan device? Without one a test says why (`what` names the test) and runs on
+/// host memory or skips, unless CI requires Vulkan (`DEVCCL_REQUIRE_VULKAN=1`): then it fails.
+pub fn vulkan_or_skip(what: &str) -> bool {
+    match devccl_device::open("vulkan".parse().unwrap()) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("DEVCCL_REQUIRE_VULKAN").as_deref() != Ok("1"),
+                "{what}: DEVCCL_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
+            );
+            println!("no Vulkan device for {what} ({e})");
+            false
+        }
+    }
+}
+
+/// The survivors of a run in which rank `killed` was SIGKILLed: the killed rank failed; every
+/// other rank reported a failure naming it, exited cleanly, freed its device and staging
+/// memory (`live 0`) and was done within `limit`. Returns (rank, output) of the survivors.
+pub fn survivors_of_kill(res: &[(bool, String, Duration)], killed: usize, limit: Duration) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    for (r, (ok, text, took)) in res.iter().enumerate() {
+        if r == killed {
+            assert!(!ok, "the killed rank cannot succeed: {text}");
+            continue;
+        }
+        assert!(*ok, "rank {r} must report and exit cleanly: {text}");
+        let named = format!("rank {killed}");
+        assert!(text.contains("failed: ") && text.contains(&named), "rank {r} must name {named}: {text}");
+        assert!(text.contains("live 0"), "rank {r} leaked device or staging memory: {text}");
+        assert!(*took < limit, "rank {r} took {took:?}");
+        out.push((r, text.as_str()));
+    }
+    out
+}

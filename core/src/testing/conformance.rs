@@ -1,16 +1,77 @@
 //! The transport conformance suite: behaviour every [`Connection`] must show, whatever moves
 //! the bytes. A transport's tests call [`run_all`] with a factory that returns a freshly
 //! connected pair `(rank 0 side, rank 1 side)`.
+//!
+//! Receives may complete in place or scattered ([`RecvLayout::Scattered`], devmem): the suite
+//! then gathers the payload into the destination itself, on the device [`run_all_with`]'s
+//! `unpacker` names for the pool, and calls [`Connection::recv_consumed`], as the executor
+//! does.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::{Region, RegionSlice};
 use crate::op::ReduceOp;
-use crate::transport::{Completion, Connection, Peeked, RecvRequest, ReqId, SendRequest, wait_ready};
+use crate::transport::{Completion, Connection, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, wait_ready};
 use crate::types::{Rank, Seq};
 use crate::wire::{CollKind, FrameHeader, FrameType};
+
+/// The device that gathers a scattered receive out of an RX pool (the pool's own device, or
+/// the host for host memory).
+pub type Unpacker = dyn Fn(&Region) -> Result<Arc<dyn Device>>;
+
+thread_local! {
+    /// The unpacker of the suite running on this thread, and where each posted receive's
+    /// payload goes (by connection and request), for scattered completions.
+    static UNPACK: RefCell<Option<Arc<Unpacker>>> = const { RefCell::new(None) };
+    static DESTS: RefCell<HashMap<(usize, ReqId), RegionSlice>> = RefCell::new(HashMap::new());
+}
+
+fn conn_key(c: &dyn Connection) -> usize {
+    (c as *const dyn Connection).cast::<()>() as usize
+}
+
+/// Post a receive and remember its destination, for a scattered completion.
+fn post_recv(c: &mut Box<dyn Connection>, req: RecvRequest) -> Result<Option<ReqId>> {
+    let dst = req.dst.clone();
+    let id = c.irecv(req)?;
+    if let Some(id) = id {
+        DESTS.with(|d| d.borrow_mut().insert((conn_key(&**c), id), dst));
+    }
+    Ok(id)
+}
+
+/// A completion of `id` on `c`: a scattered receive is gathered into its destination (on the
+/// unpacker's device) and handed back with `recv_consumed`; it then reads as in place.
+fn settle(c: &mut Box<dyn Connection>, id: ReqId, done: Completion) -> Result<Completion> {
+    let dst = DESTS.with(|d| d.borrow_mut().remove(&(conn_key(&**c), id)));
+    let Completion::Received { bytes, layout: RecvLayout::Scattered { pool, frags, spill } } = done else {
+        return Ok(done);
+    };
+    let dst = dst.ok_or_else(|| Error::Internal(format!("conformance: scattered completion of unknown {id:?}")))?;
+    let unpack =
+        UNPACK.with(|u| u.borrow().clone()).unwrap_or_else(|| Arc::new(|_: &Region| Ok(crate::device::host())));
+    let dev = unpack(&pool)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    if dev.id().is_host() || !dst.region.kind().is_host() {
+        crate::scatter::gather(&*dev, &dst, &pool, &frags, spill.as_ref())?
+            .wait(deadline, "conformance: gather a scattered receive")?;
+    } else {
+        // A device pool and a host destination: the device gathers into its own staging
+        // memory, the CPU copies that into place (as the executor does).
+        let temp = dev.alloc_staging(dst.len().max(1))?;
+        crate::scatter::gather(&*dev, &temp.slice(0..dst.len()), &pool, &frags, spill.as_ref())?
+            .wait(deadline, "conformance: gather a scattered receive")?;
+        Region::with_pair(&dst, &temp.slice(0..dst.len()), |d, s| d.copy_from_slice(s))?;
+    }
+    c.recv_consumed(id)?;
+    Ok(Completion::Received { bytes, layout: RecvLayout::InPlace })
+}
 
 /// A connected pair: (rank 0's connection to rank 1, rank 1's connection to rank 0).
 pub type Pair = (Box<dyn Connection>, Box<dyn Connection>);
@@ -61,7 +122,7 @@ pub fn drive(
             if out[i].is_none()
                 && let Some(done) = conns[*c].test(*id)?
             {
-                out[i] = Some(done);
+                out[i] = Some(settle(conns[*c], *id, done)?);
                 moved = true;
             }
         }
@@ -111,12 +172,12 @@ pub fn ordered_payloads(pair: Pair) -> Result<()> {
             let h = header(1, i as u32, sizes[i]);
             pend.push((
                 1,
-                b.irecv(RecvRequest { expect: h, dst: dsts[i].full() })?
+                post_recv(&mut b, RecvRequest { expect: h, dst: dsts[i].full() })?
                     .ok_or_else(|| Error::Internal("irecv refused".into()))?,
             ));
             pend.push((
                 0,
-                a.irecv(RecvRequest { expect: h, dst: back_dst[i].full() })?
+                post_recv(&mut a, RecvRequest { expect: h, dst: back_dst[i].full() })?
                     .ok_or_else(|| Error::Internal("irecv refused".into()))?,
             ));
             pend.push((0, post_send(&mut a, h, srcs[i].full())?));
@@ -145,7 +206,7 @@ pub fn mismatch_detected(pair: Pair) -> Result<()> {
     theirs.coll = CollKind::AllGather;
     theirs.op = None;
     let s = post_send(&mut a, theirs, src.full())?;
-    let r = b.irecv(RecvRequest { expect: header(5, 0, 64), dst: dst.full() })?.expect("room for one recv");
+    let r = post_recv(&mut b, RecvRequest { expect: header(5, 0, 64), dst: dst.full() })?.expect("room for one recv");
     match drive(&mut [&mut a, &mut b], &[(0, s), (1, r)], Duration::from_secs(30)) {
         Err(Error::Mismatch { local_rank, peer, local, remote }) => {
             check(local_rank == Rank(1) && peer == Rank(0), "mismatch names ranks")?;
@@ -238,11 +299,13 @@ fn peek_until(c: &mut Box<dyn Connection>, tx: &mut Option<Sender<'_>>, limit: D
 /// Receive the frame `expect` on `c` into a fresh buffer, pumping the peer's sends.
 fn recv_pumping(c: &mut Box<dyn Connection>, tx: &mut Sender<'_>, expect: FrameHeader) -> Result<Vec<u8>> {
     let dst = Region::alloc(expect.len as usize);
-    let r = c.irecv(RecvRequest { expect, dst: dst.full() })?.ok_or_else(|| Error::Internal("irecv refused".into()))?;
+    let r = post_recv(c, RecvRequest { expect, dst: dst.full() })?
+        .ok_or_else(|| Error::Internal("irecv refused".into()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         tx.pump()?;
-        if c.test(r)?.is_some() {
+        if let Some(done) = c.test(r)? {
+            settle(c, r, done)?;
             return dst.full().to_vec();
         }
         if Instant::now() > deadline {
@@ -323,7 +386,7 @@ pub fn peek_sees_close(pair: Pair) -> Result<()> {
         other => return Err(Error::Internal(format!("conformance: expected the last frame, got {other:?}"))),
     }
     let dst = Region::alloc(64);
-    let r = b.irecv(RecvRequest { expect: h, dst: dst.full() })?.expect("room for one recv");
+    let r = post_recv(&mut b, RecvRequest { expect: h, dst: dst.full() })?.expect("room for one recv");
     drive(&mut [&mut b], &[(0, r)], Duration::from_secs(10))?;
     check(dst.full().to_vec()? == pattern(9, 64), "payload before the close intact")?;
     let t = Instant::now();
@@ -335,9 +398,26 @@ pub fn peek_sees_close(pair: Pair) -> Result<()> {
     }
 }
 
-/// Run every check; each gets a fresh pair from `make`.
+/// Run every check; each gets a fresh pair from `make`. Scattered receives are gathered on
+/// the host (host-memory RX pools).
 pub fn run_all(make: &dyn Fn() -> Pair) -> Result<()> {
-    let checks: [(&str, fn(Pair) -> Result<()>); 8] = [
+    run_all_with(make, Arc::new(|_: &Region| Ok(crate::device::host())))
+}
+
+/// [`run_all`], gathering scattered receives on the device `unpacker` names for their pool.
+pub fn run_all_with(make: &dyn Fn() -> Pair, unpacker: Arc<Unpacker>) -> Result<()> {
+    UNPACK.with(|u| *u.borrow_mut() = Some(unpacker));
+    let r = run_checks(make);
+    UNPACK.with(|u| *u.borrow_mut() = None);
+    DESTS.with(|d| d.borrow_mut().clear());
+    r
+}
+
+/// A named conformance check.
+type Check = (&'static str, fn(Pair) -> Result<()>);
+
+fn run_checks(make: &dyn Fn() -> Pair) -> Result<()> {
+    let checks: [Check; 8] = [
         ("ordered_payloads", ordered_payloads),
         ("mismatch_detected", mismatch_detected),
         ("abort_reaches_peer", abort_reaches_peer),

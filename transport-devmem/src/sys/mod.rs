@@ -1,8 +1,8 @@
 //! Kernel interfaces: netlink, socket options, cmsgs, interface lookups.
 //!
 //! The codecs ([`netlink`], [`cmsg`], the request builders) are pure and golden-tested; the
-//! modules that make system calls ([`socket`], [`sock`], [`iface`]) hold this crate's unsafe
-//! code outside the dma-buf sources.
+//! modules that make system calls ([`socket`], [`sock`], [`iface`], [`ntuple`]) hold this
+//! crate's unsafe code outside the dma-buf sources and the simulator's memory mappings.
 
 pub mod cmsg;
 pub mod ethtool;
@@ -10,6 +10,7 @@ pub mod genl;
 pub mod iface;
 pub mod netdev;
 pub mod netlink;
+pub mod ntuple;
 pub mod sock;
 pub mod socket;
 
