@@ -116,6 +116,7 @@ impl Mapping {
     }
 
     /// Copy `src` to `off` (as the NIC's DMA write would). Panics outside the mapping.
+    #[cfg(test)]
     pub(crate) fn write(&self, off: usize, src: &[u8]) {
         assert!(off.checked_add(src.len()).is_some_and(|end| end <= self.len), "write outside the mapping");
         self.sync(DMA_BUF_SYNC_START | DMA_BUF_SYNC_WRITE);
@@ -167,5 +168,52 @@ mod tests {
         let closed = unsafe { BorrowedFd::borrow_raw(i32::MAX - 10) };
         assert_eq!(file_size(closed), Err(errno::EBADF));
         assert_eq!(Mapping::map(f.as_fd(), 0, true).unwrap_err(), errno::EINVAL);
+    }
+}
+
+/// Where one packet of a vectored receive goes: pool bytes (`len` at `off` of the mapping) or
+/// host memory (a spilled packet's linear part).
+pub(crate) enum Dest<'a> {
+    Pool { off: usize, len: usize },
+    Host(&'a mut [u8]),
+}
+
+impl Mapping {
+    /// One non-blocking `recvmsg` from `fd` straight into `dests`, in order (as the NIC's DMA
+    /// writes packets into the pool): the one copy TCP's receive makes. Panics when a pool
+    /// destination lies outside the mapping.
+    pub(crate) fn recv_into(&self, fd: BorrowedFd<'_>, dests: &mut [Dest<'_>]) -> io::Result<usize> {
+        let iov: Vec<libc::iovec> = dests
+            .iter_mut()
+            .map(|d| match d {
+                Dest::Pool { off, len } => {
+                    assert!(off.checked_add(*len).is_some_and(|end| end <= self.len), "receive outside the mapping");
+                    // SAFETY: `off + len <= self.len` (checked above): inside the live mapping.
+                    libc::iovec { iov_base: unsafe { self.ptr.as_ptr().add(*off) }.cast(), iov_len: *len }
+                }
+                Dest::Host(b) => libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() },
+            })
+            .collect();
+        // SAFETY: an all-zero msghdr is valid.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        mh.msg_iovlen = iov.len() as _;
+        self.sync(DMA_BUF_SYNC_START | DMA_BUF_SYNC_WRITE);
+        let r = loop {
+            // SAFETY: live fd; every iovec points to writable memory of its length that stays
+            // valid across the call: pool ranges inside this live mapping (reserved by the
+            // pool for these packets; nothing in this process reads them until the fragments
+            // are reported) and host slices borrowed exclusively through `dests`.
+            let rc = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_DONTWAIT) };
+            if rc >= 0 {
+                break Ok(rc as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                break Err(e);
+            }
+        };
+        self.sync(DMA_BUF_SYNC_END | DMA_BUF_SYNC_WRITE);
+        r
     }
 }

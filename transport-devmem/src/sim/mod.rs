@@ -12,8 +12,8 @@
 //!   delivered stay valid until their tokens come back.
 //! * **Steering** (`steer`): the socket's flow lands on RX queue `queue` of `ifindex`; while
 //!   an RX binding is bound to that queue, the simulated NIC reads the flow's bytes from the
-//!   socket and writes them into the pool at scattered, sub-page offsets, as fragments of
-//!   simulated skbs; `recvmsg_devmem` reports them with the kernel's cmsgs and tokens. A flow
+//!   socket straight into the pool at scattered, sub-page offsets (one vectored `recvmsg`
+//!   per batch of packets: the one copy TCP makes), as fragments of simulated skbs; `recvmsg_devmem` reports them with the kernel's cmsgs and tokens. A flow
 //!   that is not steered, or steered to a queue without a binding, gets ordinary data
 //!   (bytes in `linear`, no cmsg), exactly as the kernel does. Bytes already waiting in the
 //!   socket when it is steered arrived before the rule: they come out as ordinary data first.
@@ -330,8 +330,6 @@ pub(crate) struct SockState {
     /// Completion ranges waiting on the error queue.
     pub(crate) errq: VecDeque<(u32, u32)>,
     pub(crate) route_ifindex: Option<u32>,
-    /// The simulated NIC's copy of bytes peeked off the wire (kept for the next call).
-    pub(crate) nic_buf: Vec<u8>,
 }
 
 impl SockState {
@@ -350,7 +348,6 @@ impl SockState {
             zc_pending: VecDeque::new(),
             errq: VecDeque::new(),
             route_ifindex: None,
-            nic_buf: Vec::new(),
         }
     }
 

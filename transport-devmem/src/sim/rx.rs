@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
 
+use crate::sim::mmap::Dest;
 use crate::sim::pool::Pool;
 use crate::sim::tokens::{Pinned, TokenTable};
 use crate::sim::{Exhaustion, Frag, FragSizing, Shared, SimOptions, SimStats, Skb, SockState};
@@ -81,59 +82,32 @@ enum Stop {
     Exhausted,
 }
 
-/// Most bytes the simulated NIC copies off the wire at once.
-const WIRE_MAX: usize = 512 << 10;
+/// Most packets one simulated NIC receive places (the iovecs of one `recvmsg`).
+const BATCH: usize = 256;
 
-/// The simulated NIC's side of the wire. Bytes are copied once, with `MSG_PEEK`, and
-/// consumed (`MSG_TRUNC`: discarded without a copy) only once placed into skbs, so the
-/// simulator makes the kernel copy TCP makes (not a syscall per packet), and bytes the NIC
-/// did not take (the pool is full) stay in the socket, where poll still sees them.
-struct Wire<'a> {
-    fd: BorrowedFd<'a>,
-    buf: &'a mut Vec<u8>,
-    /// Bytes of `buf` peeked.
-    avail: usize,
-    /// Bytes of `buf` placed (to be consumed from the socket).
-    pos: usize,
+/// A packet the simulated NIC reserved room for before receiving it.
+enum Planned {
+    /// Not header-split: its payload goes to the skb's linear part.
+    Spill(Vec<u8>),
+    /// Header-split: `len` bytes at `off` in niov `niov` of the pool (one reference held).
+    Frag { niov: u32, off: usize, len: usize },
 }
 
-impl Wire<'_> {
-    /// The next packet of at most `max` bytes (`max > 0`), peeking up to `ahead` more bytes
-    /// when the peeked ones are used up.
-    fn packet(&mut self, max: usize, ahead: usize) -> Result<std::ops::Range<usize>, Stop> {
-        if self.pos == self.avail {
-            self.commit().map_err(Stop::Err)?;
-            let cap = ahead.max(max).min(WIRE_MAX.max(max));
-            if self.buf.len() < cap {
-                self.buf.resize(cap, 0);
-            }
-            self.avail = match sock::peek_nonblocking(self.fd, &mut self.buf[..cap]) {
-                Ok(0) => return Err(Stop::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Stop::Dry),
-                Err(e) => return Err(Stop::Err(e)),
-            };
-        }
-        let n = max.min(self.avail - self.pos);
-        self.pos += n;
-        Ok(self.pos - n..self.pos)
-    }
-
-    /// Bytes still in the socket beyond those placed.
-    fn more(&self) -> bool {
-        self.avail > self.pos || sock::inq(self.fd).unwrap_or(0) > self.pos
-    }
-
-    /// Consume the placed bytes from the socket.
-    fn commit(&mut self) -> io::Result<()> {
-        sock::discard(self.fd, self.pos)?;
-        (self.avail, self.pos) = (0, 0);
-        Ok(())
+/// Nothing queued on the socket: end of stream, nothing yet, or its error.
+fn empty_socket(fd: BorrowedFd<'_>) -> Stop {
+    match sock::peek_nonblocking(fd, &mut [0u8; 1]) {
+        Ok(0) => Stop::Eof,
+        Ok(_) => Stop::Dry, // raced with an arrival: poll sees it, the next call takes it
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Stop::Dry,
+        Err(e) => Stop::Err(e),
     }
 }
 
 /// The NIC receives: take bytes off the socket into new skbs (fragments in `pool`, spilled
-/// packets in host memory) until at least `want` bytes are queued.
+/// packets in host memory) until at least `want` bytes are queued. Packets are planned for
+/// what the socket holds (so the receive fills them), room is reserved in the pool, and one
+/// `recvmsg` writes them in place: the one copy TCP's receive makes, as the NIC's DMA would.
+/// Bytes the NIC did not take (the pool is full) stay in the socket, where poll sees them.
 fn arrive(
     fd: BorrowedFd<'_>,
     s: &mut SockState,
@@ -143,84 +117,123 @@ fn arrive(
     stats: &mut SimStats,
     want: usize,
 ) -> Stop {
-    let mut buf = std::mem::take(&mut s.nic_buf);
-    let mut wire = Wire { fd, buf: &mut buf, avail: 0, pos: 0 };
-    let stop = place(&mut wire, s, pool_key, pool, opts, stats, want);
-    let stop = match wire.commit() {
-        Ok(()) => stop,
-        Err(e) => Stop::Err(e),
-    };
-    s.nic_buf = buf;
-    stop
-}
-
-fn place(
-    wire: &mut Wire<'_>,
-    s: &mut SockState,
-    pool_key: u64,
-    pool: &mut Pool,
-    opts: &SimOptions,
-    stats: &mut SimStats,
-    want: usize,
-) -> Stop {
     let mut queued = s.queued_bytes();
-    // Peek what is still wanted and one packet more (the last packet may overshoot).
-    let packet_max = opts.niov_size.max(opts.mss) as usize;
-    let ahead = |queued: usize| want.saturating_sub(queued) + packet_max;
     while queued < want {
-        let mut skb = Skb::default();
-        let mut stop = None;
-        // A packet that was not header-split starts an skb: its payload is the linear part.
-        if *s.next_spill.get_or_insert_with(|| s.rng.chance(opts.linear_spill)) {
-            match wire.packet(opts.mss as usize, ahead(queued)) {
-                Ok(r) => {
-                    s.next_spill = None;
-                    skb.head = wire.buf[r.clone()].to_vec();
-                    skb.len = r.len();
-                }
-                Err(st) => return st,
-            }
-        }
-        while skb.frags.len() < opts.max_frags_per_skb as usize && queued + skb.len < want {
+        let avail = match sock::inq(fd) {
+            Ok(0) => return empty_socket(fd),
+            Ok(n) => n,
+            Err(e) => return Stop::Err(e),
+        };
+        let mut plan = Vec::new();
+        let (mut planned, mut stop) = (0, None);
+        while planned < avail && queued + planned < want && plan.len() < BATCH {
+            let left = avail - planned;
             if *s.next_spill.get_or_insert_with(|| s.rng.chance(opts.linear_spill)) {
-                break; // the next packet spills: it starts the next skb
+                let n = (opts.mss as usize).min(left);
+                plan.push(Planned::Spill(vec![0; n]));
+                planned += n;
+            } else {
+                let room = pool.room(frag_size(opts.frag_sizing, opts, s).min(left));
+                if room == 0 {
+                    stats.pool_exhausted += 1; // bytes wait in the socket
+                    match opts.on_exhaustion {
+                        Exhaustion::Backpressure => {
+                            stop = Some(Stop::Exhausted);
+                            break;
+                        }
+                        Exhaustion::Linear => {
+                            s.next_spill = Some(true);
+                            continue;
+                        }
+                    }
+                }
+                let (niov, off) = pool.take(room);
+                plan.push(Planned::Frag { niov, off, len: room });
+                planned += room;
             }
-            let size = frag_size(opts.frag_sizing, opts, s);
-            let room = pool.room(size);
-            if room == 0 {
-                if wire.more() {
-                    stats.pool_exhausted += 1;
-                }
-                match opts.on_exhaustion {
-                    Exhaustion::Backpressure => stop = Some(Stop::Exhausted),
-                    Exhaustion::Linear => s.next_spill = Some(true),
-                }
-                break;
-            }
-            match wire.packet(room, ahead(queued + skb.len)) {
-                Ok(r) => {
-                    s.next_spill = None;
-                    let n = r.len();
-                    let (niov, off) = pool.take(n);
-                    pool.map.write(pool.offset(niov, off) as usize, &wire.buf[r]);
-                    skb.frags.push(Frag { pool: pool_key, niov, off: off as u32, len: n as u32 });
-                    skb.len += n;
-                }
-                Err(st) => {
-                    stop = Some(st);
-                    break;
-                }
-            }
+            s.next_spill = None;
         }
-        if skb.len > 0 {
-            queued += skb.len;
-            s.rxq.push_back(skb);
+        if plan.is_empty() {
+            return stop.unwrap_or(Stop::Enough);
+        }
+        let got = {
+            let mut dests: Vec<Dest<'_>> = plan
+                .iter_mut()
+                .map(|p| match p {
+                    Planned::Spill(v) => Dest::Host(v),
+                    Planned::Frag { niov, off, len } => {
+                        Dest::Pool { off: pool.offset(*niov, *off) as usize, len: *len }
+                    }
+                })
+                .collect();
+            pool.map.recv_into(fd, &mut dests)
+        };
+        let got = match got {
+            Ok(n) => n,
+            Err(e) => {
+                enqueue(plan, 0, s, pool, pool_key, opts); // gives the reserved room back
+                return if e.kind() == io::ErrorKind::WouldBlock { Stop::Dry } else { Stop::Err(e) };
+            }
+        };
+        queued += enqueue(plan, got, s, pool, pool_key, opts);
+        if got == 0 {
+            return Stop::Eof;
+        }
+        if got < planned {
+            return Stop::Dry;
         }
         if let Some(st) = stop {
             return st;
         }
     }
     Stop::Enough
+}
+
+/// Queue the first `got` bytes of `plan` as skbs (a spilled packet starts one; at most
+/// `max_frags_per_skb` fragments each) and drop the pool references of packets that got
+/// nothing. Returns the bytes queued.
+fn enqueue(
+    plan: Vec<Planned>,
+    mut got: usize,
+    s: &mut SockState,
+    pool: &mut Pool,
+    pool_key: u64,
+    opts: &SimOptions,
+) -> usize {
+    let (mut total, mut skb) = (0, Skb::default());
+    for p in plan {
+        match p {
+            Planned::Spill(mut v) => {
+                let n = v.len().min(got);
+                if n == 0 {
+                    continue;
+                }
+                if skb.len > 0 {
+                    s.rxq.push_back(std::mem::take(&mut skb));
+                }
+                v.truncate(n);
+                (skb.head, skb.len) = (v, n);
+                (got, total) = (got - n, total + n);
+            }
+            Planned::Frag { niov, off, len } => {
+                let n = len.min(got);
+                if n == 0 {
+                    pool.put(niov);
+                    continue;
+                }
+                if skb.frags.len() == opts.max_frags_per_skb as usize {
+                    s.rxq.push_back(std::mem::take(&mut skb));
+                }
+                skb.frags.push(Frag { pool: pool_key, niov, off: off as u32, len: n as u32 });
+                skb.len += n;
+                (got, total) = (got - n, total + n);
+            }
+        }
+    }
+    if skb.len > 0 {
+        s.rxq.push_back(skb);
+    }
+    total
 }
 
 /// Where the next cmsg goes.

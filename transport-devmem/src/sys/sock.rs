@@ -364,8 +364,7 @@ pub fn tcp_bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// `recv(fd, buf, MSG_DONTWAIT | flags)`, retried on `EINTR`.
 fn recv_flags(fd: BorrowedFd<'_>, buf: *mut libc::c_void, len: usize, flags: i32) -> io::Result<usize> {
     loop {
-        // SAFETY: live fd; `buf` is null only with MSG_TRUNC (TCP then discards, writes
-        // nothing), else valid for writes of `len` bytes (the callers' contract).
+        // SAFETY: live fd; `buf` is valid for writes of `len` bytes (the callers' contract).
         let rc = unsafe { libc::recv(fd.as_raw_fd(), buf, len, libc::MSG_DONTWAIT | flags) };
         if rc >= 0 {
             return Ok(rc as usize);
@@ -381,18 +380,6 @@ fn recv_flags(fd: BorrowedFd<'_>, buf: *mut libc::c_void, len: usize, flags: i32
 /// `Ok(0)` is end of stream (or an empty `buf`), `WouldBlock` when nothing is queued.
 pub fn peek_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     recv_flags(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK)
-}
-
-/// Consume `n` queued bytes of a TCP socket without copying them (`recv(fd, NULL, n,
-/// MSG_TRUNC | MSG_DONTWAIT)`: TCP discards). The bytes must be queued (peeked before).
-pub fn discard(fd: BorrowedFd<'_>, mut n: usize) -> io::Result<()> {
-    while n > 0 {
-        match recv_flags(fd, std::ptr::null_mut(), n, libc::MSG_TRUNC)? {
-            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peeked bytes vanished")),
-            k => n -= k.min(n),
-        }
-    }
-    Ok(())
 }
 
 /// `recv(fd, buf, MSG_DONTWAIT)` (retried on `EINTR`): `Ok(0)` is end of stream (or an empty
