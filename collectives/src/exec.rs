@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use devccl_core::device::{Device, Pending, ReduceArgs, Scattered};
 use devccl_core::memory::{DeviceId, Region, RegionSlice};
 use devccl_core::op::{finish_avg, reduce_in_place, reduce_to};
+use devccl_core::scatter;
 use devccl_core::transport::{
     Completion, Connection, Interest, PayloadSink, Peeked, RecvLayout, RecvRequest, ReqId, SendRequest, Spill,
     wait_ready,
@@ -151,7 +152,7 @@ impl BufferCache {
 }
 
 /// What finishing a queued device operation completes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum After {
     /// The step.
     Step,
@@ -162,6 +163,9 @@ enum After {
     /// into its slot) or complete it. `via`: the pool's device gathered into its own staging
     /// buffer (`Run::via[i]`), which the CPU now copies into the host-memory target.
     Gathered { peer: usize, req: ReqId, slot: Option<usize>, arrived: bool, via: Option<usize> },
+    /// A receive-reduce with spilled bytes: the fragment-only stretches were reduced from
+    /// the pool and the `mixed` ones gathered into `slot`; now reduce those from the slot.
+    SpillsGathered { peer: usize, req: ReqId, slot: usize, mixed: Vec<std::ops::Range<usize>> },
 }
 
 /// A device operation in flight.
@@ -880,6 +884,24 @@ impl Executor {
                 run.slots_used[peer] -= 1;
                 self.complete(run, s);
             }
+            After::SpillsGathered { peer, req, slot, mixed } => {
+                let StepKind::RecvReduce { dst, base, len, finish, .. } = run.sched.steps[s as usize] else {
+                    return Err(Error::Internal(format!(
+                        "spilled stretches gathered for step {s}, not a receive-reduce"
+                    )));
+                };
+                let call = &run.calls[run.sched.call(s)];
+                let (dtype, op, fin) = (call.dtype, call.op.unwrap_or(ReduceOp::Sum), finish.then_some(self.world));
+                let (d, a, x) = (run.b.slice(dst, len), run.b.slice(base, len), self.slots[slot].slice(0..len));
+                let dev = run.b.device.clone();
+                let mut ops = Vec::with_capacity(mixed.len());
+                for r in mixed {
+                    let (d, a, x) = (d.sub(r.clone()), a.sub(r.clone()), x.sub(r));
+                    ops.push(dev.reduce(ReduceArgs { dtype, op, dst: &d, a: &a, b: &x, finish: fin })?);
+                }
+                let after = After::Gathered { peer, req, slot: Some(slot), arrived: false, via: None };
+                self.queue_local(run, scatter::AllOf::pending(ops), s, after)?;
+            }
             After::Gathered { peer, req, slot, arrived, via } => {
                 if let Some((dev, temp, target)) = via.and_then(|i| run.via[i].take()) {
                     let len = target.len();
@@ -1068,15 +1090,36 @@ impl Executor {
         let (dtype, op) = (call.dtype, call.op.unwrap_or(ReduceOp::Sum));
         let step = run.sched.steps[s as usize].clone();
         // Fused gather-and-reduce: fragments read once, straight from the pool.
-        if let (StepKind::RecvReduce { dst, base, len, finish, .. }, Some(_)) = (&step, slot)
+        if let (StepKind::RecvReduce { dst, base, len, finish, .. }, Some(k)) = (&step, slot)
             && run.pending[s as usize] == 0
-            && spill.is_none_or(|x| x.pieces.is_empty())
             && pool_dev == call_dev.id()
         {
             let (d, a) = (run.b.slice(*dst, *len), run.b.slice(*base, *len));
             let fin = finish.then_some(self.world);
-            let pending = call_dev.gather_reduce(dtype, op, &d, &a, Scattered { pool, frags }, fin)?;
-            return self.queue_local(run, pending, s, After::Gathered { peer, req, slot, arrived: false, via: None });
+            let Some(spill) = spill.filter(|x| !x.pieces.is_empty()) else {
+                let pending = call_dev.gather_reduce(dtype, op, &d, &a, Scattered { pool, frags }, fin)?;
+                return self.queue_local(
+                    run,
+                    pending,
+                    s,
+                    After::Gathered { peer, req, slot, arrived: false, via: None },
+                );
+            };
+            // With spills: fused where only fragments lie; the stretches around spilled bytes
+            // are gathered into the slot now and reduced from it once that finished.
+            let (fused, mixed) = scatter::split_for_reduce(*len, dtype.size(), frags, &spill.pieces);
+            let mut ops = Vec::with_capacity(fused.len() + mixed.len());
+            for (r, f) in &fused {
+                let (d, a) = (d.sub(r.clone()), a.sub(r.clone()));
+                ops.push(call_dev.gather_reduce(dtype, op, &d, &a, Scattered { pool, frags: f }, fin)?);
+            }
+            let x = self.slots[k].slice(0..*len);
+            for r in &mixed {
+                let part = Spill { region: spill.region.clone(), pieces: scatter::clip(&spill.pieces, r) };
+                ops.push(scatter::gather(&*call_dev, &x.sub(r.clone()), pool, &scatter::clip(frags, r), Some(&part))?);
+            }
+            let after = After::SpillsGathered { peer, req, slot: k, mixed };
+            return self.queue_local(run, scatter::AllOf::pending(ops), s, after);
         }
         // Otherwise gather into the target: the slot of a receive-reduce, or the destination.
         let (target, arrived, call_staging) = match (&step, slot) {
@@ -1097,13 +1140,13 @@ impl Executor {
             // The pool's device into its own memory; else the CPU, host pool to host target.
             let gatherer = if owner == pool_dev { pool_dev } else { DeviceId::Host };
             let dev = if gatherer == call_dev.id() { call_dev } else { devccl_device::open(gatherer)? };
-            let pending = devccl_core::scatter::gather(&*dev, &target, pool, frags, spill)?;
+            let pending = scatter::gather(&*dev, &target, pool, frags, spill)?;
             return self.queue_local(run, pending, s, after(None));
         }
         if host_target {
             let dev = devccl_device::open(pool_dev)?;
             let temp = self.cache.take(&*dev, true, target.len())?;
-            let pending = devccl_core::scatter::gather(&*dev, &temp.slice(0..target.len()), pool, frags, spill)?;
+            let pending = scatter::gather(&*dev, &temp.slice(0..target.len()), pool, frags, spill)?;
             run.via.push(Some((pool_dev, temp, target)));
             let i = run.via.len() - 1;
             return self.queue_local(run, pending, s, after(Some(i)));

@@ -327,6 +327,9 @@ pub fn check_fragments(len: usize, src: &Scattered<'_>) -> Result<Vec<Fragment>>
     Ok(frags)
 }
 
+/// Bytes the host's gather-and-reduce gathers before reducing them (fits in L2).
+const HOST_GATHER_REDUCE_BLOCK: usize = 64 << 10;
+
 /// The CPU as a device: today's reduction loops, run at once.
 #[derive(Debug, Default)]
 pub struct HostDevice;
@@ -380,12 +383,14 @@ impl HostDevice {
         if src.pool.same(&dst.region) {
             return Err(Error::Internal("gather from the destination's own region".into()));
         }
-        dst.with_bytes_mut(|d| -> Result<()> {
-            for f in &frags {
-                let (so, len, dof) = (f.src_off as usize, f.len as usize, f.dst_off as usize);
-                src.pool.with_bytes(so..so + len, |s| d[dof..dof + len].copy_from_slice(s))?;
-            }
-            Ok(())
+        // One look at the pool for all fragments (not a lock per fragment).
+        dst.with_bytes_mut(|d| {
+            src.pool.with_bytes(0..src.pool.len(), |p| {
+                for f in &frags {
+                    let (so, len, dof) = (f.src_off as usize, f.len as usize, f.dst_off as usize);
+                    d[dof..dof + len].copy_from_slice(&p[so..so + len]);
+                }
+            })
         })?
     }
 }
@@ -447,44 +452,34 @@ impl Device for HostDevice {
         finish: Option<usize>,
     ) -> Result<Pending> {
         let frags = check_gather_reduce(dtype, dst, base, &src)?;
-        // Reduce fragment by fragment straight from the pool (no gathered copy). Fragments
-        // may split elements; a split element is assembled in `carry`.
-        let e = dtype.size();
-        let mut carry = [0u8; 8];
-        let mut carried = 0usize;
-        let reduce_at = |off: usize, bytes: &[u8]| -> Result<()> {
-            let d = dst.sub(off..off + bytes.len());
-            let b = base.sub(off..off + bytes.len());
-            Region::scoped_ref(bytes, |r| {
-                HostDevice::reduce_now(&ReduceArgs { dtype, op, dst: &d, a: &b, b: &r.full(), finish })
-            })
-        };
-        for f in &frags {
-            let (so, len, mut dof) = (f.src_off as usize, f.len as usize, f.dst_off as usize);
-            let piece = src.pool.with_bytes(so..so + len, |s| s.to_vec())?;
-            let mut bytes = &piece[..];
-            if carried > 0 {
-                let take = (e - carried).min(bytes.len());
-                carry[carried..carried + take].copy_from_slice(&bytes[..take]);
-                carried += take;
-                bytes = &bytes[take..];
-                dof += take;
-                if carried == e {
-                    let elem = carry;
-                    reduce_at(dof - e, &elem[..e])?;
-                    carried = 0;
+        // Gather a block of whole elements into a cache-sized buffer, then reduce the block in
+        // one call: each fragment is read once, and a fragment boundary inside an element
+        // costs nothing. (Reducing fragment by fragment paid a lock, a dispatch and a copy per
+        // fragment: slower than gathering the whole receive first.)
+        let block = HOST_GATHER_REDUCE_BLOCK / dtype.size() * dtype.size();
+        let mut temp = vec![0u8; block.min(dst.len())];
+        let mut pieces = frags.iter().map(|f| (f.src_off as usize, f.len as usize));
+        let mut cur: Option<(usize, usize)> = None;
+        let mut start = 0;
+        while start < dst.len() {
+            let n = block.min(dst.len() - start);
+            src.pool.with_bytes(0..src.pool.len(), |p| {
+                let mut filled = 0;
+                while filled < n {
+                    let (so, left) = cur.take().or_else(|| pieces.next()).expect("checked: fragments cover dst");
+                    let k = left.min(n - filled);
+                    temp[filled..filled + k].copy_from_slice(&p[so..so + k]);
+                    filled += k;
+                    if k < left {
+                        cur = Some((so + k, left - k));
+                    }
                 }
-            }
-            let whole = bytes.len() / e * e;
-            if whole > 0 {
-                reduce_at(dof, &bytes[..whole])?;
-            }
-            let rest = &bytes[whole..];
-            carry[carried..carried + rest.len()].copy_from_slice(rest);
-            carried += rest.len();
-        }
-        if carried != 0 {
-            return Err(Error::Internal("gather_reduce: fragments end inside an element".into()));
+            })?;
+            let (d, a) = (dst.sub(start..start + n), base.sub(start..start + n));
+            Region::scoped_ref(&temp[..n], |r| {
+                HostDevice::reduce_now(&ReduceArgs { dtype, op, dst: &d, a: &a, b: &r.full(), finish })
+            })?;
+            start += n;
         }
         Ok(Pending::Done)
     }

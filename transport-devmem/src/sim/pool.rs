@@ -6,11 +6,18 @@
 //! every token handed out for it (`atomic_long_inc(&niov->desc.pp_ref_count)` in
 //! `tcp_recvmsg_dmabuf()`), and by the simulated NIC while it is the buffer being filled. It
 //! goes back to the free list when the last reference goes, as the page pool recycles it.
-//! Free niovs are taken in a seeded random order, so fragments land at scattered offsets.
+//! Free niovs are taken from the most recently freed ones, as the page pool recycles through
+//! its LIFO allocation cache (the kernel's genpool hands out fresh ones lowest address first),
+//! in a seeded random order among the last [`RECYCLE_WINDOW`], so fragments land at scattered,
+//! out-of-order offsets while the pages in use stay few (a random pick from the whole pool
+//! touched a new page, and a TLB miss, for nearly every fragment).
 #![forbid(unsafe_code)]
 
 use crate::sim::mmap::Mapping;
 use crate::sim::rng::Rng;
+
+/// How many of the most recently freed niovs the next one is drawn from.
+pub(crate) const RECYCLE_WINDOW: usize = 64;
 
 /// One RX binding's pool.
 #[derive(Debug)]
@@ -22,6 +29,7 @@ pub(crate) struct Pool {
     pub(crate) map: Mapping,
     pub(crate) niov_size: usize,
     refs: Vec<u32>,
+    /// Free niovs, most recently freed last (the lowest numbers last at first).
     free: Vec<u32>,
     rng: Rng,
     /// The niov being filled and how far.
@@ -40,7 +48,7 @@ impl Pool {
             map,
             niov_size,
             refs: vec![0; n as usize],
-            free: (0..n).collect(),
+            free: (0..n).rev().collect(),
             rng: Rng::new(seed),
             cur: None,
             bound: true,
@@ -73,8 +81,9 @@ impl Pool {
         let (niov, fill) = match self.cur {
             Some(c) => c,
             None => {
-                let i = self.rng.below(self.free.len());
-                let niov = self.free.swap_remove(i);
+                let window = self.free.len().min(RECYCLE_WINDOW);
+                let i = self.free.len() - 1 - self.rng.below(window);
+                let niov = self.free.remove(i);
                 self.refs[niov as usize] = 1; // the NIC's while it fills it
                 (niov, 0)
             }
