@@ -94,10 +94,9 @@ impl FdMemory {
         self.fd_len
     }
 
-    /// Map `len` bytes (at least one page) of `fd` from the page-aligned `map_offset`,
-    /// populated: these are pools and send buffers a NIC (or the simulated one) fills and the
-    /// CPU reads at random offsets, so paying the page faults once here keeps them off the
-    /// data path.
+    /// Map `len` bytes (at least one page) of `fd` from the page-aligned `map_offset`. Not
+    /// populated: a devmem RX pool is allocated before the kernel is asked to bind it, and
+    /// where it refuses (most hosts) populating would only cost every communicator's init.
     fn map(fd: BorrowedFd<'_>, map_offset: u64, len: usize, writable: bool) -> io::Result<(NonNull<u8>, usize)> {
         let map_len = len.max(1);
         let prot = if writable { ProtFlags::PROT_READ | ProtFlags::PROT_WRITE } else { ProtFlags::PROT_READ };
@@ -105,7 +104,7 @@ impl FdMemory {
         let size = NonZeroUsize::new(map_len).expect("at least one byte");
         // SAFETY: a fresh shared mapping chosen by the kernel (no address hint), so it aliases
         // none of our memory; it is unmapped exactly once, by `Drop`.
-        let p = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE, fd, off) }?;
+        let p = unsafe { mmap(None, size, prot, MapFlags::MAP_SHARED, fd, off) }?;
         Ok((p.cast(), map_len))
     }
 
