@@ -157,15 +157,21 @@ fn arrive(
             return stop.unwrap_or(Stop::Enough);
         }
         let got = {
-            let mut dests: Vec<Dest<'_>> = plan
-                .iter_mut()
-                .map(|p| match p {
-                    Planned::Spill(v) => Dest::Host(v),
+            // Packets that follow each other in one niov are one iovec (the kernel then
+            // copies a run, not a packet at a time; the fragments stay per packet).
+            let mut dests: Vec<Dest<'_>> = Vec::with_capacity(plan.len());
+            for p in plan.iter_mut() {
+                match p {
+                    Planned::Spill(v) => dests.push(Dest::Host(v)),
                     Planned::Frag { niov, off, len } => {
-                        Dest::Pool { off: pool.offset(*niov, *off) as usize, len: *len }
+                        let at = pool.offset(*niov, *off) as usize;
+                        match dests.last_mut() {
+                            Some(Dest::Pool { off, len: run }) if *off + *run == at => *run += *len,
+                            _ => dests.push(Dest::Pool { off: at, len: *len }),
+                        }
                     }
-                })
-                .collect();
+                }
+            }
             pool.map.recv_into(fd, &mut dests)
         };
         let got = match got {
