@@ -224,6 +224,15 @@ fn the_real_kernel_here_falls_back_to_tcp_saying_why() {
     for (r, (ok, out, _)) in res.iter().enumerate() {
         assert!(!ok && out.contains("DEVCCL_TRANSPORTS=devmem allows nothing else"), "rank {r}: {out}");
     }
+    // Forced on rank 0 only (which hosts the rendezvous): rank 1 hears why at once, not at
+    // its 20 s init deadline from a closed port.
+    let env = [("DEVCHECK_DEVICE", "host")];
+    let only_rank0 =
+        |r: usize| if r == 0 { vec![("DEVCCL_TRANSPORTS".to_string(), "devmem".to_string())] } else { vec![] };
+    let res = finish(spawn(DEVCHECK, 2, &env, only_rank0), Duration::from_secs(60));
+    let (ok, out, took) = &res[1];
+    assert!(!ok && out.contains("rank 0 failed before joining") && out.contains("allows nothing else"), "{out}");
+    assert!(*took < Duration::from_secs(10), "rank 1 took {took:?}: {out}");
     // And the doctor's line.
     let out = Command::new(DEVCCL).args(["doctor"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

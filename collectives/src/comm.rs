@@ -332,11 +332,24 @@ impl Communicator {
         } else {
             None
         };
+        // This rank's transports first: a set-up that cannot work here (no usable transport)
+        // fails at once, before the rendezvous; rank 0, which hosts it, fails the group too,
+        // so the others hear why now rather than find its port closed at their deadline.
+        let offer = match registry::offer(&o.config, rank, o.world, toward) {
+            Ok(offer) => offer,
+            Err(e) => {
+                if let Some(s) = &server {
+                    s.fail_group(&o.group, o.world, o.rank as u32, &e.to_string());
+                    s.settle(&o.group, deadline.min(Instant::now() + Duration::from_secs(10)));
+                }
+                return Err(e);
+            }
+        };
         let client = RendezvousClient::connect(&o.rendezvous, key.clone(), deadline)?;
         let server = server.map(Arc::new);
         let link = RendezvousLink { client, _server: server.clone(), toward, key };
         let group = o.group.clone();
-        let r = Communicator::join(link, rank, o.world, o.local_world, o.group, o.config, deadline);
+        let r = Communicator::join_with(link, offer, rank, o.world, o.local_world, o.group, o.config, deadline);
         if r.is_err() {
             // Rank 0 hosts the rendezvous: if the group failed (wrong secret, duplicate rank,
             // ...) stay until the other ranks have been told why, rather than vanishing and
@@ -359,6 +372,21 @@ impl Communicator {
         deadline: Instant,
     ) -> Result<Communicator> {
         let offer = registry::offer(&config, rank, world, link.toward)?;
+        Communicator::join_with(link, offer, rank, world, local_world, group, config, deadline)
+    }
+
+    /// [`Communicator::join`] with this rank's transports already made.
+    #[allow(clippy::too_many_arguments)]
+    fn join_with(
+        link: RendezvousLink,
+        offer: registry::Offer,
+        rank: Rank,
+        world: usize,
+        local_world: Option<usize>,
+        group: String,
+        config: Config,
+        deadline: Instant,
+    ) -> Result<Communicator> {
         let req = JoinRequest {
             group: group.clone(),
             rank,

@@ -134,6 +134,20 @@ impl RendezvousServer {
         }
     }
 
+    /// Rank `rank` of this process failed before it could join `group` of `world` ranks (its
+    /// own set-up: no usable transport, ...): fail the group, so the ranks waiting in it, and
+    /// those still to come, hear why at once rather than at their init deadline. Follow with
+    /// [`settle`](Self::settle) before the process exits.
+    pub fn fail_group(&self, group: &str, world: usize, rank: u32, reason: &str) {
+        let failure = Failure::new(
+            Code::Aborted,
+            format!("rank {rank} failed before joining group '{group}': {reason}"),
+            Some(rank),
+        );
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.fail_group(group, &failure, world as u32, Some(rank), self.shared.opts.group_timeout);
+    }
+
     /// After `group` failed: wait (at most until `deadline`) until every rank has been told
     /// why, so the process hosting the server can exit without leaving the others to find a
     /// closed port instead of the reason. Returns at once when the group is not failed.
