@@ -165,7 +165,7 @@ def test_ddp_join_with_uneven_inputs_matches_gloo(n: int) -> None:
 def test_sync_batch_norm_on_cpu_matches_gloo(n: int) -> None:
     """torch's SyncBatchNorm refuses CPU inputs in training with every backend (ValueError,
     before communicating) and runs without communication in eval. Its functional path with a
-    process group has no CPU kernels in torch (NotImplementedError, with Gloo too); with
+    process group has no CPU kernels in torch (torch raises for it, with Gloo too); with
     plain-torch kernels in their place, forward (devccl: all_gather_into_tensor of the
     stats; Gloo: all_gather) and backward (all_reduce) match Gloo, and the forward matches a
     single-process BatchNorm over the whole batch."""

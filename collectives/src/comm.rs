@@ -349,7 +349,7 @@ impl Communicator {
         let server = server.map(Arc::new);
         let link = RendezvousLink { client, _server: server.clone(), toward, key };
         let group = o.group.clone();
-        let r = Communicator::join_with(link, offer, rank, o.world, o.local_world, o.group, o.config, deadline);
+        let r = Communicator::join(link, offer, rank, o.world, o.local_world, o.group, o.config, deadline);
         if r.is_err() {
             // Rank 0 hosts the rendezvous: if the group failed (wrong secret, duplicate rank,
             // ...) stay until the other ranks have been told why, rather than vanishing and
@@ -361,23 +361,10 @@ impl Communicator {
         r
     }
 
-    /// Join `group` at the rendezvous (new transports, new connections) and assemble.
-    fn join(
-        link: RendezvousLink,
-        rank: Rank,
-        world: usize,
-        local_world: Option<usize>,
-        group: String,
-        config: Config,
-        deadline: Instant,
-    ) -> Result<Communicator> {
-        let offer = registry::offer(&config, rank, world, link.toward)?;
-        Communicator::join_with(link, offer, rank, world, local_world, group, config, deadline)
-    }
-
-    /// [`Communicator::join`] with this rank's transports already made.
+    /// Join `group` at the rendezvous with this rank's transports (`offer`), connect, and
+    /// assemble.
     #[allow(clippy::too_many_arguments)]
-    fn join_with(
+    fn join(
         link: RendezvousLink,
         offer: registry::Offer,
         rank: Rank,
@@ -563,13 +550,16 @@ impl Communicator {
         let group = format!("{}/split{seq}/color{color}", self.inner.group_base());
         let deadline = Instant::now() + self.inner.config.init_timeout;
         tracing::info!(rank, new_rank, size = members.len(), %group, "split");
+        let config = self.inner.config.clone();
+        let offer = registry::offer(&config, Rank::from(new_rank), members.len(), link.toward)?;
         Communicator::join(
             link.clone(),
+            offer,
             Rank::from(new_rank),
             members.len(),
             Some(local),
             group,
-            self.inner.config.clone(),
+            config,
             deadline,
         )
         .map(Some)

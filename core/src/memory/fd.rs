@@ -266,7 +266,8 @@ pub fn is_dmabuf(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// Host memory as a dma-buf through `/dev/udmabuf` (devmem-uapi §5.3).
-mod udmabuf {
+/// The udmabuf ioctl (`/dev/udmabuf`, CONFIG_UDMABUF): host memory as a dma-buf.
+pub mod udmabuf {
     use super::*;
 
     /// `struct udmabuf_create`.
@@ -284,20 +285,26 @@ mod udmabuf {
     // UDMABUF_CREATE = _IOW('u', 0x42, struct udmabuf_create) = 0x40187542.
     nix::ioctl_write_ptr!(ioctl_create, b'u', 0x42, Create);
 
+    /// `UDMABUF_CREATE` on the open udmabuf node `dev`: a dma-buf over the first `size`
+    /// bytes of `memfd`, which must be sealed against shrinking (udmabuf refuses write seals).
+    pub fn create_on(dev: BorrowedFd<'_>, memfd: BorrowedFd<'_>, size: u64) -> io::Result<OwnedFd> {
+        let arg = Create { memfd: memfd.as_raw_fd() as u32, flags: CLOEXEC, offset: 0, size };
+        // SAFETY: `dev` is an open descriptor and `arg` a `struct udmabuf_create` that outlives
+        // the call; the kernel only reads it and returns a new descriptor.
+        let fd = unsafe { ioctl_create(dev.as_raw_fd(), &arg) }.map_err(io::Error::from)?;
+        // SAFETY: UDMABUF_CREATE returned a fresh descriptor that nobody else owns.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
     /// A udmabuf over all `size` bytes of `memfd` (sealed against shrinking), or `None` where
     /// there is no `/dev/udmabuf` or it refuses (the memfd itself is exported then).
     pub(super) fn create(memfd: &OwnedFd, size: u64) -> Option<OwnedFd> {
         if !Path::new(DEV_UDMABUF).exists() {
             return None;
         }
-        let made = open(DEV_UDMABUF, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).and_then(|dev| {
-            let arg = Create { memfd: memfd.as_raw_fd() as u32, flags: CLOEXEC, offset: 0, size };
-            // SAFETY: `dev` is an open udmabuf node and `arg` a `struct udmabuf_create` that
-            // outlives the call; the kernel only reads it and returns a new descriptor.
-            let fd = unsafe { ioctl_create(dev.as_raw_fd(), &arg) }?;
-            // SAFETY: UDMABUF_CREATE returned a fresh descriptor that nobody else owns.
-            Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
-        });
+        let made = open(DEV_UDMABUF, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(io::Error::from)
+            .and_then(|dev| create_on(dev.as_fd(), memfd.as_fd(), size));
         match made {
             Ok(fd) => Some(fd),
             Err(e) => {

@@ -1,4 +1,5 @@
-//! Host memory as a dma-buf through `/dev/udmabuf` (CONFIG_UDMABUF): memfd + `UDMABUF_CREATE`.
+//! Host memory as a dma-buf through `/dev/udmabuf` (CONFIG_UDMABUF): memfd + `UDMABUF_CREATE`
+//! (the ioctl is core's `memory::fd::udmabuf::create_on`, its layout tested there).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -12,26 +13,6 @@ use crate::error::{Error, Result};
 
 /// The device node.
 pub const DEV_UDMABUF: &str = "/dev/udmabuf";
-
-/// `_IOW('u', 0x42, struct udmabuf_create)`.
-pub const UDMABUF_CREATE: u64 = 0x4018_7542;
-/// `UDMABUF_FLAGS_CLOEXEC`.
-pub const UDMABUF_FLAGS_CLOEXEC: u32 = 0x01;
-
-/// `struct udmabuf_create` (24 bytes).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UdmabufCreate {
-    pub memfd: u32,
-    pub flags: u32,
-    pub offset: u64,
-    pub size: u64,
-}
-
-/// `_IOC(dir, type, nr, size)` as the kernel computes it (for checking the constant).
-pub const fn ioc(dir: u64, ty: u8, nr: u8, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
-}
 
 /// `lseek(fd, 0, SEEK_END)`: the size of a dma-buf.
 pub fn lseek_end(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -115,21 +96,8 @@ impl DmabufSource for UdmabufSource {
         if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } < 0 {
             return Err(Error::os("F_ADD_SEALS", DEV_UDMABUF, io::Error::last_os_error()));
         }
-        let create = UdmabufCreate {
-            memfd: memfd.as_raw_fd() as u32,
-            flags: UDMABUF_FLAGS_CLOEXEC,
-            offset: 0,
-            size: size as u64,
-        };
-        // SAFETY: live device fd; `create` is a properly laid out struct udmabuf_create that
-        // outlives the call; the ioctl only reads it.
-        let fd =
-            unsafe { libc::ioctl(self.dev.as_fd().as_raw_fd(), UDMABUF_CREATE as _, &create as *const UdmabufCreate) };
-        if fd < 0 {
-            return Err(Error::os("UDMABUF_CREATE", DEV_UDMABUF, io::Error::last_os_error()));
-        }
-        // SAFETY: the ioctl returned a fresh dma-buf fd that we now own.
-        let dmabuf = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dmabuf = devccl_core::memory::fd::udmabuf::create_on(self.dev.as_fd(), memfd.as_fd(), size as u64)
+            .map_err(|e| Error::os("UDMABUF_CREATE", DEV_UDMABUF, e))?;
         Ok(ExportedBuffer::new(
             DmaBuf::new(dmabuf, size as u64),
             format!("udmabuf memfd {size} bytes"),
@@ -141,12 +109,6 @@ impl DmabufSource for UdmabufSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_number_and_struct_layout() {
-        assert_eq!(std::mem::size_of::<UdmabufCreate>(), 24);
-        assert_eq!(UDMABUF_CREATE, ioc(1, b'u', 0x42, 24));
-    }
 
     #[test]
     fn missing_device_is_unsupported_with_reason() {
